@@ -1,0 +1,86 @@
+"""The padded, static-shape graph batch the model consumes.
+
+Every array has a static length set by a budget. Padding follows jraph's convention: padding nodes
+belong to padding graphs, padding edges join padding nodes, padding triplets and quadruplets point at
+padding edges, so every padded entry lands in a padding segment and never touches a real one. The
+masks say which entries are real. All indices are global (offset per structure) int32.
+
+Geometry is not stored: distances and unit vectors are computed inside the model from
+`positions` and `shift` so that `jax.grad` w.r.t. positions gives forces.
+For an edge s -> t:  D_st = pos[t] - (pos[s] + shift),  d_st = |D_st|,  V_st = D_st / d_st
+(V_st points from the source image to the target, as JMP's `vector`).
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jraph
+
+
+@flax.struct.dataclass
+class EdgeSet:
+    """One directed graph s -> t over the batch's atoms."""
+
+    senders: jax.Array     # (E,) int32, source atom s
+    receivers: jax.Array   # (E,) int32, target atom t
+    shift: jax.Array       # (E, 3) float, cell_offset @ cell in Å
+    mask: jax.Array        # (E,) bool
+
+
+@flax.struct.dataclass
+class TripletIndex:
+    """Pairs of edges: for each triplet, an input edge whose message flows into an output edge."""
+
+    edge_in: jax.Array     # (T,) int32
+    edge_out: jax.Array    # (T,) int32, sorted ascending over real entries
+    mask: jax.Array        # (T,) bool
+
+
+@flax.struct.dataclass
+class QuadrupletIndex:
+    """Quadruplets d -> b -> a <- c (JMP `get_quadruplets`)."""
+
+    triplet_in: TripletIndex    # edge_in: main edge d->b, edge_out: qint edge b->a
+    triplet_out: TripletIndex   # edge_in: qint edge b->a, edge_out: main edge c->a
+    edge_out: jax.Array         # (Q,) main edge c->a of each quadruplet
+    trip_in_to_quad: jax.Array  # (Q,) index into triplet_in
+    trip_out_to_quad: jax.Array  # (Q,) index into triplet_out
+    mask: jax.Array             # (Q,) bool
+
+
+@flax.struct.dataclass
+class GraphBatch:
+    """Everything GemNet-OC needs for one padded batch.
+
+    graph: jraph.GraphsTuple of the symmetrised main graph.
+      nodes:   {"atomic_numbers": (N,) int32 (0 on padding), "positions": (N, 3) float,
+                "tags": (N,) int32, "fixed": (N,) bool, "mask": (N,) bool}
+      edges:   {"shift": (E, 3) float, "mask": (E,) bool}
+      senders / receivers: (E,) int32 (s, t)
+      n_node / n_edge: (G,) int32, globals: {"mask": (G,) bool}
+    id_swap: (E,) index of the reverse edge of each main edge.
+    """
+
+    graph: jraph.GraphsTuple
+    id_swap: jax.Array
+    a2ee2a: EdgeSet
+    qint: EdgeSet
+    a2a: EdgeSet
+    trip_e2e: TripletIndex   # main -> main
+    trip_a2e: TripletIndex   # edge_in: a2ee2a edge b->a, edge_out: main edge c->a
+    trip_e2a: TripletIndex   # edge_in: main edge b->a, edge_out: a2ee2a edge c->a
+    quad: QuadrupletIndex
+
+    @property
+    def num_nodes(self) -> int:
+        return self.graph.nodes["positions"].shape[0]
+
+    @property
+    def num_graphs(self) -> int:
+        return self.graph.n_node.shape[0]
+
+    @property
+    def node_graph_index(self) -> jax.Array:
+        """(N,) graph index of every node (static length)."""
+        return jraph.repeat(jax.numpy.arange(self.num_graphs), self.graph.n_node,
+                            total_repeat_length=self.num_nodes)

@@ -1,0 +1,32 @@
+"""jmp_jax: JAX/Flax reimplementation of JMP (Joint Multi-domain Pre-training)."""
+from setuptools import find_packages, setup
+
+# Pinned to the set seen to install together and pass the test suite on Python 3.11.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "jraph==0.0.6.dev0",
+    "e3nn-jax==0.21.0",
+    "ml-collections==1.1.0",
+    "ase==3.29.0",
+    "numpy==2.4.6",
+    "vesin==0.6.2",
+    "absl-py==2.5.1",
+]
+
+setup(
+    name="jmp_jax",
+    version="0.1.0",
+    description="JAX/Flax GemNet-OC and JMP multi-domain pre-training",
+    packages=find_packages(include=["jmp_jax*", "experiments*", "data_prep*", "configs*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest==9.2.0"],
+        # Only to cross-check the numpy .pt reader against torch; the converter itself never needs torch.
+        "torch": ["torch==2.13.0"],
+    },
+)
