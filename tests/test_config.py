@@ -22,3 +22,10 @@ def test_named_configs_match_manifests(name, manifest):
 def test_unsupported_basis_is_rejected():
     with pytest.raises(ValueError, match="sbf"):
         config_lib.BackboneConfig.from_jmp_dict({"sbf": {"name": "spherical_harmonics"}})
+
+
+def test_demo_config_is_the_fixture_config():
+    path = os.path.join(FIXTURES, "config.json")
+    if not os.path.exists(path):
+        pytest.skip("shared fixtures absent")
+    assert config_lib.demo() == config_lib.BackboneConfig.from_json(path)

@@ -82,4 +82,13 @@ def jmp_l() -> BackboneConfig:
     )
 
 
-NAMED_CONFIGS = {"jmp_s": jmp_s, "jmp_l": jmp_l}
+def demo() -> BackboneConfig:
+    """The narrow model of the reference fixtures (2 blocks, 64 wide): fast enough for CPU demos and tests."""
+    return BackboneConfig(
+        num_blocks=2, emb_size_atom=64, emb_size_edge=64, emb_size_trip_in=16, emb_size_trip_out=16,
+        emb_size_quad_in=8, emb_size_quad_out=8, emb_size_aint_in=16, emb_size_aint_out=16,
+        emb_size_rbf=8, emb_size_cbf=8, emb_size_sbf=16, num_radial=16,
+    )
+
+
+NAMED_CONFIGS = {"jmp_s": jmp_s, "jmp_l": jmp_l, "demo": demo}

@@ -1,0 +1,106 @@
+"""Pieces shared by the JMP-S and JMP-L pre-training configs (the recipe of spec §3)."""
+from __future__ import annotations
+
+import ml_collections
+
+# The four JMP source domains (spec §3.2): graph settings, normalisation (std; mean 0) and loss weights.
+JMP_TASKS = (
+    dict(name="oc20", source="oc20", cutoff=12.0, max_neighbors=30, pbc=True, linear_reference=False,
+         energy_std=24.901469505465872, force_std=0.5111534595489502, energy_coefficient=1.0, force_coefficient=73.0),
+    dict(name="oc22", source="oc22", cutoff=12.0, max_neighbors=30, pbc=True, linear_reference=False,
+         energy_std=25.229595396538468, force_std=0.25678861141204834, energy_coefficient=1.0, force_coefficient=80.0),
+    dict(name="ani1x", source="ani1x", cutoff=8.0, max_neighbors=30, pbc=False, linear_reference=True,
+         energy_std=2.8700712783472118, force_std=2.131422996520996, energy_coefficient=1.0, force_coefficient=15.0),
+    dict(name="transition1x", source="transition1x", cutoff=8.0, max_neighbors=30, pbc=False, linear_reference=True,
+         energy_std=1.787466168382901, force_std=0.3591422140598297, energy_coefficient=1.0, force_coefficient=14.0),
+)
+
+# The embedded default dataset (built offline on first use, no download): one task per domain, each
+# shaped like the JMP domain it stands in for. energy_std / force_std None = taken from the shard metadata.
+DEFAULT_TASKS = (
+    dict(name="catalysis", source="catalysis", cutoff=12.0, max_neighbors=30, pbc=True, linear_reference=True,
+         energy_std=None, force_std=None, energy_coefficient=1.0, force_coefficient=73.0),
+    dict(name="molecules", source="molecules", cutoff=8.0, max_neighbors=30, pbc=False, linear_reference=True,
+         energy_std=None, force_std=None, energy_coefficient=1.0, force_coefficient=15.0),
+    dict(name="reactions", source="reactions", cutoff=8.0, max_neighbors=30, pbc=False, linear_reference=True,
+         energy_std=None, force_std=None, energy_coefficient=1.0, force_coefficient=14.0),
+)
+
+
+def pretrain_config(model: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = model             # jmp_s | jmp_l | path to a JMP BackboneConfig JSON
+    c.model.dtype = "float32"            # "bfloat16": bf16 compute, float32 parameters and geometry
+    c.model.scale_factors = "fitted"     # "fitted": JMP's released scale file for this size; "none": all 1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ml_collections.FieldReference(None, field_type=str)  # None: the embedded default dataset
+    c.data.default_dataset_size = "full"  # full | small (embedded default only)
+    c.data.tasks = [dict(t) for t in DEFAULT_TASKS]
+    c.data.train_split = "train"
+    c.data.val_split = "val"
+    c.data.temperature = 2.0             # task mixing p_i ∝ n_i^(1/T)
+    c.data.edge_dropout = 0.1            # a2a edges dropped before sub-selecting main/a2ee2a/qint (training only)
+    c.data.structures_per_batch = 4      # per batch shard: JMP trains with 4 structures per GPU
+    c.data.num_batch_shards = 1          # batches per step (a multiple of the device count)
+    c.data.num_workers = 2               # host threads building graphs
+    c.data.prefetch = 2                  # batches prepared ahead of the device
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 200_000
+    c.train.lr = 3e-4                    # AdamW peak learning rate
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.weight_decay = 0.1           # applied to every parameter, as JMP does
+    c.train.warmup_steps = 2000          # linear from 0.2*lr ...
+    c.train.warmup_start_factor = 0.2
+    c.train.min_lr_factor = 0.1          # ... then cosine down to 0.1*lr at num_steps
+    c.train.clip_norm = 1.0              # global norm, after the shared-basis gradient division
+    c.train.ema_decay = 0.99
+    c.train.max_nonfinite_in_a_row = 10  # consecutive skipped (non-finite) updates before the run stops
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every = 50                     # steps between metric lines (jsonl + TensorBoard)
+    c.log.eval_every = 2000              # steps between validations on every task
+    c.log.eval_batches = 20              # batches per task per validation
+    c.log.checkpoint_every = 1000
+    c.log.keep_checkpoints = 3
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.fsdp = 1                      # devices that share each parameter (1 = pure data parallel)
+    return c
+
+
+def use_jmp_data(c: ml_collections.ConfigDict, data_dir: str) -> None:
+    """Trains on prepared OC20/OC22/ANI-1x/Transition-1x shards (data_prep.build) in `data_dir`."""
+    c.data.dir = data_dir
+    c.data.tasks = [dict(t) for t in JMP_TASKS]
+
+
+def make_demo(c: ml_collections.ConfigDict) -> None:
+    """A short but real run on 2 CPU cores: narrow backbone, small default dataset, few steps."""
+    c.model.backbone = "demo"
+    c.model.scale_factors = "none"
+    c.data.default_dataset_size = "small"
+    c.data.structures_per_batch = 2
+    c.train.num_steps = 60
+    c.train.warmup_steps = 10
+    c.train.lr = 1e-3
+    c.log.every = 10
+    c.log.eval_every = 30
+    c.log.eval_batches = 2
+    c.log.checkpoint_every = 30
+
+
+def get_config_for(model: str, variant: str) -> ml_collections.ConfigDict:
+    c = pretrain_config(model)
+    if variant == "demo":
+        make_demo(c)
+    elif variant == "jmp":
+        use_jmp_data(c, data_dir="")
+    elif variant:
+        raise ValueError(f"unknown config variant {variant!r} (use '', 'demo' or 'jmp')")
+    return c

@@ -1,0 +1,218 @@
+"""Mixed-task input pipeline: deterministic task streams, temperature sampling, packing into padded batches.
+
+Every step draws one task (p_i ∝ n_i^(1/T)), then packs that task's next structures into
+`num_batch_shards` padded batches of the task's static budgets. The whole state is a few integers
+(step and per-task cursors), so a resumed run sees exactly the batches of an uninterrupted one.
+Graphs are built ahead on worker threads; batches are prefetched on a background thread.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import queue
+import threading
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from jmp_jax.graph import batching
+from jmp_jax.graph.build import GraphSettings, build_structure_graphs
+from jmp_jax.training.train_step import LabeledBatch
+
+RecordSource = Any  # len() and [i] -> record dict (see data_prep.records for the schema)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """How one task's structures become batches."""
+
+    name: str
+    settings: GraphSettings
+    budgets: batching.Budgets
+    # Per-element reference energies (index Z) subtracted from the label, as JMP's lin_ref; None keeps raw energies.
+    linear_reference: np.ndarray | None = None
+
+
+def temperature_probabilities(sizes: Sequence[int], temperature: float) -> np.ndarray:
+    """p_i = (n_i / Σn)^(1/T) / Σ_j (n_j / Σn)^(1/T)  (JMP's temperature sampling, spec §3.4)."""
+    frac = np.asarray(sizes, np.float64) / np.sum(sizes)
+    p = frac ** (1.0 / temperature)
+    return p / p.sum()
+
+
+class TaskStream:
+    """This process's endless, epoch-wise shuffled order of one task's records, with graphs built ahead."""
+
+    def __init__(self, source: RecordSource, spec: TaskSpec, *, seed: int, task_index: int, shuffle: bool,
+                 edge_dropout: float, process_index: int, process_count: int,
+                 executor: concurrent.futures.Executor, lookahead: int):
+        if len(source) < process_count:
+            raise ValueError(f"task {spec.name!r}: {len(source)} records cannot feed {process_count} processes")
+        self.source, self.spec = source, spec
+        self.seed, self.task_index, self.shuffle = seed, task_index, shuffle
+        self.edge_dropout = edge_dropout
+        self.process_index, self.process_count = process_index, process_count
+        self.executor, self.lookahead = executor, lookahead
+        self.per_epoch = len(source) // process_count
+        self.cursor = 0
+        self._futures: dict[int, concurrent.futures.Future] = {}
+        self._order_cache: tuple[int, np.ndarray] | None = None
+
+    def record_index(self, position: int) -> int:
+        epoch, k = divmod(position, self.per_epoch)
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            n = len(self.source)
+            order = (np.random.default_rng([self.seed, self.task_index, epoch]).permutation(n)
+                     if self.shuffle else np.arange(n))
+            self._order_cache = (epoch, order[self.process_index::self.process_count])
+        return int(self._order_cache[1][k])
+
+    def _build(self, position: int, index: int):
+        record = self.source[index]
+        rng = (np.random.default_rng([self.seed, self.task_index, position, 1]) if self.edge_dropout else None)
+        graphs = build_structure_graphs(
+            record["atomic_numbers"], record["positions"], record["cell"], record["pbc"], record["tags"],
+            self.spec.settings, edge_dropout=self.edge_dropout, rng=rng,
+            name=f"{self.spec.name} record {index} ({record.get('source_id', '?')})")
+        return record, graphs
+
+    def peek(self):
+        """(record, StructureGraphs) at the cursor; schedules the next `lookahead` builds."""
+        for p in range(self.cursor, self.cursor + self.lookahead):
+            if p not in self._futures:
+                self._futures[p] = self.executor.submit(self._build, p, self.record_index(p))
+        return self._futures[self.cursor].result()
+
+    def advance(self):
+        self._futures.pop(self.cursor, None)
+        self.cursor += 1
+
+    def seek(self, cursor: int):
+        for f in self._futures.values():
+            f.cancel()
+        self._futures.clear()
+        self.cursor = cursor
+
+
+def label_arrays(records: Sequence[dict], budgets: batching.Budgets,
+                 linear_reference: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Padded energy (G,) and forces (N, 3) in the node/graph order `batching.collate` uses."""
+    energy = np.zeros(budgets.graphs, np.float32)
+    forces = np.zeros((budgets.nodes, 3), np.float32)
+    start = 0
+    for i, r in enumerate(records):
+        e = float(r["energy"])
+        if linear_reference is not None:
+            e -= float(linear_reference[np.asarray(r["atomic_numbers"])].sum())
+        energy[i] = e
+        n = len(r["atomic_numbers"])
+        forces[start:start + n] = r["forces"]
+        start += n
+    return energy, forces
+
+
+class Pipeline:
+    """Iterator of (task_index, stacked LabeledBatch of numpy arrays); `state()` / `restore()` for resume."""
+
+    def __init__(self, tasks: Sequence[TaskSpec], sources: Sequence[RecordSource], *, seed: int,
+                 temperature: float, num_batch_shards: int, edge_dropout: float = 0.0, shuffle: bool = True,
+                 num_workers: int = 2, prefetch: int = 2, process_index: int | None = None,
+                 process_count: int | None = None, task_probabilities: Sequence[float] | None = None):
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+        self.tasks = list(tasks)
+        self.seed, self.num_batch_shards = seed, num_batch_shards
+        self.probabilities = (np.asarray(task_probabilities, np.float64) if task_probabilities is not None
+                              else temperature_probabilities([len(s) for s in sources], temperature))
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(num_workers, 1))
+        lookahead = 4 * max(t.budgets.graphs for t in self.tasks)
+        self.streams = [TaskStream(src, spec, seed=seed, task_index=i, shuffle=shuffle,
+                                   edge_dropout=edge_dropout, process_index=process_index,
+                                   process_count=process_count, executor=self._executor, lookahead=lookahead)
+                        for i, (spec, src) in enumerate(zip(self.tasks, sources))]
+        self.step = 0
+        self._prefetch = prefetch
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._consumed_state = self._state_now()
+
+    # ---- deterministic production -------------------------------------------------------------
+    def task_of_step(self, step: int) -> int:
+        return int(np.random.default_rng([self.seed, step, 2]).choice(len(self.tasks), p=self.probabilities))
+
+    def _pack_one(self, task: int):
+        """Packs the stream's next structures until the next one would overflow a budget."""
+        spec, stream = self.tasks[task], self.streams[task]
+        chosen, records, used = [], [], batching.Budgets.zeros()
+        while True:
+            record, graphs = stream.peek()
+            need = used + batching.structure_sizes(graphs)
+            if not need.fits_in(spec.budgets):
+                if not chosen:  # an empty batch cannot take it either: it can never fit
+                    need.check_fits(spec.budgets, what=f"task {spec.name!r} structure {record.get('source_id')}")
+                break
+            chosen.append(graphs)
+            records.append(record)
+            used = need
+            stream.advance()
+        graph_batch = batching.collate(chosen, spec.budgets)
+        energy, forces = label_arrays(records, spec.budgets, spec.linear_reference)
+        return LabeledBatch(graphs=graph_batch, energy=energy, forces=forces)
+
+    def _produce(self):
+        task = self.task_of_step(self.step)
+        shards = [self._pack_one(task) for _ in range(self.num_batch_shards)]
+        batch = jax.tree.map(lambda *xs: np.stack(xs), *shards)
+        self.step += 1
+        return task, batch, self._state_now()
+
+    def _state_now(self) -> dict:
+        return {"step": self.step, "cursors": {t.name: s.cursor for t, s in zip(self.tasks, self.streams)}}
+
+    # ---- iteration with a background producer -------------------------------------------------
+    def _worker(self):
+        try:
+            while not self._stop.is_set():
+                item = self._produce()
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # surfaced to the consumer, which re-raises it
+            self._queue.put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, LabeledBatch]:
+        if self._queue is None:
+            self._queue = queue.Queue(maxsize=self._prefetch)
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._worker, daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        task, batch, state = item
+        self._consumed_state = state
+        return task, batch
+
+    def state(self) -> dict:
+        """Position after the last batch handed out (not after prefetched ones)."""
+        return dict(self._consumed_state, cursors=dict(self._consumed_state["cursors"]))
+
+    def restore(self, state: dict):
+        self.close()
+        self.step = int(state["step"])
+        for spec, stream in zip(self.tasks, self.streams):
+            stream.seek(int(state["cursors"][spec.name]))
+        self._consumed_state = self._state_now()
+
+    def close(self):
+        if self._queue is not None:
+            self._stop.set()
+            self._thread.join()
+            self._queue = None

@@ -1,0 +1,57 @@
+"""Metric output: `<workdir>/metrics.jsonl`, TensorBoard event files, and a console progress line with ETA."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Mapping
+
+
+class MetricsLog:
+    def __init__(self, workdir: str, total_steps: int, *, tensorboard: bool = True):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._file = open(self.path, "a")
+        self.total_steps = total_steps
+        self._start = time.time()
+        self._start_step: int | None = None
+        self._tb = None
+        if tensorboard:
+            try:  # TensorBoard events need TensorFlow; the jsonl file is written regardless
+                import tensorflow as tf
+                self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+            except ImportError:
+                print("metrics: TensorFlow is not installed, TensorBoard events are not written", file=sys.stderr)
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        clean = {k: float(v) for k, v in scalars.items()}
+        self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            import tensorflow as tf
+            with self._tb.as_default(step=int(step)):
+                for k, v in clean.items():
+                    if math.isfinite(v):
+                        tf.summary.scalar(k, v)
+            self._tb.flush()
+
+    def progress(self, step: int, loss: float) -> None:
+        if self._start_step is None:
+            self._start_step, self._start = step, time.time()
+            rate = eta = float("nan")
+        else:
+            rate = (step - self._start_step) / max(time.time() - self._start, 1e-9)
+            eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+        width = 30
+        filled = int(width * step / max(self.total_steps, 1))
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--:--:--"
+        print(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total_steps} loss {loss:.4f} "
+              f"{rate:.2f} steps/s ETA {eta_text}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        print(file=sys.stderr)
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()

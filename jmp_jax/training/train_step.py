@@ -1,0 +1,97 @@
+"""The jit-compiled pre-training step: forward, loss, gradient, guarded update, EMA."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jmp_jax.graph.types import GraphBatch
+from jmp_jax.training import loss as loss_lib
+from jmp_jax.training.optim import ema_update
+
+
+@flax.struct.dataclass
+class LabeledBatch:
+    """A padded graph batch with its labels (eV, eV/Å). Stacked: every array has a leading shard axis."""
+
+    graphs: GraphBatch
+    energy: jax.Array   # (G,)
+    forces: jax.Array   # (N, 3)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    constants: Any      # scale factors: fixed, never trained
+    opt_state: Any
+    ema_params: Any
+    nonfinite_in_a_row: jax.Array
+
+
+def init_train_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, constants=variables.get("constants", {}),
+                      opt_state=tx.init(params), ema_params=jax.tree.map(jnp.array, params),
+                      nonfinite_in_a_row=jnp.zeros((), jnp.int32))
+
+
+def shard_loss_and_errors(params, constants, batch: LabeledBatch, *, model: nn.Module, task: int,
+                          norm: loss_lib.TaskNormalization, training: bool):
+    """Loss and error sums of one batch shard (no leading axis)."""
+    out = model.apply({"params": params, "constants": constants}, batch.graphs, task=task, training=training)
+    # Heads predict normalised targets (mean 0, std 1); losses and metrics use physical units.
+    energy = out["energy"].astype(jnp.float32) * norm.energy_std
+    forces = out["forces"].astype(jnp.float32) * norm.force_std
+    g = batch.graphs
+    nodes = g.graph.nodes
+    node_graph = g.node_graph_index
+    total, parts = loss_lib.energy_force_loss(energy, forces, batch.energy, batch.forces, node_graph,
+                                              nodes["mask"], g.graph.globals["mask"], norm)
+    errors = loss_lib.energy_force_errors(energy, forces, batch.energy, batch.forces, nodes["mask"],
+                                          ~nodes["fixed"], g.graph.globals["mask"])
+    return total, {**parts, **errors}
+
+
+def _mean_over_shards(fn: Callable, params, constants, batch: LabeledBatch):
+    """Each shard's loss is its own mean (as each DDP rank's is); the global loss averages them."""
+    losses, aux = jax.vmap(fn, in_axes=(None, None, 0))(params, constants, batch)
+    aux = {k: (v.sum() if k.endswith(("_sum", "_count")) else v.mean()) for k, v in aux.items()}
+    return losses.mean(), aux
+
+
+def train_step(state: TrainState, batch: LabeledBatch, *, model: nn.Module, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, task: int, norm: loss_lib.TaskNormalization,
+               ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step. A non-finite loss or gradient leaves the state unchanged and is counted."""
+    fn = functools.partial(shard_loss_and_errors, model=model, task=task, norm=norm, training=True)
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: _mean_over_shards(fn, p, state.constants, batch), has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Zeroed gradients keep NaN out of the optimiser state; the update is then discarded anyway.
+    safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+    updates, opt_state = tx.update(safe_grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = ema_update(state.ema_params, params, ema_decay)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = TrainState(
+        step=state.step + finite.astype(jnp.int32),
+        params=keep(params, state.params), constants=state.constants,
+        opt_state=keep(opt_state, state.opt_state), ema_params=keep(ema, state.ema_params),
+        nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite, **aux}
+    return new_state, metrics
+
+
+def eval_step(params, constants, batch: LabeledBatch, *, model: nn.Module, task: int,
+              norm: loss_lib.TaskNormalization) -> dict[str, jax.Array]:
+    """Loss and error sums with the given (usually EMA) parameters, no edge dropout."""
+    fn = functools.partial(shard_loss_and_errors, model=model, task=task, norm=norm, training=False)
+    loss, aux = _mean_over_shards(fn, params, constants, batch)
+    return {"loss": loss, **aux}
