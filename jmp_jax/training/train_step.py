@@ -72,7 +72,7 @@ def train_step(state: TrainState, batch: LabeledBatch, *, model: nn.Module, tx: 
     fn = functools.partial(shard_loss_and_errors, model=model, task=task, norm=norm, training=True)
     (loss, aux), grads = jax.value_and_grad(
         lambda p: _mean_over_shards(fn, p, state.constants, batch), has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Zeroed gradients keep NaN out of the optimiser state; the update is then discarded anyway.
     safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)

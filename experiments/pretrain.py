@@ -1,0 +1,27 @@
+r"""Multi-task JMP pre-training.
+
+  python -m experiments.pretrain --config=configs/jmp_s.py:demo --workdir=workdir/demo
+  python -m experiments.pretrain --config=configs/jmp_s.py --config.train.num_steps=100
+
+Runs again with the same --workdir resume from its newest checkpoint.
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from jmp_jax.training import loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/jmp_s.py[:variant]).")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/pretrain", "Checkpoints, metrics.jsonl and TensorBoard events.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    result = loop.run(_CONFIG.value, _WORKDIR.value)
+    print(f"finished at step {result['step']}\n  checkpoints: {result['checkpoints']}\n"
+          f"  metrics:     {result['metrics']}")
+
+
+if __name__ == "__main__":
+    app.run(main)

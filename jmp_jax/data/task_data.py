@@ -1,0 +1,112 @@
+"""From a run config to tasks: shard sources, normalisation, graph settings, budgets and pipelines."""
+from __future__ import annotations
+
+import dataclasses
+
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+
+from jmp_jax.data.pipeline import Pipeline, TaskSpec
+from jmp_jax.data.tfrecord_index import TFRecordSource
+from jmp_jax.graph import batching
+from jmp_jax.graph.build import GraphSettings, build_structure_graphs
+from jmp_jax.training.loss import TaskNormalization
+
+# Structures sampled per task to size its static budgets.
+BUDGET_SAMPLE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    data_dir: str
+    source: str
+    spec: TaskSpec
+    normalization: TaskNormalization
+
+    def describe(self) -> dict:
+        """JSON-able identity of the task, stored in checkpoints."""
+        n = self.normalization
+        return {"name": self.name, "cutoff": self.spec.settings.cutoff,
+                "max_neighbors": self.spec.settings.max_neighbors, "energy_std": n.energy_std,
+                "force_std": n.force_std, "linear_reference": (None if self.spec.linear_reference is None
+                                                               else self.spec.linear_reference.tolist())}
+
+
+def data_dir_of(config: ml_collections.ConfigDict) -> str:
+    if config.data.dir:
+        return config.data.dir
+    from data_prep import default_dataset  # builds the embedded dataset once, then reuses the cache
+    return str(default_dataset.ensure_default_dataset(size=config.data.default_dataset_size))
+
+
+def open_source(data_dir: str, source: str, split: str) -> TFRecordSource:
+    from data_prep import records
+    return TFRecordSource(records.shard_paths(data_dir, source, split), records.decode_example)
+
+
+def plan_budgets(source, settings: GraphSettings, structures_per_batch: int, seed: int) -> batching.Budgets:
+    """Budgets that hold `structures_per_batch` average structures and always one of the largest sampled.
+
+    Packing then fills a batch until its first budget would overflow, so little of any budget is padding.
+    """
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(source), size=min(BUDGET_SAMPLE, len(source)), replace=False)
+    sizes = []
+    for i in picks:
+        r = source[int(i)]
+        g = build_structure_graphs(r["atomic_numbers"], r["positions"], r["cell"], r["pbc"], r["tags"],
+                                   settings, name=f"record {i}")
+        sizes.append(batching.structure_sizes(g).as_array())
+    sizes = np.asarray(sizes, np.float64)
+    need = np.maximum(np.ceil(sizes.mean(0) * structures_per_batch), sizes.max(0))
+    # One padding slot per array, and a padding graph.
+    return batching.Budgets.from_array(need.astype(np.int64) + 1)
+
+
+def load_tasks(config: ml_collections.ConfigDict) -> list[Task]:
+    from data_prep import records
+    data_dir = data_dir_of(config)
+    tasks = []
+    for t in config.data.tasks:
+        meta = records.load_metadata(data_dir, t["source"], config.data.train_split)
+        settings = GraphSettings(cutoff=t["cutoff"], max_neighbors=t["max_neighbors"], pbc=t["pbc"])
+        linref = np.asarray(meta["linear_reference"], np.float64) if t["linear_reference"] else None
+        stats = meta["referenced" if t["linear_reference"] else "raw"]
+        norm = TaskNormalization(
+            energy_std=float(t["energy_std"] or stats["energy_std"]),
+            force_std=float(t["force_std"] or stats["forces_std"]),
+            energy_coefficient=float(t["energy_coefficient"]), force_coefficient=float(t["force_coefficient"]))
+        source = open_source(data_dir, t["source"], config.data.train_split)
+        budgets = plan_budgets(source, settings, config.data.structures_per_batch, config.seed)
+        tasks.append(Task(name=t["name"], data_dir=data_dir, source=t["source"],
+                          spec=TaskSpec(t["name"], settings, budgets, linref), normalization=norm))
+    return tasks
+
+
+def make_pipeline(config: ml_collections.ConfigDict, tasks: Sequence[Task], *, split: str, training: bool,
+                  only_task: int | None = None) -> Pipeline:
+    """Training: shuffled, temperature-mixed, with edge dropout. Otherwise: in order, no dropout."""
+    chosen = list(range(len(tasks))) if only_task is None else [only_task]
+    sources = [open_source(tasks[i].data_dir, tasks[i].source, split) for i in chosen]
+    probabilities = None if training else [len(s) for s in sources] if only_task is None else [1.0]
+    if probabilities is not None:
+        probabilities = np.asarray(probabilities, np.float64) / np.sum(probabilities)
+    return Pipeline([tasks[i].spec for i in chosen], sources, seed=config.seed,
+                    temperature=config.data.temperature, num_batch_shards=config.data.num_batch_shards,
+                    edge_dropout=config.data.edge_dropout if training else 0.0, shuffle=training,
+                    num_workers=config.data.num_workers, prefetch=config.data.prefetch,
+                    task_probabilities=probabilities)
+
+
+def fill_ratios(batch: Any, task: Task) -> dict[str, float]:
+    """Real entries / budget for every padded array of a (stacked) batch."""
+    g = batch.graphs
+    masks = {"nodes": g.graph.nodes["mask"], "edges": g.graph.edges["mask"], "a2ee2a": g.a2ee2a.mask,
+             "qint": g.qint.mask, "a2a": g.a2a.mask, "trip_e2e": g.trip_e2e.mask, "trip_a2e": g.trip_a2e.mask,
+             "trip_e2a": g.trip_e2a.mask, "quads": g.quad.mask, "graphs": g.graph.globals["mask"]}
+    return {f"fill/{task.name}/{k}": float(np.mean(np.asarray(m))) for k, m in masks.items()}
+
+

@@ -1,0 +1,182 @@
+"""The pre-training run: set-up, the jit-compiled sharded step per task, validation, checkpoints, metrics."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jmp_jax.data import task_data
+from jmp_jax.models import config as config_lib
+from jmp_jax.models.jmp import JMPModel
+from jmp_jax.models.scale_factors import scale_factor_constants
+from jmp_jax.training import checkpointing, optim, sharding
+from jmp_jax.training.loss import TaskNormalization
+from jmp_jax.training.metrics_log import MetricsLog
+from jmp_jax.training.train_step import LabeledBatch, TrainState, eval_step, init_train_state, train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive updates were skipped because the loss or gradient was not finite."""
+
+
+def backbone_config(name: str) -> config_lib.BackboneConfig:
+    if name in config_lib.NAMED_CONFIGS:
+        return config_lib.NAMED_CONFIGS[name]()
+    if os.path.exists(name):
+        return config_lib.BackboneConfig.from_json(name)
+    raise ValueError(f"model.backbone {name!r} is neither {sorted(config_lib.NAMED_CONFIGS)} nor a JSON file")
+
+
+def run_metadata(config: ml_collections.ConfigDict, tasks: list[task_data.Task]) -> dict:
+    """What a checkpoint must agree on to be resumed or loaded (model, tasks, normalisation)."""
+    return {
+        "backbone": backbone_config(config.model.backbone).to_dict(),
+        "num_tasks": len(tasks),
+        "tasks": [t.describe() for t in tasks],
+    }
+
+
+def init_variables(model: JMPModel, example: LabeledBatch, constants: dict | None, seed: int) -> dict:
+    shard = jax.tree.map(lambda x: x[0], example.graphs)
+    variables = jax.jit(lambda key: model.init(key, shard, task=0))(jax.random.key(seed))
+    if constants is not None:
+        variables = dict(variables, constants=constants)
+    return variables
+
+
+def _summarise(metrics: list[dict]) -> dict[str, float]:
+    """Mean of every metric over steps; exact MAEs from the error sums."""
+    out = {}
+    stacked = {k: np.asarray([m[k] for m in metrics], np.float64) for k in metrics[0]}
+    for k, v in stacked.items():
+        if k.endswith(("_sum", "_count")):
+            continue
+        out[k] = float(v.mean())
+    for kind in ("energy", "forces"):
+        if f"{kind}_abs_sum" in stacked:
+            out[f"{kind}_mae"] = float(stacked[f"{kind}_abs_sum"].sum() / max(stacked[f"{kind}_count"].sum(), 1))
+    return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains until `config.train.num_steps`, resuming from the newest checkpoint in `workdir`."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh.fsdp)
+    if config.data.num_batch_shards % jax.device_count():
+        raise ValueError(f"data.num_batch_shards={config.data.num_batch_shards} must be a multiple of the "
+                         f"{jax.device_count()} devices")
+    tasks = task_data.load_tasks(config)
+    train_pipe = task_data.make_pipeline(config, tasks, split="train", training=True)
+    metadata = run_metadata(config, tasks)
+
+    backbone = backbone_config(config.model.backbone)
+    model = JMPModel(backbone, num_tasks=len(tasks), dtype=jnp.dtype(config.model.dtype))
+    _, example = next(iter(task_data.make_pipeline(config, tasks, split="train", training=False)))
+    constants = (scale_factor_constants(config.model.backbone) if config.model.scale_factors == "fitted" else None)
+    variables = init_variables(model, example, constants, config.seed)
+    tx, schedule = optim.pretrain_optimizer(
+        variables["params"], num_blocks=backbone.num_blocks, peak_lr=config.train.lr,
+        warmup_steps=config.train.warmup_steps, total_steps=config.train.num_steps, b1=config.train.b1,
+        b2=config.train.b2, weight_decay=config.train.weight_decay, clip_norm=config.train.clip_norm,
+        warmup_start_factor=config.train.warmup_start_factor, min_lr_factor=config.train.min_lr_factor)
+    abstract_state = jax.eval_shape(functools.partial(init_train_state, tx=tx), variables)
+    state_shardings = sharding.state_shardings(abstract_state, mesh)
+    state = jax.jit(functools.partial(init_train_state, tx=tx), out_shardings=state_shardings)(variables)
+
+    manager = checkpointing.make_manager(workdir, save_every=config.log.checkpoint_every,
+                                         keep=config.log.keep_checkpoints)
+    restored = checkpointing.restore_latest(manager, state, metadata)
+    if restored is not None:
+        state, pipeline_state = restored
+        train_pipe.restore(pipeline_state)
+        print(f"resumed from step {int(state.step)} in {workdir}", file=sys.stderr)
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    steps: dict[int, Any] = {}
+    evals: dict[int, Any] = {}
+
+    def step_fn(task: int):
+        if task not in steps:
+            fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule, task=task,
+                                   norm=tasks[task].normalization, ema_decay=config.train.ema_decay)
+            steps[task] = jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
+                                  out_shardings=(state_shardings, None), donate_argnums=0)
+        return steps[task]
+
+    def eval_fn(task: int):
+        if task not in evals:
+            fn = functools.partial(eval_step, model=model, task=task, norm=tasks[task].normalization)
+            evals[task] = jax.jit(fn)
+        return evals[task]
+
+    log = MetricsLog(workdir, config.train.num_steps)
+    window: dict[int, list] = {}
+    structures = atoms = 0
+    window_start = time.time()
+    iteration = int(train_pipe.state()["step"])
+    try:
+        while int(state.step) < config.train.num_steps:
+            task, host_batch = next(train_pipe)
+            batch = sharding.global_batch(host_batch, mesh)
+            state, metrics = step_fn(task)(state, batch)
+            iteration += 1
+            window.setdefault(task, []).append(metrics)
+            structures += int(host_batch.graphs.graph.globals["mask"].sum())
+            atoms += int(host_batch.graphs.graph.nodes["mask"].sum())
+            if int(state.nonfinite_in_a_row) >= config.train.max_nonfinite_in_a_row:
+                raise NonFiniteLossError(
+                    f"stopped at step {int(state.step)}: {int(state.nonfinite_in_a_row)} consecutive updates had "
+                    f"a non-finite loss or gradient (last task {tasks[task].name!r}); see {log.path}")
+            step = int(state.step)
+            if iteration % config.log.every == 0:
+                elapsed = time.time() - window_start
+                scalars = {"structures_per_s": structures / elapsed, "atoms_per_s": atoms / elapsed}
+                all_metrics = [m for ms in window.values() for m in ms]
+                summary = _summarise(jax.device_get(all_metrics))
+                scalars.update({k: summary[k] for k in ("loss", "lr", "grad_norm")})
+                scalars["nonfinite_skipped"] = float(sum(1 - summary.get("finite", 1.0) for _ in [0]))
+                for t, ms in window.items():
+                    per_task = _summarise(jax.device_get(ms))
+                    name = tasks[t].name
+                    scalars[f"loss/{name}"] = per_task["loss"]
+                    scalars[f"energy_mae/{name}"] = per_task["energy_mae"]
+                    scalars[f"forces_mae/{name}"] = per_task["forces_mae"]
+                scalars.update(task_data.fill_ratios(host_batch, tasks[task]))
+                log.write(step, scalars)
+                log.progress(step, scalars["loss"])
+                window, structures, atoms, window_start = {}, 0, 0, time.time()
+            if step % config.log.eval_every == 0 or step == config.train.num_steps:
+                log.write(step, validate(config, tasks, state, eval_fn, mesh))
+            checkpointing.save(manager, step, state, train_pipe.state(), metadata,
+                               force=step == config.train.num_steps)
+    finally:
+        manager.wait_until_finished()
+        train_pipe.close()
+        log.close()
+    return {"step": int(state.step), "workdir": os.path.abspath(workdir), "metrics": log.path,
+            "checkpoints": str(manager.directory)}
+
+
+def validate(config, tasks, state: TrainState, eval_fn, mesh) -> dict[str, float]:
+    """Loss and MAEs of the EMA parameters on each task's validation split."""
+    out = {}
+    for t, task in enumerate(tasks):
+        pipe = task_data.make_pipeline(config, tasks, split=config.data.val_split, training=False, only_task=t)
+        metrics = []
+        for _ in range(config.log.eval_batches):
+            _, host_batch = next(pipe)
+            metrics.append(eval_fn(t)(state.ema_params, state.constants, sharding.global_batch(host_batch, mesh)))
+        pipe.close()
+        summary = _summarise(jax.device_get(metrics))
+        out.update({f"val/loss/{task.name}": summary["loss"], f"val/energy_mae/{task.name}": summary["energy_mae"],
+                    f"val/forces_mae/{task.name}": summary["forces_mae"]})
+    return out
