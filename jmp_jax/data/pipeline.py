@@ -72,8 +72,8 @@ class TaskStream:
         record = self.source[index]
         rng = (np.random.default_rng([self.seed, self.task_index, position, 1]) if self.edge_dropout else None)
         graphs = build_structure_graphs(
-            record["atomic_numbers"], record["positions"], record["cell"], record["pbc"], record["tags"],
-            self.spec.settings, edge_dropout=self.edge_dropout, rng=rng,
+            record["atomic_numbers"], record["positions"], record["cell"], None, record["tags"],
+            self.spec.settings, fixed=record["fixed"], edge_dropout=self.edge_dropout, rng=rng,
             name=f"{self.spec.name} record {index} ({record.get('source_id', '?')})")
         return record, graphs
 

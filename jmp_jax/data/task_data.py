@@ -57,8 +57,8 @@ def plan_budgets(source, settings: GraphSettings, structures_per_batch: int, see
     sizes = []
     for i in picks:
         r = source[int(i)]
-        g = build_structure_graphs(r["atomic_numbers"], r["positions"], r["cell"], r["pbc"], r["tags"],
-                                   settings, name=f"record {i}")
+        g = build_structure_graphs(r["atomic_numbers"], r["positions"], r["cell"], None, r["tags"],
+                                   settings, fixed=r["fixed"], name=f"record {i}")
         sizes.append(batching.structure_sizes(g).as_array())
     sizes = np.asarray(sizes, np.float64)
     need = np.maximum(np.ceil(sizes.mean(0) * structures_per_batch), sizes.max(0))
@@ -72,7 +72,7 @@ def load_tasks(config: ml_collections.ConfigDict) -> list[Task]:
     tasks = []
     for t in config.data.tasks:
         meta = records.load_metadata(data_dir, t["source"], config.data.train_split)
-        settings = GraphSettings(cutoff=t["cutoff"], max_neighbors=t["max_neighbors"], pbc=t["pbc"])
+        settings = GraphSettings(cutoff=t["cutoff"], max_neighbors=t["max_neighbors"], pbc=(bool(t["pbc"]),) * 3)
         linref = np.asarray(meta["linear_reference"], np.float64) if t["linear_reference"] else None
         stats = meta["referenced" if t["linear_reference"] else "raw"]
         norm = TaskNormalization(

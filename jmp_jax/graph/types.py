@@ -82,5 +82,5 @@ class GraphBatch:
     @property
     def node_graph_index(self) -> jax.Array:
         """(N,) graph index of every node (static length)."""
-        return jraph.repeat(jax.numpy.arange(self.num_graphs), self.graph.n_node,
-                            total_repeat_length=self.num_nodes)
+        return jax.numpy.repeat(jax.numpy.arange(self.num_graphs), self.graph.n_node,
+                                total_repeat_length=self.num_nodes)

@@ -1,0 +1,256 @@
+"""Padded static-shape batching of StructureGraphs into a GraphBatch (host side, numpy).
+
+Layout (see jmp_jax/graph/types.py): real entries first, in structure order, with indices offset
+per structure; the rest is padding. Graph `len(structures)` is the padding graph: it owns every
+padding node and every padding main edge; further padding graphs are empty. Padding edges of every
+edge set join the first padding node; padding triplets point at the first padding edge of their
+edge sets; padding quadruplets at the first padding edge / triplets. Padding edges get
+shift = PADDING_SHIFT so their length is 1 Å (no 0/0 in a model that forgets a mask).
+Every budget therefore needs at least one slot beyond the real entries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import jraph
+import numpy as np
+
+from jmp_jax.graph.build import EdgeArrays, StructureGraphs, TripletArrays
+from jmp_jax.graph.types import EdgeSet, GraphBatch, QuadrupletIndex, TripletIndex
+
+PADDING_SHIFT = np.array([0.0, 0.0, 1.0])
+_INT32_MAX = np.iinfo(np.int32).max
+
+
+class BudgetOverflowError(ValueError):
+    """A batch needs more slots of some kind than its budget allows."""
+
+    def __init__(self, kind: str, need: int, limit: int, what: str = ""):
+        self.kind, self.need, self.limit = kind, need, limit
+        where = f" ({what})" if what else ""
+        super().__init__(f"budget {kind!r} exceeded: need {need} real slots + 1 padding slot, "
+                         f"limit {limit}{where}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budgets:
+    """One count per array kind of a GraphBatch.
+
+    As a budget: the static length of each array (graphs: number of graph slots). As a need
+    (`structure_sizes`, sums of them): the real entries only; a need fits a budget when every
+    kind leaves at least one slot for padding.
+    """
+
+    nodes: int
+    edges: int  # symmetrised main graph
+    a2ee2a: int
+    qint: int
+    a2a: int
+    trip_e2e: int
+    trip_a2e: int
+    trip_e2a: int
+    quad_trip_in: int
+    quad_trip_out: int
+    quads: int
+    graphs: int
+
+    @classmethod
+    def zeros(cls) -> "Budgets":
+        return cls(**dict.fromkeys(cls.__dataclass_fields__, 0))
+
+    @classmethod
+    def from_array(cls, values) -> "Budgets":
+        """From 12 counts in field order (inverse of `as_array`)."""
+        return cls(*(int(v) for v in values))
+
+    def as_array(self) -> np.ndarray:
+        """(12,) int64 counts in field order."""
+        return np.array(dataclasses.astuple(self), dtype=np.int64)
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def __add__(self, other: "Budgets") -> "Budgets":
+        return Budgets.from_array(self.as_array() + other.as_array())
+
+    def fits_in(self, budgets: "Budgets") -> bool:
+        """Whether this need leaves a padding slot in every kind of `budgets`."""
+        return bool(np.all(self.as_array() + 1 <= budgets.as_array()))
+
+    def check_fits(self, budgets: "Budgets", what: str = "") -> None:
+        """Raise BudgetOverflowError for the first kind of this need that `budgets` cannot hold."""
+        for kind, need in self.as_dict().items():
+            if need + 1 > getattr(budgets, kind):
+                raise BudgetOverflowError(kind, need, getattr(budgets, kind), what)
+
+
+def structure_sizes(sg: StructureGraphs) -> Budgets:
+    """What one structure needs of every kind (real entries only; graphs = 1)."""
+    return Budgets(
+        nodes=sg.num_atoms, edges=sg.main.num_edges, a2ee2a=sg.a2ee2a.num_edges,
+        qint=sg.qint.num_edges, a2a=sg.a2a.num_edges, trip_e2e=sg.trip_e2e.edge_in.shape[0],
+        trip_a2e=sg.trip_a2e.edge_in.shape[0], trip_e2a=sg.trip_e2a.edge_in.shape[0],
+        quad_trip_in=sg.quad.triplet_in.edge_in.shape[0],
+        quad_trip_out=sg.quad.triplet_out.edge_in.shape[0], quads=sg.quad.edge_out.shape[0],
+        graphs=1)
+
+
+def _total_need(structures: Sequence[StructureGraphs]) -> Budgets:
+    return sum((structure_sizes(sg) for sg in structures), Budgets.zeros())
+
+
+def budgets_for(structures: Sequence[StructureGraphs], *, scale: float = 1.0,
+                multiple: int = 1) -> Budgets:
+    """A budget that fits these structures in one batch.
+
+    Each kind gets ceil(total * scale) + 1 padding slot, rounded up to `multiple` (so that nearby
+    batches share a shape and a compiled function); graphs = len(structures) + 1.
+    """
+    if scale < 1.0 or multiple < 1:
+        raise ValueError(f"need scale >= 1 and multiple >= 1, got scale={scale}, multiple={multiple}")
+    sizes = {kind: -(-(math.ceil(total * scale) + 1) // multiple) * multiple
+             for kind, total in _total_need(structures).as_dict().items()}
+    sizes["graphs"] = len(structures) + 1
+    return Budgets(**sizes)
+
+
+def _check_fits(structures: Sequence[StructureGraphs], budgets: Budgets) -> dict[str, int]:
+    """The batch's total need per kind; raises if it does not fit `budgets`."""
+    need = _total_need(structures)
+    names = [str(sg.name) for sg in structures]
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    need.check_fits(budgets, what=f"structures: {shown}")
+    too_big = [kind for kind, limit in budgets.as_dict().items() if limit > _INT32_MAX]
+    if too_big:
+        raise ValueError(f"budgets {too_big} do not fit int32 indices")
+    return need.as_dict()
+
+
+def _offsets(structures, size_of: Callable[[StructureGraphs], int]) -> np.ndarray:
+    """(S,) start of each structure's block of some kind."""
+    sizes = np.array([size_of(sg) for sg in structures], dtype=np.int64)
+    return np.cumsum(sizes) - sizes
+
+
+def _padded_index(parts, offsets, budget: int, pad_value: int) -> np.ndarray:
+    """(budget,) int32: concatenated per-structure indices + offsets, then pad_value."""
+    out = np.full(budget, pad_value, dtype=np.int32)
+    real = np.concatenate([np.asarray(p, np.int64) + o for p, o in zip(parts, offsets)])
+    out[:real.shape[0]] = real
+    return out
+
+
+def _padded_rows(parts, budget: int, pad_row, dtype) -> np.ndarray:
+    """(budget, ...) concatenated per-structure rows, then pad_row."""
+    real = np.concatenate(parts)
+    out = np.empty((budget,) + real.shape[1:], dtype=dtype)
+    out[:] = pad_row
+    out[:real.shape[0]] = real
+    return out
+
+
+def _mask(num_real: int, budget: int) -> np.ndarray:
+    return np.arange(budget) < num_real
+
+
+def _edge_set(structures, get: Callable[[StructureGraphs], EdgeArrays], node_offsets,
+              budget: int, num_real: int, pad_node: int, dtype) -> EdgeSet:
+    edges = [get(sg) for sg in structures]
+    return EdgeSet(
+        senders=_padded_index([e.senders for e in edges], node_offsets, budget, pad_node),
+        receivers=_padded_index([e.receivers for e in edges], node_offsets, budget, pad_node),
+        shift=_padded_rows([e.shift for e in edges], budget, PADDING_SHIFT, dtype),
+        mask=_mask(num_real, budget))
+
+
+def _triplet_index(structures, get: Callable[[StructureGraphs], TripletArrays], in_offsets,
+                   pad_in: int, out_offsets, pad_out: int, budget: int, num_real: int) -> TripletIndex:
+    triplets = [get(sg) for sg in structures]
+    return TripletIndex(
+        edge_in=_padded_index([t.edge_in for t in triplets], in_offsets, budget, pad_in),
+        edge_out=_padded_index([t.edge_out for t in triplets], out_offsets, budget, pad_out),
+        mask=_mask(num_real, budget))
+
+
+def _graphs_tuple(structures, main: EdgeSet, need: dict[str, int], b: Budgets,
+                  dtype) -> jraph.GraphsTuple:
+    """Nodes and per-graph counts; graph len(structures) is the padding graph."""
+    num_graphs = len(structures)
+    n_node = np.zeros(b.graphs, np.int32)
+    n_node[:num_graphs] = [sg.num_atoms for sg in structures]
+    n_node[num_graphs] = b.nodes - need["nodes"]
+    n_edge = np.zeros(b.graphs, np.int32)
+    n_edge[:num_graphs] = [sg.main.num_edges for sg in structures]
+    n_edge[num_graphs] = b.edges - need["edges"]
+
+    def rows(key: str, pad, row_dtype):
+        return _padded_rows([getattr(sg, key) for sg in structures], b.nodes, pad, row_dtype)
+
+    nodes = {"atomic_numbers": rows("atomic_numbers", 0, np.int32),
+             "positions": rows("positions", 0.0, dtype), "tags": rows("tags", 0, np.int32),
+             "fixed": rows("fixed", False, bool), "mask": _mask(need["nodes"], b.nodes)}
+    return jraph.GraphsTuple(
+        nodes=nodes, edges={"shift": main.shift, "mask": main.mask}, senders=main.senders,
+        receivers=main.receivers, n_node=n_node, n_edge=n_edge,
+        globals={"mask": _mask(num_graphs, b.graphs)})
+
+
+def collate(structures: Sequence[StructureGraphs], budgets: Budgets, *,
+            dtype=np.float32) -> GraphBatch:
+    """Pad and batch structures into one GraphBatch of static shapes set by `budgets`.
+
+    Raises BudgetOverflowError if any kind needs more than budget - 1 slots (or the batch has more
+    than budgets.graphs - 1 structures). dtype: float type of positions and shifts.
+    """
+    if not structures:
+        raise ValueError("collate needs at least one structure")
+    need = _check_fits(structures, budgets)
+    b = budgets
+    # Per-structure block starts; the first padding slot of each kind is its real total.
+    node_off = _offsets(structures, lambda sg: sg.num_atoms)
+    main_off = _offsets(structures, lambda sg: sg.main.num_edges)
+    aeea_off = _offsets(structures, lambda sg: sg.a2ee2a.num_edges)
+    qint_off = _offsets(structures, lambda sg: sg.qint.num_edges)
+    tin_off = _offsets(structures, lambda sg: sg.quad.triplet_in.edge_in.shape[0])
+    tout_off = _offsets(structures, lambda sg: sg.quad.triplet_out.edge_in.shape[0])
+    pad_node, pad_main, pad_aeea, pad_qint = need["nodes"], need["edges"], need["a2ee2a"], need["qint"]
+
+    def edge_set(get, budget: int, num_real: int) -> EdgeSet:
+        return _edge_set(structures, get, node_off, budget, num_real, pad_node, dtype)
+
+    def triplet_index(get, in_off, pad_in, out_off, pad_out, budget, num_real) -> TripletIndex:
+        return _triplet_index(structures, get, in_off, pad_in, out_off, pad_out, budget, num_real)
+
+    main = edge_set(lambda sg: sg.main, b.edges, need["edges"])
+    # Padding main edges are their own reverse, so id_swap never leaves the padding block.
+    id_swap = _padded_index([sg.id_swap for sg in structures], main_off, b.edges, 0)
+    id_swap[need["edges"]:] = np.arange(need["edges"], b.edges)
+
+    quads = [sg.quad for sg in structures]
+    quad = QuadrupletIndex(
+        triplet_in=triplet_index(lambda sg: sg.quad.triplet_in, main_off, pad_main,
+                                 qint_off, pad_qint, b.quad_trip_in, need["quad_trip_in"]),
+        triplet_out=triplet_index(lambda sg: sg.quad.triplet_out, qint_off, pad_qint,
+                                  main_off, pad_main, b.quad_trip_out, need["quad_trip_out"]),
+        edge_out=_padded_index([q.edge_out for q in quads], main_off, b.quads, pad_main),
+        trip_in_to_quad=_padded_index([q.trip_in_to_quad for q in quads], tin_off, b.quads,
+                                      need["quad_trip_in"]),
+        trip_out_to_quad=_padded_index([q.trip_out_to_quad for q in quads], tout_off, b.quads,
+                                       need["quad_trip_out"]),
+        mask=_mask(need["quads"], b.quads))
+
+    return GraphBatch(
+        graph=_graphs_tuple(structures, main, need, b, dtype), id_swap=id_swap,
+        a2ee2a=edge_set(lambda sg: sg.a2ee2a, b.a2ee2a, need["a2ee2a"]),
+        qint=edge_set(lambda sg: sg.qint, b.qint, need["qint"]),
+        a2a=edge_set(lambda sg: sg.a2a, b.a2a, need["a2a"]),
+        trip_e2e=triplet_index(lambda sg: sg.trip_e2e, main_off, pad_main, main_off, pad_main,
+                               b.trip_e2e, need["trip_e2e"]),
+        trip_a2e=triplet_index(lambda sg: sg.trip_a2e, aeea_off, pad_aeea, main_off, pad_main,
+                               b.trip_a2e, need["trip_a2e"]),
+        trip_e2a=triplet_index(lambda sg: sg.trip_e2a, main_off, pad_main, aeea_off, pad_aeea,
+                               b.trip_e2a, need["trip_e2a"]),
+        quad=quad,
+    )

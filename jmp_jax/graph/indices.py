@@ -1,0 +1,150 @@
+"""Main-graph symmetrisation, id_swap, triplet and quadruplet indices (host side, numpy).
+
+All functions work on one structure with local atom indices; the orders reproduce JMP's
+(`backbone.symmetrize_edges`, `interaction_indices.get_triplets / get_mixed_triplets /
+get_quadruplets`), so concatenating per-structure results with offsets gives the batch order.
+Edges are (senders, receivers, cell_offset) with the offset applied to the sender.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def inner_index(sorted_ids: np.ndarray) -> np.ndarray:
+    """(M,) rank of each entry within its run of equal ids (JMP `get_inner_idx`). ids sorted."""
+    if sorted_ids.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.arange(sorted_ids.shape[0]) - np.searchsorted(sorted_ids, sorted_ids, side="left")
+
+
+def symmetrize(senders: np.ndarray, receivers: np.ndarray, cell_offset: np.ndarray):
+    """Make the graph bidirectional the JMP way.
+
+    Keeps edges with s < t, or s == t with a lexicographically negative offset; then appends the
+    reversed copies (s and t swapped, offset negated) after them.
+    Returns the symmetric (senders, receivers, cell_offset), [kept edges in order, their
+    reverses in order], each of length 2 * (number kept).
+    """
+    ox, oy, oz = cell_offset[:, 0], cell_offset[:, 1], cell_offset[:, 2]
+    offset_negative = (ox < 0) | ((ox == 0) & (oy < 0)) | ((ox == 0) & (oy == 0) & (oz < 0))
+    kept = (senders < receivers) | ((senders == receivers) & offset_negative)
+    s, t, off = senders[kept], receivers[kept], cell_offset[kept]
+    return np.concatenate([s, t]), np.concatenate([t, s]), np.concatenate([off, -off])
+
+
+def _edge_keys(senders, receivers, cell_offset, num_atoms: int, offset_base: int) -> np.ndarray:
+    """(E,) int64 key unique per (s, t, offset) for |offset| < offset_base // 2."""
+    half = offset_base // 2
+    cell_id = ((cell_offset[:, 0] + half) * offset_base + cell_offset[:, 1] + half) * offset_base \
+        + cell_offset[:, 2] + half
+    return (cell_id * num_atoms + senders) * num_atoms + receivers
+
+
+def reverse_edge_index(senders: np.ndarray, receivers: np.ndarray, cell_offset: np.ndarray,
+                       num_atoms: int) -> np.ndarray:
+    """(E,) id_swap: index of the edge t -> s with offset -n for every edge s -> t with offset n.
+
+    Raises ValueError if some edge has no reverse (the graph is not symmetric).
+    """
+    if senders.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    offset_base = 2 * int(np.abs(cell_offset).max()) + 3
+    keys = _edge_keys(senders, receivers, cell_offset, num_atoms, offset_base)
+    reverse_keys = _edge_keys(receivers, senders, -cell_offset, num_atoms, offset_base)
+    order = np.argsort(keys, kind="stable")
+    position = np.searchsorted(keys[order], reverse_keys).clip(max=keys.shape[0] - 1)
+    id_swap = order[position]
+    if not np.array_equal(keys[id_swap], reverse_keys):
+        raise ValueError("graph is not symmetric: some edge has no reverse edge")
+    return id_swap
+
+
+def _edges_into_atoms(in_senders: np.ndarray, in_receivers: np.ndarray, query_atoms: np.ndarray,
+                      num_atoms: int):
+    """For every query q (in order), every input edge into atom query_atoms[q].
+
+    Input edges of one atom come ordered by (sender, edge index): the row order of JMP's
+    SparseTensor(row=target, col=source, value=edge index).
+    Returns (query, edge) index pairs, each (M,), sorted by query.
+    """
+    by_target = np.lexsort((in_senders, in_receivers))
+    counts = np.bincount(in_receivers, minlength=num_atoms)
+    starts = np.cumsum(counts) - counts
+    per_query = counts[query_atoms]
+    query = np.repeat(np.arange(query_atoms.shape[0]), per_query)
+    first_of_query = np.cumsum(per_query) - per_query
+    rank = np.arange(query.shape[0]) - np.repeat(first_of_query, per_query)
+    edge = by_target[np.repeat(starts[query_atoms], per_query) + rank]
+    return query, edge
+
+
+def triplets(senders: np.ndarray, receivers: np.ndarray, num_atoms: int):
+    """e2e triplets b->a, c->a of one graph: (edge_in, edge_out), edge_out sorted.
+
+    Every other edge into a (the same atom b = c from another image is allowed).
+    """
+    edge_out, edge_in = _edges_into_atoms(senders, receivers, receivers, num_atoms)
+    distinct = edge_in != edge_out
+    return edge_in[distinct], edge_out[distinct]
+
+
+def mixed_triplets(graph_in, graph_out, num_atoms: int, to_outedge: bool = False):
+    """Triplets between two graphs over the same atoms: (edge_in, edge_out), edge_out sorted.
+
+    graph_in / graph_out: (senders, receivers, cell_offset).
+    to_outedge=False: for each out edge c->a, the in edges b->a, dropping b->a equal to c->a as an
+    atom pair with the same offset. to_outedge=True: for each out edge c->a, the in edges b->c,
+    dropping those that return to a itself (b == a and offsets cancel).
+    """
+    in_s, in_t, in_off = graph_in
+    out_s, out_t, out_off = graph_out
+    query_atoms = out_s if to_outedge else out_t
+    edge_out, edge_in = _edges_into_atoms(in_s, in_t, query_atoms, num_atoms)
+    if to_outedge:
+        same_atom = in_s[edge_in] == out_t[edge_out]
+        net_offset = out_off[edge_out] + in_off[edge_in]
+    else:
+        same_atom = in_s[edge_in] == out_s[edge_out]
+        net_offset = out_off[edge_out] - in_off[edge_in]
+    distinct = ~same_atom | np.any(net_offset != 0, axis=1)
+    return edge_in[distinct], edge_out[distinct]
+
+
+def quadruplets(main, qint, num_atoms: int) -> dict[str, np.ndarray]:
+    """Quadruplets d->b->a<-c (JMP `get_quadruplets`).
+
+    main, qint: (senders, receivers, cell_offset). Returns
+      triplet_in_in / triplet_in_out:   main edge d->b, qint edge b->a (sorted by qint edge)
+      triplet_out_in / triplet_out_out: qint edge b->a, main edge c->a (sorted by main edge)
+      out (Q,): main edge c->a (sorted), trip_in_to_quad (Q,), trip_out_to_quad (Q,).
+    Quadruplets whose c and d are the same atom image are removed.
+    """
+    main_s, _, main_off = main
+    qint_off = qint[2]
+    tin_in, tin_out = mixed_triplets(main, qint, num_atoms, to_outedge=True)
+    tout_in, tout_out = mixed_triplets(qint, main, num_atoms, to_outedge=False)
+
+    # Input triplets are grouped by their qint edge; each output triplet pairs with that group.
+    trip_in_per_qint = np.bincount(tin_out, minlength=qint_off.shape[0])
+    trip_in_start = np.cumsum(trip_in_per_qint) - trip_in_per_qint
+    reps = trip_in_per_qint[tout_in]
+    trip_out_to_quad = np.repeat(np.arange(tout_in.shape[0]), reps)
+    first_of_trip_out = np.cumsum(reps) - reps
+    rank = np.arange(trip_out_to_quad.shape[0]) - np.repeat(first_of_trip_out, reps)
+    trip_in_to_quad = np.repeat(trip_in_start[tout_in], reps) + rank
+
+    out = tout_out[trip_out_to_quad]
+    edge_db = tin_in[trip_in_to_quad]
+    # c == d needs the same atom and cancelling offsets; check offsets only where atoms agree.
+    same_atom = np.flatnonzero(main_s[out] == main_s[edge_db])
+    edge_ba = tout_in[trip_out_to_quad[same_atom]]
+    net_offset = main_off[edge_db[same_atom]] + qint_off[edge_ba] - main_off[out[same_atom]]
+    distinct = np.ones(out.shape[0], dtype=bool)
+    distinct[same_atom] = np.any(net_offset != 0, axis=1)
+    return {
+        "triplet_in_in": tin_in, "triplet_in_out": tin_out,
+        "triplet_out_in": tout_in, "triplet_out_out": tout_out,
+        "out": out[distinct],
+        "trip_in_to_quad": trip_in_to_quad[distinct],
+        "trip_out_to_quad": trip_out_to_quad[distinct],
+    }
