@@ -15,6 +15,11 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "vesin==0.6.2",
     "absl-py==2.5.1",
+    "tensorflow-cpu==2.21.0",
+    "tensorflow-datasets==4.9.10",
+    "h5py==3.14.0",
+    "qm9pack==1.0.3",
+    "tblite==0.8.0",
 ]
 
 setup(

@@ -1,0 +1,391 @@
+"""Record schema and TFRecord IO for prepared datasets.
+
+A record in Python is a dict of numpy arrays (N atoms):
+  atomic_numbers (N,) int64, positions (N, 3) float64 [Å], cell (3, 3) float64 [Å],
+  pbc (3,) bool, tags (N,) int64, fixed (N,) bool, source_id str,
+  optional energy float [eV], forces (N, 3) [eV/Å], targets {name: float}.
+
+On disk each record is a tf.train.Example with the features listed in `FEATURE_DOC`.
+Energies and scalar targets are stored as the 8 little-endian bytes of a float64 so that
+total energies of large systems (~1e4 eV) keep full precision; decode them with
+tf.io.decode_raw(x, tf.float64) or numpy.frombuffer(x, "<f8").
+
+Files of one split: <source>-<split>.tfrecord-XXXXX-of-YYYYY plus
+<source>-<split>.metadata.json (see data_prep/metadata.py).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from data_prep import metadata as metadata_lib
+
+DEFAULT_RECORDS_PER_SHARD = 10_000
+FLOAT64_LE = np.dtype("<f8")
+
+# Feature name -> (on-disk type, description); scalar targets are added under their own names.
+FEATURE_DOC = {
+    "atomic_numbers": ("int64 list, N", "atomic numbers Z"),
+    "positions": ("float32 list, N*3", "Cartesian positions, Å, row-major (N, 3)"),
+    "cell": ("float32 list, 9", "lattice vectors as rows, Å; zeros for molecules"),
+    "pbc": ("int64 list, 3", "periodic axes (0/1)"),
+    "tags": ("int64 list, N", "0 sub-surface, 1 surface, 2 adsorbate/molecule"),
+    "fixed": ("int64 list, N", "1 where the atom was held fixed in the DFT run"),
+    "natoms": ("int64 list, 1", "N"),
+    "forces": ("float32 list, N*3", "forces, eV/Å (only in splits that have them)"),
+    "energy": ("bytes, 8", "float64 little-endian, eV (only in splits that have it)"),
+    "source_id": ("bytes", "identifier of the structure in the distributed files"),
+}
+
+
+class RecordError(ValueError):
+    """A record (or input structure) is malformed; the message names it."""
+
+
+class CorruptShardError(ValueError):
+    """A TFRecord shard failed its checksum or could not be parsed; the message names the file."""
+
+
+def make_record(
+    atomic_numbers,
+    positions,
+    *,
+    source_id: str,
+    cell=None,
+    pbc=None,
+    tags=None,
+    fixed=None,
+    energy: float | None = None,
+    forces=None,
+    targets: dict[str, float] | None = None,
+) -> dict:
+    """Builds a validated record dict. Molecules: cell zeros, pbc False, tags 2, fixed False.
+
+    atomic_numbers (N,), positions (N, 3), cell (3, 3), pbc (3,), tags (N,), fixed (N,),
+    forces (N, 3). Raises RecordError naming `source_id` on inconsistent shapes or Z outside 1..118.
+    """
+    z = np.asarray(atomic_numbers, dtype=np.int64).reshape(-1)
+    n = z.shape[0]
+    record = {
+        "atomic_numbers": z,
+        "positions": np.asarray(positions, dtype=np.float64),
+        "cell": np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64),
+        "pbc": np.zeros(3, bool) if pbc is None else np.broadcast_to(np.asarray(pbc, bool), (3,)).copy(),
+        "tags": np.full(n, 2, np.int64) if tags is None else np.asarray(tags, dtype=np.int64).reshape(-1),
+        "fixed": np.zeros(n, bool) if fixed is None else np.asarray(fixed, dtype=bool).reshape(-1),
+        "source_id": str(source_id),
+    }
+    if energy is not None:
+        record["energy"] = float(energy)
+    if forces is not None:
+        record["forces"] = np.asarray(forces, dtype=np.float64)
+    if targets:
+        record["targets"] = {k: float(v) for k, v in targets.items()}
+    _check_shapes(record)
+    return record
+
+
+def _check_shapes(record: dict) -> None:
+    z = record["atomic_numbers"]
+    if z.size and (z.min() < 1 or z.max() > 118):
+        raise RecordError(f"record {record['source_id']!r}: atomic numbers outside 1..118: {sorted(set(z.tolist()))}")
+    n = z.shape[0]
+    expected = {"positions": (n, 3), "cell": (3, 3), "tags": (n,), "fixed": (n,), "forces": (n, 3)}
+    for key, shape in expected.items():
+        if key in record and record[key].shape != shape:
+            raise RecordError(
+                f"record {record['source_id']!r}: {key} has shape {record[key].shape}, expected {shape}"
+            )
+
+
+def skip_reason(record: dict) -> str | None:
+    """Why a record must not be written (None if it is fine): no atoms, NaN positions/labels."""
+    if record["atomic_numbers"].shape[0] == 0:
+        return "no_atoms"
+    if not np.all(np.isfinite(record["positions"])) or not np.all(np.isfinite(record["cell"])):
+        return "nan_positions"
+    labels = [record.get("energy", 0.0), *record.get("targets", {}).values()]
+    if not np.all(np.isfinite(labels)) or ("forces" in record and not np.all(np.isfinite(record["forces"]))):
+        return "nan_labels"
+    return None
+
+
+def _int64(values) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=np.asarray(values, np.int64).reshape(-1)))
+
+
+def _float(values) -> tf.train.Feature:
+    return tf.train.Feature(float_list=tf.train.FloatList(value=np.asarray(values, np.float32).reshape(-1)))
+
+
+def _bytes(value: bytes) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def float64_bytes(value: float) -> bytes:
+    """8 little-endian bytes of a float64."""
+    return np.asarray(value, FLOAT64_LE).tobytes()
+
+
+def encode_example(record: dict) -> bytes:
+    """Record dict -> serialized tf.train.Example."""
+    features = {
+        "atomic_numbers": _int64(record["atomic_numbers"]),
+        "positions": _float(record["positions"]),
+        "cell": _float(record["cell"]),
+        "pbc": _int64(record["pbc"]),
+        "tags": _int64(record["tags"]),
+        "fixed": _int64(record["fixed"]),
+        "natoms": _int64([record["atomic_numbers"].shape[0]]),
+        "source_id": _bytes(record["source_id"].encode("utf-8")),
+    }
+    if "energy" in record:
+        features["energy"] = _bytes(float64_bytes(record["energy"]))
+    if "forces" in record:
+        features["forces"] = _float(record["forces"])
+    for name, value in record.get("targets", {}).items():
+        if name in features:
+            raise RecordError(f"record {record['source_id']!r}: target name {name!r} clashes with a feature")
+        features[name] = _bytes(float64_bytes(value))
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def decode_example(serialized: bytes) -> dict:
+    """Serialized tf.train.Example -> record dict (numpy). Every feature outside the fixed
+    schema is a float64 scalar target."""
+    feature = tf.train.Example.FromString(serialized).features.feature
+    record = {
+        "atomic_numbers": np.asarray(feature["atomic_numbers"].int64_list.value, np.int64),
+        "positions": np.asarray(feature["positions"].float_list.value, np.float64).reshape(-1, 3),
+        "cell": np.asarray(feature["cell"].float_list.value, np.float64).reshape(3, 3),
+        "pbc": np.asarray(feature["pbc"].int64_list.value, np.int64).astype(bool),
+        "tags": np.asarray(feature["tags"].int64_list.value, np.int64),
+        "fixed": np.asarray(feature["fixed"].int64_list.value, np.int64).astype(bool),
+        "source_id": feature["source_id"].bytes_list.value[0].decode("utf-8"),
+    }
+    if "energy" in feature:
+        record["energy"] = _decode_float64(feature["energy"])
+    if "forces" in feature:
+        record["forces"] = np.asarray(feature["forces"].float_list.value, np.float64).reshape(-1, 3)
+    targets = {name: _decode_float64(feature[name]) for name in sorted(feature) if name not in FEATURE_DOC}
+    if targets:
+        record["targets"] = targets
+    return record
+
+
+def _decode_float64(feature: tf.train.Feature) -> float:
+    return float(np.frombuffer(feature.bytes_list.value[0], FLOAT64_LE)[0])
+
+
+def split_prefix(output_dir: str, source: str, split: str) -> str:
+    return os.path.join(output_dir, f"{source}-{split}")
+
+
+def metadata_path(output_dir: str, source: str, split: str) -> str:
+    return split_prefix(output_dir, source, split) + ".metadata.json"
+
+
+def shard_paths(output_dir: str, source: str, split: str) -> list[str]:
+    """Existing shard files of a split, in shard order."""
+    return sorted(glob.glob(glob.escape(split_prefix(output_dir, source, split)) + ".tfrecord-*-of-*"))
+
+
+def write_split(
+    records: Iterable[dict],
+    output_dir: str,
+    source: str,
+    split: str,
+    *,
+    records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
+    units: dict,
+    source_files: list[str],
+    extra_metadata: dict | None = None,
+) -> dict:
+    """Writes one split's shards and metadata atomically; returns the metadata dict.
+
+    Records that `skip_reason` rejects are counted in metadata["skipped"], never written.
+    Shards are written into a temporary folder, then renamed into place (the earlier build's
+    metadata and shards removed first); the metadata file is renamed last, so its presence
+    marks a complete split. Rebuilding from the same input gives byte-identical files.
+    """
+    if records_per_shard < 1:
+        raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
+    os.makedirs(output_dir, exist_ok=True)
+    stats = metadata_lib.SplitStats()
+    tmp_dir = tempfile.mkdtemp(prefix=f".tmp-{source}-{split}-", dir=output_dir)
+    try:
+        tmp_shards = _write_tmp_shards(records, tmp_dir, stats, records_per_shard)
+        meta = stats.finalize(units=units, source_files=source_files)
+        meta.update({"source": source, "split": split, "num_shards": len(tmp_shards)})
+        meta.update(extra_metadata or {})
+        # Drop the old metadata first: until the new one lands, the split reads as absent.
+        if os.path.exists(metadata_path(output_dir, source, split)):
+            os.remove(metadata_path(output_dir, source, split))
+        for stale in shard_paths(output_dir, source, split):
+            os.remove(stale)
+        prefix = split_prefix(output_dir, source, split)
+        for index, tmp in enumerate(tmp_shards):
+            os.replace(tmp, f"{prefix}.tfrecord-{index:05d}-of-{len(tmp_shards):05d}")
+        tmp_meta = os.path.join(tmp_dir, "metadata.json")
+        with open(tmp_meta, "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True)
+        os.replace(tmp_meta, metadata_path(output_dir, source, split))
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return meta
+
+
+def _write_tmp_shards(records, tmp_dir, stats, records_per_shard) -> list[str]:
+    shards, writer, in_shard = [], None, 0
+    try:
+        for record in records:
+            reason = skip_reason(record)
+            if reason is not None:
+                stats.skip(reason)
+                continue
+            if writer is None or in_shard == records_per_shard:
+                if writer is not None:
+                    writer.close()
+                shards.append(os.path.join(tmp_dir, f"shard-{len(shards):05d}"))
+                writer, in_shard = tf.io.TFRecordWriter(shards[-1]), 0
+            writer.write(encode_example(record))
+            stats.add(record)
+            in_shard += 1
+    finally:
+        if writer is not None:
+            writer.close()
+    return shards
+
+
+def load_metadata(output_dir: str, source: str, split: str) -> dict:
+    path = metadata_path(output_dir, source, split)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no prepared split {source}-{split} in {output_dir} (missing {path})")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _serialized_batches(output_dir: str, source: str, split: str, batch_size: int = 256) -> Iterator[np.ndarray]:
+    """(<= batch_size,) arrays of serialized examples, shard by shard; batching keeps the
+    per-record Python overhead low while each shard is still read on its own, so that a
+    checksum failure can be reported with the shard's file name."""
+    meta = load_metadata(output_dir, source, split)
+    paths = shard_paths(output_dir, source, split)
+    if len(paths) != meta["num_shards"]:
+        raise CorruptShardError(
+            f"{source}-{split}: metadata lists {meta['num_shards']} shards, found {len(paths)} in {output_dir}"
+        )
+    for path in paths:
+        try:
+            for batch in tf.data.TFRecordDataset(path).batch(batch_size):
+                yield batch.numpy()
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
+            raise CorruptShardError(f"corrupt TFRecord shard {path}: {err.message}") from err
+
+
+def iterate_records(output_dir: str, source: str, split: str) -> Iterator[dict]:
+    """Numpy record dicts of a prepared split, in stored order."""
+    for batch in _serialized_batches(output_dir, source, split):
+        for serialized in batch:
+            yield decode_example(serialized)
+
+
+def feature_spec(meta: dict) -> dict:
+    """tf.io parse spec for a split described by its metadata."""
+    spec = {
+        "atomic_numbers": tf.io.RaggedFeature(tf.int64),
+        "positions": tf.io.RaggedFeature(tf.float32),
+        "cell": tf.io.FixedLenFeature([9], tf.float32),
+        "pbc": tf.io.FixedLenFeature([3], tf.int64),
+        "tags": tf.io.RaggedFeature(tf.int64),
+        "fixed": tf.io.RaggedFeature(tf.int64),
+        "natoms": tf.io.FixedLenFeature([1], tf.int64),
+        "source_id": tf.io.FixedLenFeature([], tf.string),
+    }
+    if meta["has_energy"]:
+        spec["energy"] = tf.io.FixedLenFeature([], tf.string)
+    if meta["has_forces"]:
+        spec["forces"] = tf.io.RaggedFeature(tf.float32)
+    for name in meta["target_names"]:
+        spec[name] = tf.io.FixedLenFeature([], tf.string)
+    return spec
+
+
+def read_split(output_dir: str, source: str, split: str) -> tf.data.Dataset:
+    """tf.data.Dataset of parsed records: positions/forces (N, 3), cell (3, 3), energies float64.
+
+    Shards are read one by one so that a corrupt one raises CorruptShardError naming it.
+    """
+    meta = load_metadata(output_dir, source, split)
+    spec = feature_spec(meta)
+    float64_names = [name for name in ("energy", *meta["target_names"]) if name in spec]
+
+    def parse(serialized):
+        ex = tf.io.parse_single_example(serialized, spec)
+        ex["positions"] = tf.reshape(ex["positions"], [-1, 3])
+        ex["cell"] = tf.reshape(ex["cell"], [3, 3])
+        if "forces" in ex:
+            ex["forces"] = tf.reshape(ex["forces"], [-1, 3])
+        for name in float64_names:
+            ex[name] = tf.reshape(tf.io.decode_raw(ex[name], tf.float64, little_endian=True), [])
+        return ex
+
+    raw = tf.data.Dataset.from_generator(
+        lambda: _serialized_batches(output_dir, source, split),
+        output_signature=tf.TensorSpec([None], tf.string),
+    )
+    return raw.unbatch().map(parse)
+
+
+def describe_for_tfds(output_dir: str, source: str, split: str) -> None:
+    """Writes TFDS metadata (features.json, dataset_info.json) so that
+    tfds.builder_from_directory(output_dir) can read the splits of `source`.
+
+    TFDS keeps one dataset per folder, so `output_dir` should hold one source only.
+    Float64 scalars appear as raw 8-byte strings there (TFDS stores floats as float32).
+    """
+    import tensorflow_datasets as tfds  # slow import; only needed here
+
+    meta = load_metadata(output_dir, source, split)
+    features = {
+        "atomic_numbers": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+        "positions": tfds.features.Tensor(shape=(None,), dtype=np.float32),
+        "cell": tfds.features.Tensor(shape=(9,), dtype=np.float32),
+        "pbc": tfds.features.Tensor(shape=(3,), dtype=np.int64),
+        "tags": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+        "fixed": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+        "natoms": tfds.features.Tensor(shape=(1,), dtype=np.int64),
+        "source_id": tfds.features.Text(),
+    }
+    if meta["has_forces"]:
+        features["forces"] = tfds.features.Tensor(shape=(None,), dtype=np.float32)
+    for name in (["energy"] if meta["has_energy"] else []) + list(meta["target_names"]):
+        features[name] = tfds.features.Tensor(shape=(), dtype=np.bytes_)
+    template = tfds.core.ShardedFileTemplate(
+        data_dir=output_dir,
+        template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+        dataset_name=source,
+        filetype_suffix="tfrecord",
+    )
+    tfds.folder_dataset.write_metadata(
+        data_dir=output_dir,
+        features=tfds.features.FeaturesDict(features),
+        split_infos=tfds.folder_dataset.compute_split_info(filename_template=template),
+        filename_template=template,
+        check_data=False,
+        description=f"{source}: atomistic structures prepared by data_prep.build",
+    )
+
+
+def summarize(meta: dict) -> dict[str, Any]:
+    """Short human-readable view of a split's metadata (for the CLI)."""
+    keys = ("source", "split", "num_records", "num_shards", "skipped")
+    return {k: meta[k] for k in keys if k in meta}
