@@ -1,0 +1,138 @@
+r"""Forward and training-step speed of the full JMP-S model on CPU-sized batches.
+
+  python bench/bench_model.py                 # JMP-S, both batches
+  python bench/bench_model.py --config demo   # the narrow fixture model
+
+Batches: (a) 8 rattled n-heptane molecules (23 atoms, 8 Å, no PBC) and (b) 4 Cu(111) 4x4x4 slabs
+with a CO or OH adsorbate (12 Å, PBC), built with JMP's pre-training graph settings. The training
+step is the real pre-training step (AdamW, energy L1 + structure-wise force L2, EMA).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from ase import Atoms  # noqa: E402
+from ase.build import add_adsorbate, fcc111, molecule  # noqa: E402
+
+from bench import common  # noqa: E402
+from jmp_jax.graph import batching  # noqa: E402
+from jmp_jax.graph.build import GraphSettings, build_from_atoms  # noqa: E402
+from jmp_jax.models import config as config_lib  # noqa: E402
+from jmp_jax.models.jmp import JMPModel  # noqa: E402
+from jmp_jax.training import optim  # noqa: E402
+from jmp_jax.training.loss import TaskNormalization  # noqa: E402
+from jmp_jax.training.train_step import LabeledBatch, init_train_state, train_step  # noqa: E402
+
+
+def heptane(seed: int) -> Atoms:
+    """n-heptane C7H16 (23 atoms): a zig-zag carbon chain with tetrahedral hydrogens, rattled."""
+    cc, ch, half = 1.54, 1.09, np.deg2rad(109.5) / 2
+    # Carbons 0..6 plus virtual continuations -1 and 7, which mark where the end methyls' third H goes.
+    chain = np.array([[i * cc * np.sin(half), (i % 2) * cc * np.cos(half), 0.0] for i in range(-1, 8)])
+    z = np.array([0.0, 0.0, 1.0])
+    hydrogens = []
+    for i in range(1, 8):
+        c, prev, nxt = chain[i], chain[i - 1], chain[i + 1]
+        away = -((prev - c) / cc + (nxt - c) / cc)
+        away /= np.linalg.norm(away)
+        hydrogens += [c + ch * (np.cos(half) * away + s * np.sin(half) * z) for s in (-1.0, 1.0)]
+        if i in (1, 7):
+            hydrogens.append(c + ch * ((prev if i == 1 else nxt) - c) / cc)
+    atoms = Atoms("C7H16", positions=np.vstack([chain[1:8], hydrogens]))
+    atoms.rattle(0.02, seed=seed)
+    return atoms
+
+
+def cu_slab(adsorbate: str, seed: int) -> Atoms:
+    slab = fcc111("Cu", size=(4, 4, 4), vacuum=10.0)
+    tags = np.where(slab.get_tags() <= 2, 1, 0)  # ase tags layers from the top: two top layers are surface
+    slab.set_tags(tags)
+    add_adsorbate(slab, molecule(adsorbate), height=1.9, position="ontop")
+    slab.set_tags(np.concatenate([tags, np.full(len(slab) - len(tags), 2)]))
+    slab.rattle(0.03, seed=seed)
+    slab.pbc = True
+    return slab
+
+
+def make_batch(structures, settings: GraphSettings) -> LabeledBatch:
+    graphs = [build_from_atoms(a, settings) for a in structures]
+    budgets = batching.budgets_for(graphs)
+    graph_batch = batching.collate(graphs, budgets)
+    rng = np.random.default_rng(0)
+    energy = np.zeros(budgets.graphs, np.float32)
+    energy[:len(structures)] = rng.normal(size=len(structures))
+    forces = rng.normal(size=(budgets.nodes, 3)).astype(np.float32)
+    one = LabeledBatch(graphs=graph_batch, energy=energy, forces=forces)
+    return jax.tree.map(lambda x: np.asarray(x)[None], one)  # one batch shard
+
+
+def bench_batch(name: str, batch: LabeledBatch, backbone: config_lib.BackboneConfig, repeats: int, peak: float):
+    model = JMPModel(backbone, num_tasks=1)
+    shard = jax.tree.map(lambda x: x[0], batch.graphs)
+    variables = jax.jit(lambda k: model.init(k, shard))(jax.random.key(0))
+    n_atoms = int(batch.graphs.graph.nodes["mask"].sum())
+
+    forward = jax.jit(lambda v, g: model.apply(v, g)["energy"])
+    t0 = time.perf_counter()
+    forward_compiled = forward.lower(variables, shard).compile()
+    forward_compile_s = time.perf_counter() - t0
+    forward_compiled(variables, shard).block_until_ready()
+    fwd_ms = common.median_ms(lambda: forward_compiled(variables, shard).block_until_ready(), repeats)
+    fwd_flops = forward_compiled.cost_analysis().get("flops", float("nan"))
+
+    tx, schedule = optim.pretrain_optimizer(variables["params"], num_blocks=backbone.num_blocks, peak_lr=3e-4,
+                                            warmup_steps=2000, total_steps=100_000)
+    state = init_train_state(variables, tx)
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, task=0,
+                                     norm=TaskNormalization(1.0, 1.0, 1.0, 10.0), ema_decay=0.99))
+    t0 = time.perf_counter()
+    step_compiled = step.lower(state, batch).compile()
+    step_compile_s = time.perf_counter() - t0
+    step_flops = step_compiled.cost_analysis().get("flops", float("nan"))
+    state, metrics = step_compiled(state, batch)
+    jax.block_until_ready(metrics)
+
+    def one_step():
+        nonlocal state
+        state, m = step_compiled(state, batch)
+        jax.block_until_ready(m)
+
+    step_ms = common.median_ms(one_step, repeats)
+    return [name, n_atoms, f"{fwd_ms:.0f}", f"{step_ms:.0f}", f"{n_atoms / step_ms * 1e3:.0f}",
+            f"{forward_compile_s + step_compile_s:.1f}", f"{step_flops / 1e9:.0f}",
+            f"{step_flops / (step_ms * 1e-3) / 1e9:.0f} ({100 * step_flops / (step_ms * 1e-3) / 1e9 / peak:.0f}%)",
+            f"{common.peak_rss_mib():.0f}"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="jmp_s", choices=sorted(config_lib.NAMED_CONFIGS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", default="molecules,slabs")
+    args = parser.parse_args()
+    backbone = config_lib.NAMED_CONFIGS[args.config]()
+    peak = common.matmul_gflops()
+    batches = {
+        "molecules": lambda: make_batch([heptane(s) for s in range(8)], GraphSettings.pretrain_molecule()),
+        "slabs": lambda: make_batch([cu_slab("CO" if s % 2 == 0 else "OH", s) for s in range(4)],
+                                    GraphSettings.pretrain_periodic()),
+    }
+    rows = [bench_batch(name, batches[name](), backbone, args.repeats, peak) for name in args.batches.split(",")]
+    header = ["batch", "atoms", "forward ms", "train step ms", "atoms/s (train)", "compile s",
+              "step GFLOP (XLA)", "step GFLOP/s (% of matmul peak)", "peak RSS MiB"]
+    common.report(f"bench_model: {args.config} forward and training step",
+                  common.table(header, rows),
+                  notes=f"Measured float32 matmul rate of this machine through XLA: {peak:.0f} GFLOP/s. "
+                        f"Median of {args.repeats} steps after one warm-up step.")
+
+
+if __name__ == "__main__":
+    main()
