@@ -17,9 +17,11 @@ INSTALL_REQUIRES = [
     "absl-py==2.5.1",
     "tensorflow-cpu==2.21.0",
     "tensorflow-datasets==4.9.10",
+    "tensorboard==2.21.0",
     "h5py==3.14.0",
     "qm9pack==1.0.3",
     "tblite==0.8.0",
+    "ml-dtypes==0.6.0",
 ]
 
 setup(
@@ -27,6 +29,7 @@ setup(
     version="0.1.0",
     description="JAX/Flax GemNet-OC and JMP multi-domain pre-training",
     packages=find_packages(include=["jmp_jax*", "experiments*", "data_prep*", "configs*"]),
+    package_data={"jmp_jax.models": ["*.json"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jmp_jax.checkpoint import orbax_io
 from jmp_jax.data import task_data
 from jmp_jax.models import config as config_lib
 from jmp_jax.models.jmp import JMPModel
-from jmp_jax.models.scale_factors import scale_factor_constants
+from jmp_jax.models.scale_factors import load_scale_factors, scale_factor_constants
 from jmp_jax.training import checkpointing, optim, sharding
 from jmp_jax.training.loss import TaskNormalization
 from jmp_jax.training.metrics_log import MetricsLog
@@ -35,19 +36,24 @@ def backbone_config(name: str) -> config_lib.BackboneConfig:
 
 
 def run_metadata(config: ml_collections.ConfigDict, tasks: list[task_data.Task]) -> dict:
-    """What a checkpoint must agree on to be resumed or loaded (model, tasks, normalisation)."""
-    return {
-        "backbone": backbone_config(config.model.backbone).to_dict(),
-        "num_tasks": len(tasks),
-        "tasks": [t.describe() for t in tasks],
-    }
+    """What a checkpoint must agree on to be resumed or loaded (model, tasks, normalisation).
+
+    Same layout as the converter's, so `jmp_jax.load_pretrained` reads training checkpoints too.
+    """
+    meta = orbax_io.make_metadata(backbone_config(config.model.backbone), len(tasks), source="pretrain", ema=True)
+    return {**meta, "tasks": [t.describe() for t in tasks]}
 
 
-def init_variables(model: JMPModel, example: LabeledBatch, constants: dict | None, seed: int) -> dict:
+def init_variables(model: JMPModel, example: LabeledBatch, backbone_name: str, scale_factors: str,
+                   seed: int) -> dict:
+    """Random parameters; scale factors fitted by JMP for this size ("fitted") or all 1 ("none")."""
     shard = jax.tree.map(lambda x: x[0], example.graphs)
     variables = jax.jit(lambda key: model.init(key, shard, task=0))(jax.random.key(seed))
-    if constants is not None:
-        variables = dict(variables, constants=constants)
+    if scale_factors == "fitted":
+        values = load_scale_factors(backbone_name)
+        variables = dict(variables, constants=scale_factor_constants(values, variables["constants"]))
+    elif scale_factors != "none":
+        raise ValueError(f"model.scale_factors must be 'fitted' or 'none', not {scale_factors!r}")
     return variables
 
 
@@ -81,8 +87,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     backbone = backbone_config(config.model.backbone)
     model = JMPModel(backbone, num_tasks=len(tasks), dtype=jnp.dtype(config.model.dtype))
     _, example = next(iter(task_data.make_pipeline(config, tasks, split="train", training=False)))
-    constants = (scale_factor_constants(config.model.backbone) if config.model.scale_factors == "fitted" else None)
-    variables = init_variables(model, example, constants, config.seed)
+    variables = init_variables(model, example, config.model.backbone, config.model.scale_factors, config.seed)
     tx, schedule = optim.pretrain_optimizer(
         variables["params"], num_blocks=backbone.num_blocks, peak_lr=config.train.lr,
         warmup_steps=config.train.warmup_steps, total_steps=config.train.num_steps, b1=config.train.b1,

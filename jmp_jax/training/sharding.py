@@ -10,7 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
 # Parameters smaller than this stay replicated under fsdp: sharding them costs more in collectives than it saves.
@@ -22,7 +22,9 @@ def make_mesh(fsdp: int = 1) -> Mesh:
     n = jax.device_count()
     if n % fsdp:
         raise ValueError(f"mesh: fsdp={fsdp} does not divide the {n} devices")
-    return jax.make_mesh((n // fsdp, fsdp), DATA_AXES)
+    # Auto axes: XLA propagates shardings through the model's gathers and scatters; explicit axes would
+    # need an out_sharding on every indexing op.
+    return jax.make_mesh((n // fsdp, fsdp), DATA_AXES, axis_types=(AxisType.Auto,) * len(DATA_AXES))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -44,7 +44,7 @@ def init_train_state(variables: dict, tx: optax.GradientTransformation) -> Train
 def shard_loss_and_errors(params, constants, batch: LabeledBatch, *, model: nn.Module, task: int,
                           norm: loss_lib.TaskNormalization, training: bool):
     """Loss and error sums of one batch shard (no leading axis)."""
-    out = model.apply({"params": params, "constants": constants}, batch.graphs, task=task, training=training)
+    out = model.apply({"params": params, "constants": constants}, batch.graphs, task=task, train=training)
     # Heads predict normalised targets (mean 0, std 1); losses and metrics use physical units.
     energy = out["energy"].astype(jnp.float32) * norm.energy_std
     forces = out["forces"].astype(jnp.float32) * norm.force_std

@@ -1,0 +1,11 @@
+"""jmp_jax: JAX/Flax GemNet-OC and JMP. `load_pretrained` is imported lazily (it pulls in JAX and Flax)."""
+from __future__ import annotations
+
+__all__ = ["load_pretrained", "PretrainedModel"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from jmp_jax import pretrained
+        return getattr(pretrained, name)
+    raise AttributeError(f"module 'jmp_jax' has no attribute {name!r}")

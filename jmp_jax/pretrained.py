@@ -1,0 +1,300 @@
+"""Inference with a converted or trained JMP checkpoint: energies, forces and per-layer atom embeddings.
+
+    model = load_pretrained("jmp-s-orbax")           # converter output dir or training checkpoint dir
+    out = model.predict([atoms_a, atoms_b], head="oc20")   # eV, eV/Å
+    layers = model.embed([atoms_a])                   # per-atom features after every block
+
+Graphs are rebuilt on the host per call with JMP's pre-training settings; batches are padded to bucketed
+budgets so that calls with similar-size structures reuse one compiled function.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase import Atoms
+
+from jmp_jax.graph import batching
+from jmp_jax.graph.build import GraphSettings, StructureGraphs, build_from_atoms
+from jmp_jax.graph.types import GraphBatch
+from jmp_jax.graph.validate import MAX_ATOMIC_NUMBER
+from jmp_jax.models.config import BackboneConfig
+from jmp_jax.models.jmp import JMPModel
+
+FORCE_MODES = ("direct", "gradient")
+PERIODIC_CUTOFF, MOLECULE_CUTOFF, DEFAULT_MAX_NEIGHBORS = 12.0, 8.0, 30
+
+
+class PretrainedInputError(ValueError):
+    """Bad arguments to a PretrainedModel (unknown head, empty input, unknown mode, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    """One pre-training head: its normalisation and the settings it was trained with.
+
+    energy_std (eV) and force_std (eV/Å) undo the target normalisation (mean 0). linear_reference:
+    (MAX_ATOMIC_NUMBER + 1,) eV per element indexed by Z, or None; when set, the head predicts the
+    referenced energy E - sum_i ref[Z_i] and `predict` adds the reference back.
+    cutoff / max_neighbors: what the task was trained with (informational; see `PretrainedModel.predict`).
+    """
+
+    name: str
+    energy_std: float
+    force_std: float
+    cutoff: float | None = None
+    max_neighbors: int | None = None
+    linear_reference: np.ndarray | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TaskInfo":
+        """From a checkpoint's task entry; linear_reference may be a Z-indexed list or {str(Z): eV}."""
+        ref = d.get("linear_reference")
+        if ref is not None:
+            items = ref.items() if isinstance(ref, Mapping) else enumerate(ref)
+            table = np.zeros(MAX_ATOMIC_NUMBER + 1)
+            for z, value in items:
+                table[int(z)] = float(value)
+            ref = table
+        try:
+            return cls(name=str(d["name"]), energy_std=float(d["energy_std"]), force_std=float(d["force_std"]),
+                       cutoff=d.get("cutoff"), max_neighbors=d.get("max_neighbors"), linear_reference=ref)
+        except (KeyError, TypeError) as err:
+            raise PretrainedInputError(f"task entry {dict(d)!r} needs a name, energy_std and force_std") from err
+
+    def reference_energy(self, atomic_numbers: np.ndarray) -> float:
+        """sum_i ref[Z_i] in eV (0 without a linear reference)."""
+        return 0.0 if self.linear_reference is None else float(self.linear_reference[atomic_numbers].sum())
+
+
+def jmp_pretrain_tasks() -> list[TaskInfo]:
+    """The four JMP pre-training heads in checkpoint order (oc20, oc22, ani1x, transition1x).
+
+    The released checkpoints carry no linear references, so ani1x / transition1x energies come out
+    referenced (relative to JMP's per-element fit), not as total energies.
+    """
+    from configs.pretrain_common import JMP_TASKS
+    # There `linear_reference` is only a flag (the coefficients come from the data); drop it.
+    return [TaskInfo.from_dict(dict(t, linear_reference=None)) for t in JMP_TASKS]
+
+
+def tasks_from_metadata(metadata: Mapping[str, Any]) -> list[TaskInfo]:
+    """The heads described by a checkpoint's metadata; JMP's four tasks for a converted 4-head checkpoint."""
+    num_tasks = int(metadata.get("num_tasks", 0))
+    if metadata.get("tasks"):
+        tasks = [TaskInfo.from_dict(t) for t in metadata["tasks"]]
+    elif num_tasks == 4:
+        tasks = jmp_pretrain_tasks()
+    else:
+        raise PretrainedInputError(
+            f"checkpoint metadata describes no tasks for its {num_tasks} heads; pass tasks=[{{'name', "
+            f"'energy_std', 'force_std'}}, ...] to load_pretrained")
+    if len(tasks) != num_tasks:
+        raise PretrainedInputError(f"metadata lists {len(tasks)} tasks for {num_tasks} heads")
+    return tasks
+
+
+def bucket_size(n: int, minimum: int = 8) -> int:
+    """Smallest 2^k or 3 * 2^(k-1) that is >= max(n, minimum): at most 1.5x padding, few distinct sizes."""
+    n = max(int(n), minimum, 1)
+    power = 1 << (n - 1).bit_length()
+    return 3 * power // 4 if 3 * power // 4 >= n else power
+
+
+def bucketed_budgets(structures: Sequence[StructureGraphs]) -> batching.Budgets:
+    """Budgets holding these structures plus one padding slot per kind, each rounded up by `bucket_size`."""
+    need = sum((batching.structure_sizes(sg) for sg in structures), batching.Budgets.zeros())
+    sizes = {kind: bucket_size(count + 1) for kind, count in need.as_dict().items()}
+    sizes["graphs"] = bucket_size(len(structures) + 1, minimum=2)
+    return batching.Budgets(**sizes)
+
+
+def default_settings(atoms, cutoff: float | None, max_neighbors: int | None, pbc) -> GraphSettings:
+    """JMP pre-training graph settings for one structure, with overrides.
+
+    pbc None: periodic if any atoms.pbc flag is set. Periodic: full 3-D PBC and 12 Å (OC20/OC22);
+    otherwise no PBC and 8 Å (ANI-1x/Transition-1x). max_neighbors defaults to 30 (caps 30/20/8/1000).
+    pbc may be a bool or 3 flags; cutoff / max_neighbors replace the defaults.
+    """
+    flags = (bool(np.any(atoms.pbc)),) * 3 if pbc is None else tuple(bool(p) for p in np.broadcast_to(pbc, (3,)))
+    periodic = any(flags)
+    return GraphSettings(
+        cutoff=float(cutoff) if cutoff is not None else (PERIODIC_CUTOFF if periodic else MOLECULE_CUTOFF),
+        max_neighbors=int(max_neighbors) if max_neighbors is not None else DEFAULT_MAX_NEIGHBORS, pbc=flags)
+
+
+def build_graphs(atoms_list, *, cutoff=None, max_neighbors=None, pbc=None) -> list[StructureGraphs]:
+    """Per-structure graphs of an ase.Atoms or a sequence of them (settings: `default_settings`).
+
+    Errors name the structure by its list index.
+    """
+    atoms_list = [atoms_list] if isinstance(atoms_list, Atoms) else list(atoms_list)
+    if not atoms_list:
+        raise PretrainedInputError("atoms_list is empty: pass at least one ase.Atoms")
+    bad = [i for i, a in enumerate(atoms_list) if not isinstance(a, Atoms)]
+    if bad:
+        raise PretrainedInputError(f"atoms_list[{bad[0]}] is a {type(atoms_list[bad[0]]).__name__}, not an ase.Atoms")
+    return [build_from_atoms(atoms, default_settings(atoms, cutoff, max_neighbors, pbc),
+                             name=f"atoms_list[{i}] ({atoms.get_chemical_formula()})")
+            for i, atoms in enumerate(atoms_list)]
+
+
+class PretrainedModel:
+    """A JMP model with weights, task heads and a compiled forward.
+
+    Attributes: config (BackboneConfig), variables ({"params", "constants"}), tasks (list[TaskInfo]),
+    metadata (the checkpoint's JSON), dtype (compute dtype; float64 needs `jax.enable_x64`),
+    num_compiles (how many times the forward has been traced = compiled, for checking shape reuse).
+    """
+
+    def __init__(self, config: BackboneConfig, variables: Mapping[str, Any], tasks: Sequence[TaskInfo],
+                 metadata: Mapping[str, Any] | None = None, dtype=jnp.float32):
+        if not tasks:
+            raise PretrainedInputError("a PretrainedModel needs at least one task head")
+        self.config, self.tasks, self.dtype = config, list(tasks), jnp.dtype(dtype)
+        self.variables = dict(variables)
+        if self.dtype == jnp.float64:
+            # Float32 weights would pull parts of a float64 forward (e.g. concatenations with h) back to float32.
+            self.variables = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), self.variables)
+        self.metadata = dict(metadata or {})
+        self.module = JMPModel(config, num_tasks=len(self.tasks), dtype=self.dtype)
+        self.num_compiles = 0
+        self._forward = jax.jit(self._forward_impl, static_argnames=("task", "mode"))
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def embedding_keys(self) -> list[str]:
+        """Layer names of `embed`, input to output: h_embedding, h_block0 .. h_block{num_blocks-1}, energy_features."""
+        return ["h_embedding"] + [f"h_block{k}" for k in range(self.config.num_blocks)] + ["energy_features"]
+
+    def head_index(self, head: int | str) -> int:
+        """Index of a head given by index or task name; PretrainedInputError naming the tasks otherwise."""
+        names = self.task_names
+        if isinstance(head, str) and head in names:
+            return names.index(head)
+        if isinstance(head, (int, np.integer)) and not isinstance(head, bool) and 0 <= head < len(names):
+            return int(head)
+        available = ", ".join(f"{i}={n!r}" for i, n in enumerate(names))
+        raise PretrainedInputError(f"unknown head {head!r}; available heads: {available}")
+
+    def _forward_impl(self, variables, batch: GraphBatch, *, task: int, mode: str) -> dict[str, jax.Array]:
+        """Padded outputs in normalised units. mode: "direct" | "gradient" (forces = -dE/dpos) | "embed"."""
+        self.num_compiles += 1  # runs only while tracing, i.e. once per compiled shape
+        apply = self.module.apply
+        if mode == "gradient":
+            def total_energy(positions):
+                nodes = dict(batch.graph.nodes, positions=positions)
+                out = apply(variables, batch.replace(graph=batch.graph._replace(nodes=nodes)), task=task)
+                # Structures are independent, so the gradient of the sum is each structure's gradient.
+                return jnp.sum(out["energy"]), out["energy"]
+            grad, energy = jax.grad(total_energy, has_aux=True)(batch.graph.nodes["positions"])
+            return {"energy": energy, "forces": -grad}
+        if mode == "embed":
+            out, state = apply(variables, batch, task=task, mutable=["intermediates"])
+            sown = state["intermediates"]
+            layers = {"h_embedding": sown["h_embedding"][0]}
+            layers.update({f"h_block{k}": sown["backbone"][f"h_block{k}"][0] for k in range(self.config.num_blocks)})
+            layers["energy_features"] = out["energy_features"]
+            return layers
+        out = apply(variables, batch, task=task)
+        return {"energy": out["energy"], "forces": out["forces"]}
+
+    def _run(self, graphs: Sequence[StructureGraphs], task: int, mode: str, batch_size: int):
+        """Yields (chunk of graphs, padded numpy outputs) per batch of at most batch_size structures."""
+        if batch_size < 1:
+            raise PretrainedInputError(f"batch_size must be >= 1, got {batch_size}")
+        float_dtype = np.float64 if self.dtype == jnp.float64 else np.float32
+        for start in range(0, len(graphs), batch_size):
+            chunk = graphs[start:start + batch_size]
+            batch = batching.collate(chunk, bucketed_budgets(chunk), dtype=float_dtype)
+            out = self._forward(self.variables, batch, task=task, mode=mode)
+            yield chunk, jax.tree.map(np.asarray, out)
+
+    def predict(self, atoms_list, head: int | str = 0, *, forces: str = "direct", cutoff: float | None = None,
+                max_neighbors: int | None = None, pbc=None, batch_size: int = 16) -> dict[str, Any]:
+        """Energies and forces of structures with one task head.
+
+        atoms_list: ase.Atoms or a sequence of them (B structures). head: index or task name.
+        forces: "direct" (the head's force MLP, what JMP pre-trains) or "gradient" (-dE/dpos, conservative).
+        cutoff / max_neighbors / pbc: graph overrides (see `default_settings`).
+        batch_size: structures per padded batch (each batch's budgets are bucketed, see `bucketed_budgets`).
+        Tags: an Atoms' tags array is read as OC20 tags (0 sub-surface, 1 surface, 2 adsorbate; quadruplet
+        edges must touch a 1 or 2); without one every atom gets 2. ase.build slabs store layer numbers in
+        their tags: reset them (atoms.set_tags(2)) unless they follow OC20's convention.
+        Returns {"energy": (B,) float64 eV, "forces": list of B (n_i, 3) float64 eV/Å}: head outputs times
+        the task's energy_std / force_std (gradient forces: energy_std), plus the linear reference energy.
+        """
+        if forces not in FORCE_MODES:
+            raise PretrainedInputError(f"forces must be one of {FORCE_MODES}, got {forces!r}")
+        task_index = self.head_index(head)
+        task = self.tasks[task_index]
+        graphs = build_graphs(atoms_list, cutoff=cutoff, max_neighbors=max_neighbors, pbc=pbc)
+        force_scale = task.force_std if forces == "direct" else task.energy_std
+        energies, force_list = [], []
+        for chunk, out in self._run(graphs, task_index, forces, batch_size):
+            start = 0
+            for i, sg in enumerate(chunk):
+                energies.append(float(out["energy"][i]) * task.energy_std + task.reference_energy(sg.atomic_numbers))
+                force_list.append(out["forces"][start:start + sg.num_atoms].astype(np.float64) * force_scale)
+                start += sg.num_atoms
+        energy = np.asarray(energies)
+        if not (np.all(np.isfinite(energy)) and all(np.all(np.isfinite(f)) for f in force_list)):
+            warnings.warn("JMP predicted non-finite energies or forces", RuntimeWarning, stacklevel=2)
+        return {"energy": energy, "forces": force_list}
+
+    def embed(self, atoms_list, *, cutoff: float | None = None, max_neighbors: int | None = None, pbc=None,
+              batch_size: int = 16) -> list[dict[str, np.ndarray]]:
+        """Per-layer atom embeddings of every structure (backbone only; no head is involved).
+
+        Returns one dict per structure, each value (n_i, emb_size_atom) numpy in the compute dtype:
+          "h_embedding"      the atom-type embedding fed to the backbone,
+          "h_block{k}"       the atom embedding h after interaction block k, k = 0 .. num_blocks - 1,
+          "energy_features"  the backbone's final per-atom features (input of the energy heads).
+        """
+        graphs = build_graphs(atoms_list, cutoff=cutoff, max_neighbors=max_neighbors, pbc=pbc)
+        result = []
+        for chunk, layers in self._run(graphs, 0, "embed", batch_size):
+            start = 0
+            for sg in chunk:
+                result.append({k: layers[k][start:start + sg.num_atoms] for k in self.embedding_keys})
+                start += sg.num_atoms
+        return result
+
+
+def _config_from_metadata(metadata: Mapping[str, Any], path: str) -> BackboneConfig:
+    """Converter outputs store the backbone as "config", training checkpoints as "backbone"."""
+    fields = metadata.get("config") or metadata.get("backbone")
+    if not fields:
+        raise PretrainedInputError(f"{path}: checkpoint metadata has no backbone config ('config' / 'backbone')")
+    return BackboneConfig.from_jmp_dict(fields)
+
+
+def load_pretrained(path: str | os.PathLike, *, ema: bool = True, tasks: Sequence[Mapping[str, Any]] | None = None,
+                    dtype=jnp.float32) -> PretrainedModel:
+    """Loads a converter output directory, a training checkpoint directory or run workdir (latest step), or a
+    step directory of either.
+
+    ema: use the EMA weights when the checkpoint has them (training checkpoints).
+    tasks: per-head {"name", "energy_std", "force_std", ["linear_reference"]} overriding the metadata's;
+      needed for checkpoints whose metadata describes no tasks (except JMP's own 4-head checkpoints).
+    dtype: compute dtype (jnp.float64 needs `jax.enable_x64`).
+    """
+    from jmp_jax.checkpoint import orbax_io  # orbax is heavy; only loading needs it
+    path = os.fspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):  # a training run's workdir
+        path = os.path.join(path, "checkpoints")
+    if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
+        raise PretrainedInputError("dtype=float64 needs jax x64 (wrap the calls in `with jax.enable_x64(True):`)")
+    variables, metadata = orbax_io.load_variables(path, use_ema=ema)
+    config = _config_from_metadata(metadata, path)
+    if tasks is not None:
+        metadata = dict(metadata, tasks=[dict(t) for t in tasks])
+    return PretrainedModel(config, variables, tasks_from_metadata(metadata), metadata, dtype=dtype)
