@@ -85,7 +85,7 @@ def make_demo(c: ml_collections.ConfigDict) -> None:
     c.model.backbone = "demo"
     c.model.scale_factors = "none"
     c.data.default_dataset_size = "small"
-    c.data.structures_per_batch = 2
+    c.data.structures_per_batch = 4
     c.train.num_steps = 60
     c.train.warmup_steps = 10
     c.train.lr = 1e-3

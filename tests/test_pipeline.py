@@ -108,3 +108,11 @@ def test_structure_that_never_fits_is_a_clear_error():
     with pytest.raises(batching.BudgetOverflowError, match="tiny"):
         next(pipe)
     pipe.close()
+
+
+def test_first_fit_keeps_order_and_simulated_packing_uses_every_structure():
+    budgets = batching.Budgets.from_array(np.full(12, 11))
+    needs = [batching.Budgets.from_array(np.full(12, n)) for n in (4, 7, 3, 2, 6)]
+    assert batching.first_fit(needs, budgets) == [0, 2, 3]  # 4 + 3 + 2 <= 10; 7 and 6 no longer fit
+    totals = batching.simulate_packing(needs, budgets, window=3)
+    assert totals[:, 0].sum() == 22 and np.all(totals <= 10)

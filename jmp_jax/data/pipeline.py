@@ -22,6 +22,9 @@ from jmp_jax.training.train_step import LabeledBatch
 
 RecordSource = Any  # len() and [i] -> record dict (see data_prep.records for the schema)
 
+# Structures examined per batch, per graph slot of the budget, when packing.
+PACKING_WINDOW_PER_GRAPH = 2
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
@@ -56,6 +59,7 @@ class TaskStream:
         self.executor, self.lookahead = executor, lookahead
         self.per_epoch = len(source) // process_count
         self.cursor = 0
+        self.deferred: list[int] = []
         self._futures: dict[int, concurrent.futures.Future] = {}
         self._order_cache: tuple[int, np.ndarray] | None = None
 
@@ -77,22 +81,32 @@ class TaskStream:
             name=f"{self.spec.name} record {index} ({record.get('source_id', '?')})")
         return record, graphs
 
-    def peek(self):
-        """(record, StructureGraphs) at the cursor; schedules the next `lookahead` builds."""
+    def get(self, position: int):
+        """(record, StructureGraphs) at `position`; keeps the next `lookahead` builds under way."""
         for p in range(self.cursor, self.cursor + self.lookahead):
             if p not in self._futures:
                 self._futures[p] = self.executor.submit(self._build, p, self.record_index(p))
-        return self._futures[self.cursor].result()
+        if position not in self._futures:
+            self._futures[position] = self.executor.submit(self._build, position, self.record_index(position))
+        return self._futures[position].result()
 
-    def advance(self):
-        self._futures.pop(self.cursor, None)
-        self.cursor += 1
+    def candidates(self, window: int) -> list[int]:
+        """Positions a batch may take, in order: structures deferred by earlier batches, then new ones."""
+        return self.deferred + list(range(self.cursor, self.cursor + max(window - len(self.deferred), 0)))
 
-    def seek(self, cursor: int):
+    def commit(self, examined: Sequence[int], taken: Sequence[int]):
+        """Examined positions that were not taken wait, first in line, for the next batch."""
+        taken = set(taken)
+        for p in taken:
+            self._futures.pop(p, None)
+        self.deferred = [p for p in examined if p not in taken]
+        self.cursor = max([self.cursor - 1, *examined]) + 1
+
+    def seek(self, cursor: int, deferred: Sequence[int] = ()):
         for f in self._futures.values():
             f.cancel()
         self._futures.clear()
-        self.cursor = cursor
+        self.cursor, self.deferred = cursor, list(deferred)
 
 
 def label_arrays(records: Sequence[dict], budgets: batching.Budgets,
@@ -110,6 +124,18 @@ def label_arrays(records: Sequence[dict], budgets: batching.Budgets,
         forces[start:start + n] = r["forces"]
         start += n
     return energy, forces
+
+
+def target_array(records: Sequence[dict], budgets: batching.Budgets, name: str) -> np.ndarray:
+    """Padded (G,) values of the scalar target `name` (record["targets"][name]), in collate's graph order."""
+    values = np.zeros(budgets.graphs, np.float32)
+    for i, r in enumerate(records):
+        targets = r.get("targets", {})
+        if name not in targets:
+            raise ValueError(f"record {r.get('source_id', '?')!r} has no target {name!r} "
+                           f"(it has {sorted(targets)})")
+        values[i] = targets[name]
+    return values
 
 
 class Pipeline:
@@ -142,20 +168,22 @@ class Pipeline:
         return int(np.random.default_rng([self.seed, step, 2]).choice(len(self.tasks), p=self.probabilities))
 
     def _pack_one(self, task: int):
-        """Packs the stream's next structures until the next one would overflow a budget."""
+        """First-fit packing over a short window of the task's stream; what does not fit waits in line.
+
+        Looking a few structures ahead fills the budgets far better than stopping at the first overflow,
+        and the deferred positions are part of the saved state, so resuming stays exact.
+        """
         spec, stream = self.tasks[task], self.streams[task]
-        chosen, records, used = [], [], batching.Budgets.zeros()
-        while True:
-            record, graphs = stream.peek()
-            need = used + batching.structure_sizes(graphs)
-            if not need.fits_in(spec.budgets):
-                if not chosen:  # an empty batch cannot take it either: it can never fit
-                    need.check_fits(spec.budgets, what=f"task {spec.name!r} structure {record.get('source_id')}")
-                break
-            chosen.append(graphs)
-            records.append(record)
-            used = need
-            stream.advance()
+        examined = stream.candidates(PACKING_WINDOW_PER_GRAPH * spec.budgets.graphs)
+        built = [stream.get(p) for p in examined]
+        needs = [batching.structure_sizes(graphs) for _, graphs in built]
+        picked = batching.first_fit(needs, spec.budgets)
+        if not picked or picked[0] != 0:  # the first in line does not fit an empty batch: it never will
+            needs[0].check_fits(spec.budgets, what=f"task {spec.name!r} structure {built[0][0].get('source_id')}")
+        records = [built[i][0] for i in picked]
+        chosen = [built[i][1] for i in picked]
+        taken = [examined[i] for i in picked]
+        stream.commit(examined, taken)
         graph_batch = batching.collate(chosen, spec.budgets)
         energy, forces = label_arrays(records, spec.budgets, spec.linear_reference)
         return LabeledBatch(graphs=graph_batch, energy=energy, forces=forces)
@@ -168,7 +196,9 @@ class Pipeline:
         return task, batch, self._state_now()
 
     def _state_now(self) -> dict:
-        return {"step": self.step, "cursors": {t.name: s.cursor for t, s in zip(self.tasks, self.streams)}}
+        return {"step": self.step,
+                "cursors": {t.name: {"cursor": s.cursor, "deferred": list(s.deferred)}
+                            for t, s in zip(self.tasks, self.streams)}}
 
     # ---- iteration with a background producer -------------------------------------------------
     def _worker(self):
@@ -208,7 +238,8 @@ class Pipeline:
         self.close()
         self.step = int(state["step"])
         for spec, stream in zip(self.tasks, self.streams):
-            stream.seek(int(state["cursors"][spec.name]))
+            position = state["cursors"][spec.name]
+            stream.seek(int(position["cursor"]), [int(p) for p in position["deferred"]])
         self._consumed_state = self._state_now()
 
     def close(self):

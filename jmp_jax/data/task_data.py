@@ -8,14 +8,17 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from jmp_jax.data.pipeline import Pipeline, TaskSpec
+from jmp_jax.data.pipeline import PACKING_WINDOW_PER_GRAPH, Pipeline, TaskSpec
 from jmp_jax.data.tfrecord_index import TFRecordSource
 from jmp_jax.graph import batching
 from jmp_jax.graph.build import GraphSettings, build_structure_graphs
 from jmp_jax.training.loss import TaskNormalization
 
-# Structures sampled per task to size its static budgets.
+# Structures sampled per task to size its static budgets, passes over them when replaying the packing,
+# and rounds of shrinking the budgets to what the replayed batches use.
 BUDGET_SAMPLE = 64
+PACKING_REPLAYS = 8
+BUDGET_REFINEMENTS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,22 +54,35 @@ def open_source(data_dir: str, source: str, split: str) -> TFRecordSource:
 
 
 def plan_budgets(source, settings: GraphSettings, structures_per_batch: int, seed: int) -> batching.Budgets:
-    """Budgets that hold `structures_per_batch` average structures and always one of the largest sampled.
+    """Static budgets for one task, sized on a sample of its structures.
 
-    Packing then fills a batch until its first budget would overflow, so little of any budget is padding.
+    Start proportional to the mean need of every kind, for at least `structures_per_batch` structures
+    (and the largest sampled one alone); then replay the pipeline's packing on the sample and shrink
+    each budget to what its batches use (90th percentile), so no kind is mostly padding.
+    Graph slots are cheap and stay generous so they rarely bind.
     """
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(source), size=min(BUDGET_SAMPLE, len(source)), replace=False)
-    sizes = []
+    needs = []
     for i in picks:
         r = source[int(i)]
         g = build_structure_graphs(r["atomic_numbers"], r["positions"], r["cell"], None, r["tags"],
                                    settings, fixed=r["fixed"], name=f"record {i}")
-        sizes.append(batching.structure_sizes(g).as_array())
-    sizes = np.asarray(sizes, np.float64)
-    need = np.maximum(np.ceil(sizes.mean(0) * structures_per_batch), sizes.max(0))
-    # One padding slot per array, and a padding graph.
-    return batching.Budgets.from_array(need.astype(np.int64) + 1)
+        needs.append(batching.structure_sizes(g))
+    sizes = np.asarray([n.as_array() for n in needs], np.float64)
+    mean, largest = np.maximum(sizes.mean(0), 1.0), sizes.max(0)
+    multiple = max(float(structures_per_batch), float(np.max(largest / mean)))
+    graphs_slot = list(batching.Budgets.zeros().as_dict()).index("graphs")
+    target = np.ceil(mean * multiple)
+    target[graphs_slot] = 2 * np.ceil(multiple)
+    replay = [needs[i] for i in np.concatenate([rng.permutation(len(needs)) for _ in range(PACKING_REPLAYS)])]
+    for _ in range(BUDGET_REFINEMENTS):
+        budgets = batching.Budgets.from_array(target + 1)  # one padding slot per array
+        used = batching.simulate_packing(replay, budgets, PACKING_WINDOW_PER_GRAPH * budgets.graphs)
+        shrunk = np.maximum(np.ceil(np.percentile(used, 90, axis=0)), largest)
+        shrunk[graphs_slot] = target[graphs_slot]
+        target = shrunk
+    return batching.Budgets.from_array(target + 1)
 
 
 def load_tasks(config: ml_collections.ConfigDict) -> list[Task]:

@@ -254,3 +254,37 @@ def collate(structures: Sequence[StructureGraphs], budgets: Budgets, *,
                                b.trip_e2a, need["trip_e2a"]),
         quad=quad,
     )
+
+
+def first_fit(needs: Sequence[Budgets], budgets: Budgets) -> list[int]:
+    """Indices of `needs` packed in order: each is taken if it still fits next to those taken before it.
+
+    A padding slot of every kind stays free (see `Budgets.fits_in`); the first need is taken whenever it
+    fits an empty batch.
+    """
+    limit = budgets.as_array() - 1
+    used = np.zeros_like(limit)
+    taken = []
+    for i, need in enumerate(needs):
+        total = used + need.as_array()
+        if np.all(total <= limit):
+            used = total
+            taken.append(i)
+    return taken
+
+
+def simulate_packing(needs: Sequence[Budgets], budgets: Budgets, window: int) -> np.ndarray:
+    """(B, 12) totals of the batches that first-fit packing with deferral (as the input pipeline packs)
+    makes from `needs` in order; used to size budgets before training."""
+    deferred: list[int] = []
+    cursor, totals = 0, []
+    while cursor < len(needs) or deferred:
+        examined = deferred + list(range(cursor, min(cursor + max(window - len(deferred), 0), len(needs))))
+        picked = first_fit([needs[i] for i in examined], budgets)
+        if not picked:
+            raise BudgetOverflowError("any", 0, 0, "simulate_packing: a structure never fits")
+        totals.append(np.sum([needs[examined[i]].as_array() for i in picked], axis=0))
+        taken = {examined[i] for i in picked}
+        deferred = [p for p in examined if p not in taken]
+        cursor = max([cursor - 1, *examined]) + 1
+    return np.asarray(totals)

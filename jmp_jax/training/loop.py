@@ -128,6 +128,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     structures = atoms = 0
     window_start = time.time()
     iteration = int(train_pipe.state()["step"])
+    last_loss = float("nan")
     try:
         while int(state.step) < config.train.num_steps:
             task, host_batch = next(train_pipe)
@@ -148,7 +149,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 all_metrics = [m for ms in window.values() for m in ms]
                 summary = _summarise(jax.device_get(all_metrics))
                 scalars.update({k: summary[k] for k in ("loss", "lr", "grad_norm")})
-                scalars["nonfinite_skipped"] = float(sum(1 - summary.get("finite", 1.0) for _ in [0]))
+                scalars["nonfinite_skipped"] = float(sum(1 - float(m["finite"]) for m in jax.device_get(all_metrics)))
                 for t, ms in window.items():
                     per_task = _summarise(jax.device_get(ms))
                     name = tasks[t].name
@@ -157,8 +158,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     scalars[f"forces_mae/{name}"] = per_task["forces_mae"]
                 scalars.update(task_data.fill_ratios(host_batch, tasks[task]))
                 log.write(step, scalars)
-                log.progress(step, scalars["loss"])
+                last_loss = scalars["loss"]
                 window, structures, atoms, window_start = {}, 0, 0, time.time()
+            log.progress(step, last_loss)
             if step % config.log.eval_every == 0 or step == config.train.num_steps:
                 log.write(step, validate(config, tasks, state, eval_fn, mesh))
             checkpointing.save(manager, step, state, train_pipe.state(), metadata,

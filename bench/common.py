@@ -1,0 +1,78 @@
+"""Shared helpers of the benchmarks: machine description, timing, matmul peak, BENCHMARKS.md output."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+    return (f"{cpu}; {os.cpu_count()} CPUs visible, {len(os.sched_getaffinity(0))} usable; jax {jax.__version__} "
+            f"on {jax.default_backend()} ({devices})")
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `fn()` (which must block until done) over `repeats` calls, in ms."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """This machine's measured float32 matmul rate through XLA (GFLOP/s), the yardstick for the model."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    ms = median_ms(lambda: f(a).block_until_ready(), repeats)
+    return 2 * n**3 / (ms * 1e-3) / 1e9
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=os.path.dirname(BENCHMARKS_MD)).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(title: str, text: str, notes: str = "") -> None:
+    """Prints the table and appends it, with the machine and the command, to BENCHMARKS.md."""
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    block = (f"\n## {title}\n\n- when: {stamp}, commit {git_revision()}\n- machine: {machine()}\n"
+             f"- command: `{command}`\n\n{text}\n" + (f"\n{notes}\n" if notes else ""))
+    print(block)
+    with open(BENCHMARKS_MD, "a") as f:
+        f.write(block)
