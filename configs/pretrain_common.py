@@ -95,12 +95,29 @@ def make_demo(c: ml_collections.ConfigDict) -> None:
     c.log.checkpoint_every = 30
 
 
+def make_test(c: ml_collections.ConfigDict) -> None:
+    """The system tests' run: the demo model on two tasks, 4 batch shards, a metric line every step."""
+    make_demo(c)
+    c.data.tasks = [dict(t) for t in DEFAULT_TASKS[:2]]
+    c.data.structures_per_batch = 1
+    c.data.num_batch_shards = 4
+    c.train.num_steps = 16
+    c.train.warmup_steps = 3
+    c.train.ema_decay = 0.5              # so that 16 steps visibly move the validated (EMA) weights
+    c.log.every = 1
+    c.log.eval_every = 1000
+    c.log.eval_batches = 1
+    c.log.checkpoint_every = 4
+
+
 def get_config_for(model: str, variant: str) -> ml_collections.ConfigDict:
     c = pretrain_config(model)
     if variant == "demo":
         make_demo(c)
+    elif variant == "test":
+        make_test(c)
     elif variant == "jmp":
         use_jmp_data(c, data_dir="")
     elif variant:
-        raise ValueError(f"unknown config variant {variant!r} (use '', 'demo' or 'jmp')")
+        raise ValueError(f"unknown config variant {variant!r} (use '', 'demo', 'test' or 'jmp')")
     return c

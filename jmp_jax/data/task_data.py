@@ -17,6 +17,11 @@ from jmp_jax.training.loss import TaskNormalization
 # Structures sampled per task to size its static budgets, passes over them when replaying the packing,
 # and rounds of shrinking the budgets to what the replayed batches use.
 BUDGET_SAMPLE = 64
+# The most atoms-rich structures are always measured too (in sources small enough to scan), with some
+# headroom for denser structures of fewer atoms, so that every structure fits a batch on its own.
+LARGEST_SCANNED = 8
+SCAN_LIMIT = 200_000
+LARGEST_HEADROOM = 1.1
 PACKING_REPLAYS = 8
 BUDGET_REFINEMENTS = 3
 
@@ -53,6 +58,14 @@ def open_source(data_dir: str, source: str, split: str) -> TFRecordSource:
     return TFRecordSource(records.shard_paths(data_dir, source, split), records.decode_example)
 
 
+def largest_structures(source) -> np.ndarray:
+    """Indices of the structures with the most atoms (none for sources too large to scan)."""
+    if len(source) > SCAN_LIMIT:
+        return np.zeros(0, np.int64)
+    natoms = np.array([len(source[i]["atomic_numbers"]) for i in range(len(source))])
+    return np.argsort(-natoms, kind="stable")[:LARGEST_SCANNED]
+
+
 def plan_budgets(source, settings: GraphSettings, structures_per_batch: int, seed: int) -> batching.Budgets:
     """Static budgets for one task, sized on a sample of its structures.
 
@@ -64,18 +77,20 @@ def plan_budgets(source, settings: GraphSettings, structures_per_batch: int, see
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(source), size=min(BUDGET_SAMPLE, len(source)), replace=False)
     needs = []
-    for i in picks:
+    for i in np.concatenate([picks, largest_structures(source)]):
         r = source[int(i)]
         g = build_structure_graphs(r["atomic_numbers"], r["positions"], r["cell"], None, r["tags"],
                                    settings, fixed=r["fixed"], name=f"record {i}")
         needs.append(batching.structure_sizes(g))
     sizes = np.asarray([n.as_array() for n in needs], np.float64)
-    mean, largest = np.maximum(sizes.mean(0), 1.0), sizes.max(0)
+    sizes, outliers = sizes[:len(picks)], sizes[len(picks):]
+    mean = np.maximum(sizes.mean(0), 1.0)
+    largest = np.ceil(np.vstack([sizes, outliers]).max(0) * LARGEST_HEADROOM)
     multiple = max(float(structures_per_batch), float(np.max(largest / mean)))
     graphs_slot = list(batching.Budgets.zeros().as_dict()).index("graphs")
     target = np.ceil(mean * multiple)
     target[graphs_slot] = 2 * np.ceil(multiple)
-    replay = [needs[i] for i in np.concatenate([rng.permutation(len(needs)) for _ in range(PACKING_REPLAYS)])]
+    replay = [needs[i] for i in np.concatenate([rng.permutation(len(picks)) for _ in range(PACKING_REPLAYS)])]
     for _ in range(BUDGET_REFINEMENTS):
         budgets = batching.Budgets.from_array(target + 1)  # one padding slot per array
         used = batching.simulate_packing(replay, budgets, PACKING_WINDOW_PER_GRAPH * budgets.graphs)

@@ -31,6 +31,8 @@ def _state_items(state: TrainState) -> dict[str, Any]:
 
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState, pipeline_state: dict, metadata: dict,
          *, force: bool = False) -> bool:
+    if step in manager.all_steps():
+        return False
     items = {k: ocp.args.StandardSave(v) for k, v in _state_items(state).items()}
     items["pipeline"] = ocp.args.JsonSave(pipeline_state)
     items["metadata"] = ocp.args.JsonSave(metadata)

@@ -124,18 +124,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return evals[task]
 
     log = MetricsLog(workdir, config.train.num_steps)
-    window: dict[int, list] = {}
+    window: list[tuple[int, dict]] = []
     structures = atoms = 0
     window_start = time.time()
-    iteration = int(train_pipe.state()["step"])
     last_loss = float("nan")
+    step = int(state.step)
+    if step == 0:  # the baseline that later validations are compared with
+        log.write(0, validate(config, tasks, state, eval_fn, mesh))
     try:
-        while int(state.step) < config.train.num_steps:
+        while step < config.train.num_steps:
             task, host_batch = next(train_pipe)
-            batch = sharding.global_batch(host_batch, mesh)
-            state, metrics = step_fn(task)(state, batch)
-            iteration += 1
-            window.setdefault(task, []).append(metrics)
+            state, metrics = step_fn(task)(state, sharding.global_batch(host_batch, mesh))
+            window.append((task, metrics))
             structures += int(host_batch.graphs.graph.globals["mask"].sum())
             atoms += int(host_batch.graphs.graph.nodes["mask"].sum())
             if int(state.nonfinite_in_a_row) >= config.train.max_nonfinite_in_a_row:
@@ -143,34 +143,44 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     f"stopped at step {int(state.step)}: {int(state.nonfinite_in_a_row)} consecutive updates had "
                     f"a non-finite loss or gradient (last task {tasks[task].name!r}); see {log.path}")
             step = int(state.step)
-            if iteration % config.log.every == 0:
+            if len(window) >= config.log.every:
                 elapsed = time.time() - window_start
-                scalars = {"structures_per_s": structures / elapsed, "atoms_per_s": atoms / elapsed}
-                all_metrics = [m for ms in window.values() for m in ms]
-                summary = _summarise(jax.device_get(all_metrics))
-                scalars.update({k: summary[k] for k in ("loss", "lr", "grad_norm")})
-                scalars["nonfinite_skipped"] = float(sum(1 - float(m["finite"]) for m in jax.device_get(all_metrics)))
-                for t, ms in window.items():
-                    per_task = _summarise(jax.device_get(ms))
-                    name = tasks[t].name
-                    scalars[f"loss/{name}"] = per_task["loss"]
-                    scalars[f"energy_mae/{name}"] = per_task["energy_mae"]
-                    scalars[f"forces_mae/{name}"] = per_task["forces_mae"]
-                scalars.update(task_data.fill_ratios(host_batch, tasks[task]))
+                scalars = window_scalars(window, tasks)
+                scalars.update(structures_per_s=structures / elapsed, atoms_per_s=atoms / elapsed,
+                               **task_data.fill_ratios(host_batch, tasks[task]))
                 log.write(step, scalars)
                 last_loss = scalars["loss"]
-                window, structures, atoms, window_start = {}, 0, 0, time.time()
+                window, structures, atoms, window_start = [], 0, 0, time.time()
             log.progress(step, last_loss)
             if step % config.log.eval_every == 0 or step == config.train.num_steps:
                 log.write(step, validate(config, tasks, state, eval_fn, mesh))
             checkpointing.save(manager, step, state, train_pipe.state(), metadata,
                                force=step == config.train.num_steps)
+    except KeyboardInterrupt:
+        checkpointing.save(manager, step, state, train_pipe.state(), metadata, force=True)
+        print(f"\ninterrupted: saved step {step} in {manager.directory}", file=sys.stderr)
+        raise
     finally:
         manager.wait_until_finished()
         train_pipe.close()
         log.close()
-    return {"step": int(state.step), "workdir": os.path.abspath(workdir), "metrics": log.path,
+    return {"step": step, "workdir": os.path.abspath(workdir), "metrics": log.path,
             "checkpoints": str(manager.directory)}
+
+
+def window_scalars(window: list[tuple[int, dict]], tasks: list[task_data.Task]) -> dict[str, float]:
+    """Loss, learning rate, gradient norm and skipped updates over the window; loss and MAEs per task."""
+    window = jax.device_get(window)
+    summary = _summarise([m for _, m in window])
+    scalars = {k: summary[k] for k in ("loss", "lr", "grad_norm")}
+    scalars["nonfinite_skipped"] = float(sum(1 - float(m["finite"]) for _, m in window))
+    for t, task in enumerate(tasks):
+        per_task = [m for k, m in window if k == t]
+        if per_task:
+            s = _summarise(per_task)
+            scalars.update({f"loss/{task.name}": s["loss"], f"energy_mae/{task.name}": s["energy_mae"],
+                            f"forces_mae/{task.name}": s["forces_mae"]})
+    return scalars
 
 
 def validate(config, tasks, state: TrainState, eval_fn, mesh) -> dict[str, float]:

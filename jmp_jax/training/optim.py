@@ -18,12 +18,14 @@ SHARED_BY_OUTPUT_BLOCKS = ("mlp_rbf_out",)
 
 
 def warmup_cosine_schedule(peak_lr: float, warmup_steps: int, total_steps: int,
-                           warmup_start_factor: float = 0.2, min_lr_factor: float = 0.1) -> optax.Schedule:
+                           warmup_start_factor: float = 0.2, min_lr_factor: float = 0.1,
+                           restart: bool = True) -> optax.Schedule:
     """JMP's LinearWarmupCosineAnnealingLR in closed form.
 
     lr(s) = peak * (f0 + (1 - f0) * s / (W - 1))                        for s < W
     lr(s) = eta + (peak - eta) * (1 + cos(pi * (s - W) / (T - W))) / 2  otherwise, eta = min_factor * peak
-    The cosine continues periodically past T, as JMP's `should_restart=True` does.
+    With `restart` the cosine continues periodically past T, as JMP's `should_restart=True` does;
+    without it the rate stays at eta after T (fine-tuning's `should_restart=False`).
     """
     eta = min_lr_factor * peak_lr
     ramp = max(warmup_steps - 1, 1)
@@ -31,6 +33,8 @@ def warmup_cosine_schedule(peak_lr: float, warmup_steps: int, total_steps: int,
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
+        if not restart:
+            step = jnp.minimum(step, float(max(total_steps, warmup_steps)))
         warm = peak_lr * (warmup_start_factor + (1.0 - warmup_start_factor) * step / ramp)
         cosine = eta + (peak_lr - eta) * (1.0 + jnp.cos(math.pi * (step - warmup_steps) / decay)) / 2.0
         return jnp.where(step < warmup_steps, warm, cosine)

@@ -14,7 +14,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
 # Parameters smaller than this stay replicated under fsdp: sharding them costs more in collectives than it saves.
-FSDP_MIN_SIZE = 2**14
+FSDP_MIN_SIZE = 2**12
 
 
 def make_mesh(fsdp: int = 1) -> Mesh:

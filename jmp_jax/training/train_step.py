@@ -22,6 +22,7 @@ class LabeledBatch:
     graphs: GraphBatch
     energy: jax.Array   # (G,)
     forces: jax.Array   # (N, 3)
+    targets: jax.Array | None = None  # (G,) one scalar target per graph (fine-tuning); pre-training: None
 
 
 @flax.struct.dataclass

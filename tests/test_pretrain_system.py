@@ -1,0 +1,160 @@
+"""System tests of `python -m experiments.pretrain` on the tiny `:test` config.
+
+Every run is a real subprocess (as a user runs it); they share one small default dataset and a
+persistent XLA compilation cache, so only the first run pays for compiling.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tblite")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("catalysis", "molecules")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from data_prep import default_dataset
+    root = tmp_path_factory.mktemp("pretrain")
+    data = root / "data"
+    default_dataset.build_default_dataset(str(data), sizes={"catalysis": 24, "molecules": 24, "reactions": 16},
+                                          progress=False)
+    environ = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
+    return {"root": root, "data": str(data), "environ": environ}
+
+
+def command(env, workdir, *extra):
+    return [sys.executable, "-m", "experiments.pretrain", "--config=configs/jmp_s.py:test",
+            f"--config.data.dir={env['data']}", f"--workdir={workdir}", *extra]
+
+
+def run(env, workdir, *extra, devices=1):
+    environ = dict(env["environ"])
+    if devices > 1:
+        environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    done = subprocess.run(command(env, workdir, *extra), cwd=REPO, env=environ, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def step_losses(workdir) -> dict[int, float]:
+    """Loss of every step; a step logged twice (re-run after a restart) keeps its last value."""
+    losses = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "loss" in record:
+                losses[record["step"]] = record["loss"]
+    return losses
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    workdir = env["root"] / "reference"
+    done = run(env, workdir)
+    return {"workdir": workdir, "stdout": done.stdout, "losses": step_losses(workdir)}
+
+
+def test_training_lowers_every_task_loss_and_writes_outputs(reference):
+    workdir = reference["workdir"]
+    assert f"checkpoints: {workdir}/checkpoints" in reference["stdout"]
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    train = [r for r in records if "loss" in r]
+    assert {"step", "loss", "lr"} <= set(train[0]) and len(train) == 16
+    assert all(any(f"loss/{task}" in r for r in train) for task in TASKS)
+    validations = [r for r in records if "val/loss/catalysis" in r]
+    assert [r["step"] for r in validations] == [0, 16]
+    for task in TASKS:  # the same validation batches, before and after training
+        assert validations[1][f"val/loss/{task}"] < validations[0][f"val/loss/{task}"], task
+    assert os.listdir(workdir / "tensorboard")
+    steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    assert steps[-1] == 16
+
+
+def test_rerun_of_a_finished_workdir_resumes_and_stops(env, reference):
+    done = run(env, reference["workdir"])
+    assert "resumed from step 16" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def killed_run(env, reference):
+    """A run SIGKILLed right after its step-4 checkpoint, then restarted in the same workdir."""
+    workdir = env["root"] / "killed"
+    proc = subprocess.Popen(command(env, workdir), cwd=REPO, env=env["environ"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (workdir / "checkpoints" / "4" / "commit_success.txt").exists() and not (
+            workdir / "checkpoints" / "4" / "_CHECKPOINT_METADATA").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = step_losses(workdir)
+    restarted = run(env, workdir)
+    return {"before": before, "stderr": restarted.stderr, "losses": step_losses(workdir)}
+
+
+def test_same_seed_gives_same_losses(reference, killed_run):
+    before = killed_run["before"]
+    assert len(before) >= 4
+    for step, loss in before.items():
+        assert loss == reference["losses"][step], step
+
+
+def test_sigkill_then_restart_matches_uninterrupted_run(reference, killed_run):
+    assert "resumed from step" in killed_run["stderr"]
+    resumed_at = int(killed_run["stderr"].split("resumed from step")[1].split()[0])
+    # At most the steps after the newest checkpoint were lost.
+    assert resumed_at >= 4 and resumed_at >= max(killed_run["before"]) - 4
+    assert sorted(killed_run["losses"]) == sorted(reference["losses"])
+    for step, loss in reference["losses"].items():
+        np.testing.assert_allclose(killed_run["losses"][step], loss, rtol=1e-5, err_msg=f"step {step}")
+
+
+def test_four_devices_match_one_device(env, reference):
+    workdir = env["root"] / "four_devices"
+    run(env, workdir, devices=4)
+    losses = step_losses(workdir)
+    assert sorted(losses) == sorted(reference["losses"])
+    # Per-device partial sums change the float32 summation order; with gradient norms in the thousands
+    # early in training, Adam turns those ~1e-7 differences into ~1e-4 relative loss differences.
+    steps = sorted(losses)
+    np.testing.assert_allclose([losses[s] for s in steps], [reference["losses"][s] for s in steps], rtol=1e-3)
+
+
+FSDP_PROBE = """
+import jax, jax.numpy as jnp, optax
+from jmp_jax.models import config as config_lib
+from jmp_jax.models.jmp import JMPModel, placeholder_batch
+from jmp_jax.training import optim, sharding
+from jmp_jax.training.train_step import init_train_state
+mesh = sharding.make_mesh(fsdp=4)
+model = JMPModel(config_lib.demo(), num_tasks=2)
+variables = jax.eval_shape(lambda: model.init(jax.random.key(0), placeholder_batch()))
+tx, _ = optim.pretrain_optimizer(variables["params"], num_blocks=2, peak_lr=1e-3, warmup_steps=1, total_steps=2)
+state = jax.eval_shape(lambda v: init_train_state(v, tx), variables)
+shardings = sharding.state_shardings(state, mesh)
+kernel = shardings.params["backbone"]["int_blocks_0"]["dense_ca"]["kernel"]
+moment = shardings.opt_state[2][0].mu["backbone"]["int_blocks_0"]["dense_ca"]["kernel"]
+x = jax.device_put(jnp.zeros((64, 64)), kernel)
+print("SPEC", kernel.spec, moment.spec, x.addressable_shards[0].data.shape, len(x.devices()))
+"""
+
+
+def test_fsdp_axis_shards_parameters_and_optimizer_state(env):
+    environ = dict(env["environ"], XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    done = subprocess.run([sys.executable, "-c", FSDP_PROBE], cwd=REPO, env=environ, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("SPEC"))
+    # Both the parameter and its Adam moment are split 4 ways: each device holds a quarter.
+    assert line.count("'fsdp'") == 2 and line.endswith("(16, 64) 4"), line
