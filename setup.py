@@ -33,7 +33,9 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest==9.2.0"],
+        # nbclient .. matplotlib: tests/test_notebooks.py executes notebooks/*.ipynb.
+        "test": ["pytest==9.2.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
+                 "matplotlib==3.11.2"],
         # Only to cross-check the numpy .pt reader against torch; the converter itself never needs torch.
         "torch": ["torch==2.13.0"],
     },
