@@ -75,11 +75,13 @@ def make_batch(structures, settings: GraphSettings) -> LabeledBatch:
 
 
 def bench_batch(name: str, batch: LabeledBatch, backbone: config_lib.BackboneConfig, repeats: int, peak: float):
+    common.stage(f"{name}: initialising")
     model = JMPModel(backbone, num_tasks=1)
     shard = jax.tree.map(lambda x: x[0], batch.graphs)
     variables = jax.jit(lambda k: model.init(k, shard))(jax.random.key(0))
     n_atoms = int(batch.graphs.graph.nodes["mask"].sum())
 
+    common.stage(f"{name}: compiling the forward pass")
     forward = jax.jit(lambda v, g: model.apply(v, g)["energy"])
     t0 = time.perf_counter()
     forward_compiled = forward.lower(variables, shard).compile()
@@ -88,6 +90,7 @@ def bench_batch(name: str, batch: LabeledBatch, backbone: config_lib.BackboneCon
     fwd_ms = common.median_ms(lambda: forward_compiled(variables, shard).block_until_ready(), repeats)
     fwd_flops = forward_compiled.cost_analysis().get("flops", float("nan"))
 
+    common.stage(f"{name}: forward {fwd_ms:.0f} ms; compiling the training step")
     tx, schedule = optim.pretrain_optimizer(variables["params"], num_blocks=backbone.num_blocks, peak_lr=3e-4,
                                             warmup_steps=2000, total_steps=100_000)
     state = init_train_state(variables, tx)
@@ -105,6 +108,7 @@ def bench_batch(name: str, batch: LabeledBatch, backbone: config_lib.BackboneCon
         state, m = step_compiled(state, batch)
         jax.block_until_ready(m)
 
+    common.stage(f"{name}: timing the training step")
     step_ms = common.median_ms(one_step, repeats)
     return [name, n_atoms, f"{fwd_ms:.0f}", f"{step_ms:.0f}", f"{n_atoms / step_ms * 1e3:.0f}",
             f"{forward_compile_s + step_compile_s:.1f}", f"{step_flops / 1e9:.0f}",

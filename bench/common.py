@@ -26,8 +26,9 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{cpu}; {os.cpu_count()} CPUs visible, {len(os.sched_getaffinity(0))} usable; jax {jax.__version__} "
-            f"on {jax.default_backend()} ({devices})")
+            f"on {jax.default_backend()} ({devices}); load average at the end {load}")
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -47,6 +48,11 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     f(a).block_until_ready()
     ms = median_ms(lambda: f(a).block_until_ready(), repeats)
     return 2 * n**3 / (ms * 1e-3) / 1e9
+
+
+def stage(message: str) -> None:
+    """Progress on stderr, so a long benchmark shows where its time goes."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def peak_rss_mib() -> float:

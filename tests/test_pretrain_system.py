@@ -125,10 +125,13 @@ def test_four_devices_match_one_device(env, reference):
     run(env, workdir, devices=4)
     losses = step_losses(workdir)
     assert sorted(losses) == sorted(reference["losses"])
-    # Per-device partial sums change the float32 summation order; with gradient norms in the thousands
-    # early in training, Adam turns those ~1e-7 differences into ~1e-4 relative loss differences.
+    # Per-device partial sums change the float32 summation order: the first steps agree to ~1e-7. With
+    # gradient norms in the thousands early in training, Adam amplifies that, step by step, to ~1e-3
+    # relative after 16 steps (measured 1.0e-3 at step 16).
     steps = sorted(losses)
-    np.testing.assert_allclose([losses[s] for s in steps], [reference["losses"][s] for s in steps], rtol=1e-3)
+    ours, theirs = [losses[s] for s in steps], [reference["losses"][s] for s in steps]
+    np.testing.assert_allclose(ours[:3], theirs[:3], rtol=1e-5)
+    np.testing.assert_allclose(ours, theirs, rtol=3e-3)
 
 
 FSDP_PROBE = """

@@ -112,14 +112,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     def step_fn(task: int):
         if task not in steps:
             fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule, task=task,
-                                   norm=tasks[task].normalization, ema_decay=config.train.ema_decay)
+                                   norm=tasks[task].normalization, ema_decay=config.train.ema_decay, mesh=mesh)
             steps[task] = jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
                                   out_shardings=(state_shardings, None), donate_argnums=0)
         return steps[task]
 
     def eval_fn(task: int):
         if task not in evals:
-            fn = functools.partial(eval_step, model=model, task=task, norm=tasks[task].normalization)
+            fn = functools.partial(eval_step, model=model, task=task, norm=tasks[task].normalization, mesh=mesh)
             evals[task] = jax.jit(fn)
         return evals[task]
 
