@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "qm9pack==1.0.3",
     "tblite==0.8.0",
     "ml-dtypes==0.6.0",
+    "scikit-learn==1.9.1",
+    "matplotlib==3.11.2",
 ]
 
 setup(
