@@ -301,3 +301,13 @@ def test_forces_head_scores_forces_only(setup, tmp_path):
     error = (saved["forces_pred"] - np.concatenate([r["forces"] for r in records]))[free]
     assert summary["metrics"]["forces"]["mae"] == pytest.approx(np.mean(np.abs(error)))
     assert summary["metrics"]["forces"]["count"] == free.sum() and np.abs(saved["forces_pred"]).max() > 0
+
+
+def test_read_tasks(tmp_path):
+    good, bad = tmp_path / "tasks.json", tmp_path / "bad.json"
+    good.write_text('[{"name": "molecule", "energy_std": 1.0, "force_std": 0.5}]')
+    bad.write_text('{"name": "molecule"}')
+    assert evaluate.read_tasks(str(good)) == [{"name": "molecule", "energy_std": 1.0, "force_std": 0.5}]
+    assert evaluate.read_tasks(None) is None
+    with pytest.raises(EvaluationInputError, match="expected a JSON list of task objects"):
+        evaluate.read_tasks(str(bad))
