@@ -1,7 +1,8 @@
 r"""Forward and training-step speed of the full JMP-S model on CPU-sized batches.
 
-  python bench/bench_model.py                 # JMP-S, both batches
-  python bench/bench_model.py --config demo   # the narrow fixture model
+  python bench/bench_model.py                       # JMP-S, both batches, float32
+  python bench/bench_model.py --dtype bfloat16      # bf16 compute (float32 params, bases and sums)
+  python bench/bench_model.py --config demo         # the narrow fixture model
 
 Batches: (a) 8 rattled n-heptane molecules (23 atoms, 8 Å, no PBC) and (b) 4 Cu(111) 4x4x4 slabs
 with a CO or OH adsorbate (12 Å, PBC), built with JMP's pre-training graph settings. The training
@@ -18,6 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from ase import Atoms  # noqa: E402
 from ase.build import add_adsorbate, fcc111, molecule  # noqa: E402
@@ -74,9 +76,10 @@ def make_batch(structures, settings: GraphSettings) -> LabeledBatch:
     return jax.tree.map(lambda x: np.asarray(x)[None], one)  # one batch shard
 
 
-def bench_batch(name: str, batch: LabeledBatch, backbone: config_lib.BackboneConfig, repeats: int, peak: float):
+def bench_batch(name: str, batch: LabeledBatch, backbone: config_lib.BackboneConfig, repeats: int, peak: float,
+                dtype: str):
     common.stage(f"{name}: initialising")
-    model = JMPModel(backbone, num_tasks=1)
+    model = JMPModel(backbone, num_tasks=1, dtype=jnp.dtype(dtype))
     shard = jax.tree.map(lambda x: x[0], batch.graphs)
     variables = jax.jit(lambda k: model.init(k, shard))(jax.random.key(0))
     n_atoms = int(batch.graphs.graph.nodes["mask"].sum())
@@ -88,7 +91,6 @@ def bench_batch(name: str, batch: LabeledBatch, backbone: config_lib.BackboneCon
     forward_compile_s = time.perf_counter() - t0
     forward_compiled(variables, shard).block_until_ready()
     fwd_ms = common.median_ms(lambda: forward_compiled(variables, shard).block_until_ready(), repeats)
-    fwd_flops = forward_compiled.cost_analysis().get("flops", float("nan"))
 
     common.stage(f"{name}: forward {fwd_ms:.0f} ms; compiling the training step")
     tx, schedule = optim.pretrain_optimizer(variables["params"], num_blocks=backbone.num_blocks, peak_lr=3e-4,
@@ -121,6 +123,8 @@ def main():
     parser.add_argument("--config", default="jmp_s", choices=sorted(config_lib.NAMED_CONFIGS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", default="molecules,slabs")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype of the model (parameters stay float32)")
     args = parser.parse_args()
     backbone = config_lib.NAMED_CONFIGS[args.config]()
     peak = common.matmul_gflops()
@@ -129,10 +133,11 @@ def main():
         "slabs": lambda: make_batch([cu_slab("CO" if s % 2 == 0 else "OH", s) for s in range(4)],
                                     GraphSettings.pretrain_periodic()),
     }
-    rows = [bench_batch(name, batches[name](), backbone, args.repeats, peak) for name in args.batches.split(",")]
+    rows = [bench_batch(name, batches[name](), backbone, args.repeats, peak, args.dtype)
+            for name in args.batches.split(",")]
     header = ["batch", "atoms", "forward ms", "train step ms", "atoms/s (train)", "compile s",
               "step GFLOP (XLA)", "step GFLOP/s (% of matmul peak)", "peak RSS MiB"]
-    common.report(f"bench_model: {args.config} forward and training step",
+    common.report(f"bench_model: {args.config} ({args.dtype}) forward and training step",
                   common.table(header, rows),
                   notes=f"Measured float32 matmul rate of this machine through XLA: {peak:.0f} GFLOP/s. "
                         f"Median of {args.repeats} steps after one warm-up step.")

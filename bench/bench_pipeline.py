@@ -4,19 +4,24 @@ r"""Host-side input pipeline: graph-building throughput and padding fill on the 
   python bench/bench_pipeline.py --batches 50 --structures-per-batch 4
 
 Part 1 times one worker building graphs (JMP pre-training settings) and collating batches for
-OC20-sized periodic slabs and for QM9 molecules. Part 2 runs the real training pipeline (budgets
-planned from the data, edge dropout 0.1) on every task of the embedded default dataset and reports
-the real / padded fill of every budget; each task has exactly one static batch shape.
+OC20-sized periodic slabs and for QM9 molecules. Part 2 runs the real training pipeline (edge dropout
+0.1) on every task of the embedded default dataset and reports the real / padded fill of every budget
+and the number of distinct batch shapes (compiled steps) seen, for one static shape planned without or
+with the training edge dropout (`plan_budgets`) and for the task's buckets (`plan_buckets`, at most two
+shapes, each step packed into the one it fills best).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -51,17 +56,32 @@ def molecule_records(data_dir: str, count: int) -> list:
     return [source[i] for i in range(min(count, len(source)))]
 
 
+def shape_plans(config: ml_collections.ConfigDict, task: task_data.Task) -> dict:
+    """Budget shapes to compare: one shape planned without / with the training edge dropout, and the buckets."""
+    source = task_data.open_source(task.data_dir, task.source, config.data.train_split)
+    single = functools.partial(task_data.plan_budgets, source, task.spec.settings, config.data.structures_per_batch,
+                               config.seed)
+    return {"1 shape, planned without dropout": (single(),),
+            "1 shape, planned with dropout": (single(edge_dropout=config.data.edge_dropout),),
+            "buckets (plan_buckets)": task.spec.buckets}
+
+
 def fill_table(config: ml_collections.ConfigDict, batches: int) -> list:
     tasks = task_data.load_tasks(config)
     rows = []
     for t, task in enumerate(tasks):
-        pipe = task_data.make_pipeline(config, tasks, split="train", training=True, only_task=t)
-        fills = [task_data.fill_ratios(next(pipe)[1], task) for _ in range(batches)]
-        pipe.close()
-        mean = {k: np.mean([f[f"fill/{task.name}/{k}"] for f in fills]) for k in FILL_KINDS}
-        graphs = np.mean([f[f"fill/{task.name}/graphs"] for f in fills])
-        rows.append([task.name, 1, f"{graphs * task.spec.budgets.graphs:.1f}"]
-                    + [f"{100 * mean[k]:.0f}%" for k in FILL_KINDS])
+        for plan, buckets in shape_plans(config, task).items():
+            planned = [dataclasses.replace(x, spec=dataclasses.replace(x.spec, buckets=buckets)) if i == t else x
+                       for i, x in enumerate(tasks)]
+            pipe = task_data.make_pipeline(config, planned, split="train", training=True, only_task=t)
+            stacked = [next(pipe)[1] for _ in range(batches)]
+            pipe.close()
+            fills = [task_data.fill_ratios(b, task) for b in stacked]
+            shapes = {tuple(x.shape for x in jax.tree.leaves(b)) for b in stacked}
+            mean = {k: np.mean([f[f"fill/{task.name}/{k}"] for f in fills]) for k in FILL_KINDS}
+            structures = np.mean([b.graphs.graph.globals["mask"].sum(axis=-1).mean() for b in stacked])
+            rows.append([task.name, plan, len(buckets), len(shapes), f"{structures:.1f}"]
+                        + [f"{100 * mean[k]:.0f}%" for k in FILL_KINDS])
     return rows
 
 
@@ -87,7 +107,8 @@ def main():
     ]
     speed = common.table(["structures", "n", "mean atoms", "mean quadruplets", "graphs/s (1 thread)",
                           "graphs+batching/s (1 thread)"], rows)
-    fill = common.table(["task", "compiled shapes", "real structures / batch"] + [f"fill {k}" for k in FILL_KINDS],
+    fill = common.table(["task", "budgets", "planned shapes", "compiled shapes seen", "real structures / batch"]
+                        + [f"fill {k}" for k in FILL_KINDS],
                         fill_table(config, args.batches))
     common.report("bench_pipeline: host graph building and padding fill",
                   speed + "\n\nFill (real / padded entries) over the training pipeline of the default dataset, "

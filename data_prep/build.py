@@ -3,9 +3,16 @@
   python -m data_prep.build --source rmd17 --input rmd17_ethanol.npz --output out/
   python -m data_prep.build --source oc20 --input s2ef_train_2M/ --output out/ --split train
   python -m data_prep.build --source matbench --input matbench_mp_gap.json.gz --output out/ --fold 0
+  python -m data_prep.build --source rmd17 --input rmd17/npz_data/rmd17_ethanol.npz --output out/ --fold 1
 
 --split names the split an OC20/OC22 input holds; for the other sources it restricts the
 output to the listed splits (default: all that the source defines).
+
+--fold: matbench: the folds to write (0..4, default all). rmd17: one official fold K (1..5) of
+a full rmd17_<molecule>.npz, read from the release's index_{train,test}_0K.csv in ../splits
+beside the npz's folder (or --splits-dir DIR): train (all but 50) and val (50, by JMP's seed-42
+shuffle of the train file's positions) from the train indices, test from the test indices.
+Without --fold a full rMD17 file gets JMP's own split (seed 42: 950 train, 50 val, rest test).
 """
 from __future__ import annotations
 
@@ -68,15 +75,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--split", nargs="*", help="split name(s); see above")
     parser.add_argument("--records-per-shard", type=int, default=records_lib.DEFAULT_RECORDS_PER_SHARD)
-    parser.add_argument("--fold", type=int, nargs="*", help="matbench: folds to write (default all 5)")
+    parser.add_argument("--fold", type=int, nargs="*",
+                        help="matbench: folds to write (default all 5); rmd17: one official fold 1..5")
+    parser.add_argument("--splits-dir", help="rmd17 with --fold: folder of index_{train,test}_0K.csv "
+                        "(default: ../splits beside the npz's folder)")
     parser.add_argument("--tfds", action="store_true", help="also write TFDS metadata (one source per folder)")
     return parser.parse_args(argv)
 
 
+def reader_options(args: argparse.Namespace) -> dict:
+    """The source-specific CLI flags as keyword arguments of the source's reader."""
+    if args.splits_dir is not None and args.source != "rmd17":
+        raise InputFormatError("--splits-dir applies to --source rmd17 only")
+    if args.fold is not None and args.source not in ("matbench", "rmd17"):
+        raise InputFormatError("--fold applies to --source matbench and rmd17 only")
+    if args.source == "matbench":
+        return {"folds": args.fold} if args.fold else {}
+    if args.source == "rmd17":
+        if args.fold is not None and len(args.fold) != 1:
+            raise InputFormatError(f"rmd17: --fold takes one official fold (1..5), got {args.fold}")
+        return {"fold": args.fold[0] if args.fold else None, "splits_dir": args.splits_dir}
+    return {}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    options = {"folds": args.fold} if args.source == "matbench" and args.fold else {}
     try:
+        options = reader_options(args)
         metas = build(args.source, args.input, args.output, splits=args.split,
                       records_per_shard=args.records_per_shard, **options)
     except (InputFormatError, records_lib.RecordError, InconsistentSplitError) as err:

@@ -15,6 +15,7 @@ import jraph
 import numpy as np
 
 from jmp_jax.checkpoint.names import state_dict_to_variables
+from jmp_jax.graph.slots import with_slots
 from jmp_jax.graph.types import EdgeSet, GraphBatch, QuadrupletIndex, TripletIndex
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.jmp import variable_shapes
@@ -99,7 +100,7 @@ def load_batch(float_dtype=jnp.float32) -> GraphBatch:
         trip_in_to_quad=jnp.asarray(_pad(g["model.quad.trip_in_to_quad"], n_trip_in), jnp.int32),
         trip_out_to_quad=jnp.asarray(_pad(g["model.quad.trip_out_to_quad"], n_trip_out), jnp.int32),
         mask=jnp.asarray(_pad(np.ones(len(g["model.quad.out"]), bool), False)))
-    return GraphBatch(
+    return with_slots(GraphBatch(
         graph=graph,
         id_swap=jnp.asarray(_pad(g["model.id_swap"], n_main), jnp.int32),
         a2ee2a=_edge_set(g, "a2ee2a", cells, node_graph, pad_node, float_dtype),
@@ -108,7 +109,7 @@ def load_batch(float_dtype=jnp.float32) -> GraphBatch:
         trip_e2e=_triplets(g["model.trip_e2e.in"], g["model.trip_e2e.out"], n_main, n_main),
         trip_a2e=_triplets(g["model.trip_a2e.in"], g["model.trip_a2e.out"], n_a2ee2a, n_main),
         trip_e2a=_triplets(g["model.trip_e2a.in"], g["model.trip_e2a.out"], n_main, n_a2ee2a),
-        quad=quad)
+        quad=quad))
 
 
 def load_state_dict() -> dict[str, np.ndarray]:

@@ -9,7 +9,7 @@ from ase.constraints import FixAtoms
 
 from jmp_jax.graph import radius
 from jmp_jax.graph.batching import (PADDING_SHIFT, BudgetOverflowError, Budgets, budgets_for, collate,
-                                    structure_sizes)
+                                    pack_window, simulate_packing, structure_sizes)
 from jmp_jax.graph.build import GraphSettings, build_from_atoms, build_structure_graphs
 
 SMALL = GraphSettings(cutoff=5.0, max_neighbors=12)
@@ -259,3 +259,34 @@ def test_edge_dropout_drops_a2a_edges_then_subselects():
     for t in range(len(atoms)):
         surviving = int((dropped.a2a.receivers == t).sum())
         assert int((dropped.main_knn.receivers == t).sum()) == min(SMALL.max_neighbors, surviving)
+
+
+def _flat(n: int) -> Budgets:
+    return Budgets.from_array(np.full(12, n))
+
+
+def test_pack_window_picks_the_bucket_the_batch_fills_best():
+    small, large = _flat(11), _flat(21)
+    # The small bucket packs 4 + 3 + 2 (9 of 11 slots), the large one all 19 of 21: the large one fills better.
+    needs = [_flat(n) for n in (4, 7, 3, 2, 3)]
+    assert pack_window(needs, [small, large]) == (1, [0, 1, 2, 3, 4])
+    # Only small structures: both buckets hold all of them, the small one fills better.
+    assert pack_window([_flat(n) for n in (4, 3, 2)], [small, large]) == (0, [0, 1, 2])
+    # The first in line is never passed over when choosing: 15 fits only the large bucket.
+    assert pack_window([_flat(15), _flat(2)], [small, large]) == (1, [0, 1])
+    # A step's fixed bucket is packed as it is, even passing over the first in line; none fits: no picks.
+    assert pack_window([_flat(15), _flat(2)], [small, large], bucket=0) == (0, [1])
+    assert pack_window([_flat(25)], [small, large]) == (1, [])
+
+
+def test_simulated_packing_keeps_one_bucket_per_step():
+    small, large = _flat(11), _flat(21)
+    needs = [_flat(n) for n in (4, 3, 2, 15, 9, 8, 4, 3, 2, 2, 9, 15, 3)]
+    for shards in (1, 2, 3):
+        totals, chosen = simulate_packing(needs, [small, large], window=4, shards_per_step=shards)
+        assert totals[:, 0].sum() == sum(n.nodes for n in needs)
+        limits = np.array([small.nodes, large.nodes])[chosen]
+        assert np.all(totals[:, 0] + 1 <= limits)
+        steps = chosen[:len(chosen) // shards * shards].reshape(-1, shards)
+        assert np.all(steps == steps[:, :1])
+    assert set(chosen) == {0, 1}

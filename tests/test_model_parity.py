@@ -19,6 +19,7 @@ import pytest
 
 import fixture_batch as fb
 from jmp_jax.checkpoint.names import TRANSPOSE, flatten_variables, flax_to_torch
+from jmp_jax.graph.slots import edge_slots
 from jmp_jax.models.bases import legendre_basis
 from jmp_jax.models.jmp import JMPModel
 
@@ -210,17 +211,13 @@ def test_edge_dropout_boost_only_in_training():
     h = jax.random.normal(keys[0], (3, config.emb_size_atom))
     m = jax.random.normal(keys[1], (4, config.emb_size_edge))
     rbf = jax.random.normal(keys[2], (4, config.emb_size_rbf))
-    receivers = jnp.array([0, 1, 2, 2])
+    slots = edge_slots(np.array([0, 1, 2, 2]), np.ones(4, bool), num_nodes=3, width=2)
     block = OutputBlock(config)
-    variables = block.init(jax.random.PRNGKey(0), h, m, rbf, receivers)
-    (e_eval, f_eval), (e_train, f_train) = (block.apply(variables, h, m, rbf, receivers, train=t) for t in (False, True))
+    variables = block.init(jax.random.PRNGKey(0), h, m, rbf, slots)
+    (e_eval, f_eval), (e_train, f_train) = (block.apply(variables, h, m, rbf, slots, train=t) for t in (False, True))
     np.testing.assert_array_equal(f_eval, f_train)
     assert not np.allclose(e_eval, e_train)
     plain = OutputBlock(dataclasses.replace(config, edge_dropout=None))
-    np.testing.assert_array_equal(plain.apply(variables, h, m, rbf, receivers, train=True)[0], e_eval)
+    np.testing.assert_array_equal(plain.apply(variables, h, m, rbf, slots, train=True)[0], e_eval)
 
 
-def test_fixture_batch_has_the_quadruplet_invariant_the_model_uses():
-    """QuadrupletInteraction contracts over trip_out first: quad.edge_out == triplet_out.edge_out[trip_out_to_quad]."""
-    quad = fb.load_batch().quad
-    np.testing.assert_array_equal(quad.edge_out, quad.triplet_out.edge_out[quad.trip_out_to_quad])

@@ -1,21 +1,24 @@
-"""The mixed-task input pipeline: mixing proportions, determinism, exact resume, budgets."""
+"""The mixed-task input pipeline: mixing proportions, determinism, exact resume, budgets and budget buckets."""
 import numpy as np
 import pytest
 from ase.build import molecule
 
+from jmp_jax.data import task_data
 from jmp_jax.data.pipeline import Pipeline, TaskSpec, temperature_probabilities
 from jmp_jax.graph import batching
 from jmp_jax.graph.build import GraphSettings, build_structure_graphs
 
 SETTINGS = GraphSettings(cutoff=5.0, max_neighbors=12, pbc=(False, False, False))
 NAMES = ("H2O", "NH3", "CH4", "C2H6", "CH3OH", "C2H4", "HCN", "CH3CH2OH")
+# 3 to 14 atoms: triplets and quadruplets per atom differ several-fold between the smallest and largest.
+VARIED = ("H2O", "trans-butane", "NH3", "CH4", "C6H6", "HCN", "H2O", "isobutane", "CH4", "CH3COCH3", "NH3")
 
 
-def _records(n: int, seed: int) -> list[dict]:
+def _records(n: int, seed: int, names=NAMES) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        atoms = molecule(NAMES[i % len(NAMES)])
+        atoms = molecule(names[i % len(names)])
         atoms.rattle(0.05, seed=seed * 1000 + i)
         k = len(atoms)
         out.append(dict(atomic_numbers=atoms.numbers, positions=atoms.positions, cell=np.zeros((3, 3)),
@@ -82,7 +85,7 @@ def test_batches_are_deterministic_and_resume_exactly():
 def test_batches_are_padded_to_the_task_budgets_and_carry_labels():
     pipe = _pipeline(edge_dropout=0.1)
     for task, batch in _take(pipe, 4):
-        budgets = TASKS[task].budgets
+        (budgets,) = TASKS[task].buckets
         assert batch.graphs.graph.nodes["positions"].shape == (2, budgets.nodes, 3)
         assert batch.graphs.quad.edge_out.shape == (2, budgets.quads)
         real_graphs = batch.graphs.graph.globals["mask"].sum(axis=1)
@@ -101,8 +104,9 @@ def test_records_are_split_across_processes():
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 40
 
 
-def test_structure_that_never_fits_is_a_clear_error():
-    tiny = batching.Budgets.from_array(np.full(12, 2))
+@pytest.mark.parametrize("buckets", [2, (2, 3)])
+def test_structure_that_never_fits_is_a_clear_error(buckets):
+    tiny = tuple(batching.Budgets.from_array(np.full(12, n)) for n in np.atleast_1d(buckets))
     pipe = Pipeline([TaskSpec("tiny", SETTINGS, tiny)], [SOURCES[0]], seed=0, temperature=1.0,
                     num_batch_shards=1, process_index=0, process_count=1)
     with pytest.raises(batching.BudgetOverflowError, match="tiny"):
@@ -114,5 +118,73 @@ def test_first_fit_keeps_order_and_simulated_packing_uses_every_structure():
     budgets = batching.Budgets.from_array(np.full(12, 11))
     needs = [batching.Budgets.from_array(np.full(12, n)) for n in (4, 7, 3, 2, 6)]
     assert batching.first_fit(needs, budgets) == [0, 2, 3]  # 4 + 3 + 2 <= 10; 7 and 6 no longer fit
-    totals = batching.simulate_packing(needs, budgets, window=3)
-    assert totals[:, 0].sum() == 22 and np.all(totals <= 10)
+    totals, chosen = batching.simulate_packing(needs, [budgets], window=3)
+    assert totals[:, 0].sum() == 22 and np.all(totals <= 10) and np.all(chosen == 0)
+
+
+VARIED_SOURCE = _records(90, 3, VARIED)
+KINDS = ("nodes", "edges", "a2a", "trip_e2e", "trip_a2e", "quads")
+
+
+@pytest.fixture(scope="module")
+def plans():
+    """One shape and the buckets planned for a set of widely varying molecules, 4 structures per batch."""
+    single = task_data.plan_budgets(VARIED_SOURCE, SETTINGS, 4, seed=0)
+    buckets = task_data.plan_buckets(VARIED_SOURCE, SETTINGS, 4, seed=0)
+    return single, buckets
+
+
+def _varied_pipeline(buckets, **kw) -> Pipeline:
+    args = dict(seed=3, temperature=1.0, num_batch_shards=1, num_workers=2, process_index=0, process_count=1)
+    return Pipeline([TaskSpec("varied", SETTINGS, buckets)], [VARIED_SOURCE], **{**args, **kw})
+
+
+def _masks(batch) -> dict:
+    g = batch.graphs
+    return {"nodes": g.graph.nodes["mask"], "edges": g.graph.edges["mask"], "a2a": g.a2a.mask,
+            "trip_e2e": g.trip_e2e.mask, "trip_a2e": g.trip_a2e.mask, "quads": g.quad.mask,
+            "graphs": g.graph.globals["mask"]}
+
+
+def _fill(buckets, steps: int = 30) -> np.ndarray:
+    """(kinds,) mean real / padded entries over `steps` steps; checks every batch against its bucket."""
+    pipe = _varied_pipeline(buckets)
+    fills, shapes = [], set()
+    for _, batch in _take(pipe, steps):
+        masks = _masks(batch)
+        sizes = {k: m.shape[1] for k, m in masks.items()}
+        shapes.add(tuple(sizes.values()))
+        assert any(all(getattr(b, k) == n for k, n in sizes.items()) for b in buckets)  # one of the task's shapes
+        for k, m in masks.items():  # real entries fit, with a padding slot left, in every shard
+            assert np.all(m.sum(axis=1) <= m.shape[1] - 1) and not m[:, -1].any()
+        fills.append([masks[k].mean() for k in KINDS])
+    pipe.close()
+    assert len(shapes) <= len(buckets)
+    return np.mean(fills, axis=0)
+
+
+def test_buckets_fill_varied_sizes_better_with_at_most_two_shapes(plans):
+    single, buckets = plans
+    assert len(buckets) == 2 and buckets[0] != buckets[1]
+    one, two = _fill((single,)), _fill(buckets)
+    assert two.min() > one.min() + 0.02, (one, two)
+    assert two.mean() > one.mean(), (one, two)
+
+
+def test_bucketed_batches_are_deterministic_and_resume_exactly(plans):
+    _, buckets = plans
+    first = _varied_pipeline(buckets, edge_dropout=0.1)
+    head = _take(first, 3)
+    state = first.state()
+    tail = _take(first, 5)
+    first.close()
+    assert len({b.graphs.quad.mask.shape for _, b in head + tail}) == 2  # both shapes come up
+    again = _varied_pipeline(buckets, edge_dropout=0.1)
+    for a, b in zip(_take(again, 3), head):
+        _same(a, b)
+    again.close()
+    resumed = _varied_pipeline(buckets, edge_dropout=0.1)
+    resumed.restore(state)
+    for a, b in zip(_take(resumed, 5), tail):
+        _same(a, b)
+    resumed.close()

@@ -13,6 +13,8 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 
+from data_prep import build, records
+from data_prep.metadata import sha256_file
 from data_prep.sources import READERS, InputFormatError, common, qm9
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -369,3 +371,149 @@ def test_missing_input_names_the_path(tmp_path):
         READERS["oc22"](str(tmp_path / "nothere"), source="oc22", split="train")
     with pytest.raises(InputFormatError, match="qmof.json"):
         READERS["qmof"](str(tmp_path), source="qmof")
+
+
+RMD17_VAL = 50
+
+
+def _write_rmd17_release(root, num_frames=90, train=None, test=None, fold=1):
+    """A tiny rmd17.tar.bz2 layout: rmd17/npz_data/rmd17_uracil.npz and rmd17/splits/index_*_0K.csv.
+    Returns (npz path, splits folder, train indices, test indices)."""
+    rng = np.random.default_rng(6)
+    order = rng.permutation(num_frames)
+    train = order[:RMD17_VAL + 10] if train is None else np.asarray(train)
+    test = order[RMD17_VAL + 10:RMD17_VAL + 22] if test is None else np.asarray(test)
+    npz_dir, splits_dir = root / "rmd17" / "npz_data", root / "rmd17" / "splits"
+    npz_dir.mkdir(parents=True)
+    splits_dir.mkdir()
+    path = str(npz_dir / "rmd17_uracil.npz")
+    np.savez(path, nuclear_charges=np.array([6, 7, 8]), coords=rng.normal(size=(num_frames, 3, 3)),
+             energies=rng.normal(size=num_frames) - 1000, forces=rng.normal(size=(num_frames, 3, 3)))
+    for role, idx in (("train", train), ("test", test)):
+        (splits_dir / f"index_{role}_{fold:02d}.csv").write_text("".join(f"{i}\n" for i in idx))
+    return path, splits_dir, train, test
+
+
+def _frame_ids(recs):
+    return np.array([int(r["source_id"].split(":")[1]) for r in recs])
+
+
+def test_rmd17_official_fold_from_index_files(tmp_path):
+    path, splits_dir, train_idx, test_idx = _write_rmd17_release(tmp_path)
+    plans = _plans("rmd17", path, fold=1)
+    parts = {s: _records(plans[("rmd17_uracil", s)]) for s in ("train", "val", "test")}
+    ids = {s: _frame_ids(v) for s, v in parts.items()}
+    np.testing.assert_array_equal(ids["test"], test_idx)  # test: the CSV's frames in file order
+    # train/val: positions of one RandomState(42) shuffle of the train CSV's positions
+    order = np.random.RandomState(42).permutation(len(train_idx))
+    np.testing.assert_array_equal(ids["train"], train_idx[order[:10]])
+    np.testing.assert_array_equal(ids["val"], train_idx[order[10:]])
+    data = np.load(path)
+    for rec in parts["train"][:3] + parts["val"][:3] + parts["test"][:3]:
+        i = int(rec["source_id"].split(":")[1])
+        assert rec["energy"] == data["energies"][i] * KCAL
+        np.testing.assert_allclose(rec["forces"], data["forces"][i] * KCAL, rtol=1e-12)
+        np.testing.assert_array_equal(rec["positions"], data["coords"][i])
+    # the per-split npz of the same train file gives the same val frames
+    split_file = tmp_path / "rmd17_uracil_train_01.npz"
+    np.savez(split_file, nuclear_charges=data["nuclear_charges"], coords=data["coords"][train_idx],
+             energies=data["energies"][train_idx], forces=data["forces"][train_idx])
+    val_positions = _frame_ids(_records(_plans("rmd17", str(split_file))[("rmd17_uracil", "val")]))
+    np.testing.assert_array_equal(train_idx[val_positions], ids["val"])
+    meta = plans[("rmd17_uracil", "test")].extra_metadata
+    assert meta["fold"] == "01" and meta["split_rule"] == "official_index_files"
+    assert os.path.basename(meta["index_files"]["train"]) == "index_train_01.csv"
+    explicit = _plans("rmd17", path, fold=1, splits_dir=str(splits_dir))
+    np.testing.assert_array_equal(_frame_ids(_records(explicit[("rmd17_uracil", "val")])), ids["val"])
+
+
+def test_rmd17_fold_cli_records_index_files_with_checksums(tmp_path, capsys):
+    path, splits_dir, _, test_idx = _write_rmd17_release(tmp_path / "release", fold=3)
+    moved = tmp_path / "elsewhere"
+    os.rename(splits_dir, moved)
+    out = str(tmp_path / "out")
+    assert build.main(["--source", "rmd17", "--input", path, "--output", out, "--fold", "3"]) == 2
+    assert "index_train_03.csv" in capsys.readouterr().err  # ../splits is gone
+    argv = ["--source", "rmd17", "--input", path, "--output", out, "--fold", "3", "--splits-dir", str(moved)]
+    assert build.main(argv) == 0
+    meta = records.load_metadata(out, "rmd17_uracil", "test")
+    assert meta["num_records"] == len(test_idx) and meta["fold"] == "03"
+    files = {os.path.basename(f["path"]): f["sha256"] for f in meta["source_files"]}
+    assert files == {name: sha256_file(os.path.join(d, name)) for d, name in (
+        (os.path.dirname(path), "rmd17_uracil.npz"), (moved, "index_train_03.csv"), (moved, "index_test_03.csv"))}
+    for bad in (["--fold", "1", "2"], ["--splits-dir", str(moved)], ["--fold", "6"]):
+        assert build.main(["--source", "rmd17", "--input", path, "--output", out, *bad]) == 2
+    assert build.main(["--source", "md22", "--input", path, "--output", out, "--fold", "1"]) == 2
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "index_test_01.csv"),
+    ("unreadable", "index_train_01.csv"),
+    ("not_an_integer", r"index_test_01.csv: line 2"),
+    ("out_of_range", r"index_test_01.csv: frame index 90 out of range .*rmd17_uracil.npz"),
+    ("negative", r"index_train_01.csv: frame index -1"),
+    ("duplicate", r"index_train_01.csv: frame index 7 listed 2 times"),
+    ("overlap", r"index_train_01.csv and .*index_test_01.csv share 1"),
+    ("too_few_train", r"index_train_01.csv: 50 train frames"),
+    ("split_file_input", "rmd17_uracil_train_01.npz"),
+])
+def test_rmd17_fold_errors_name_the_file(tmp_path, case, match):
+    train = list(range(RMD17_VAL + 10))
+    test = list(range(70, 80))
+    if case == "duplicate":
+        train[3] = 7
+    if case == "negative":
+        train[0] = -1
+    if case == "overlap":
+        test[4] = 12
+    if case == "out_of_range":
+        test[-1] = 90
+    if case == "too_few_train":
+        train = train[:RMD17_VAL]
+    path, splits_dir, _, _ = _write_rmd17_release(tmp_path, train=train, test=test)
+    if case == "missing":
+        os.remove(splits_dir / "index_test_01.csv")
+    if case == "unreadable":
+        (splits_dir / "index_train_01.csv").write_bytes(b"\xff\xfe\x00 not text")
+    if case == "not_an_integer":
+        (splits_dir / "index_test_01.csv").write_text("70\n7l\n72\n")
+    if case == "split_file_input":
+        path = str(tmp_path / "rmd17_uracil_train_01.npz")
+        np.savez(path, nuclear_charges=np.array([1]), coords=np.zeros((60, 1, 3)), energies=np.zeros(60),
+                 forces=np.zeros((60, 1, 3)))
+    with pytest.raises(InputFormatError, match=match):
+        _plans("rmd17", path, fold=1)
+
+
+def test_rmd17_fold_matches_real_split_files(tmp_path):
+    """A full file assembled from the real fold-01 train and test files, with index files
+    pointing at them, splits exactly as the per-split files do; shared/data is left untouched."""
+    folder = _shared("rmd17")
+    before = {n: sha256_file(os.path.join(folder, n)) for n in sorted(os.listdir(folder))}
+    split_files = {role: os.path.join(folder, f"rmd17_ethanol_{role}_01.npz") for role in ("train", "test")}
+    loaded = {role: np.load(p) for role, p in split_files.items()}
+    keys = ("coords", "energies", "forces")
+    num = {role: loaded[role]["energies"].shape[0] for role in loaded}
+    location = np.random.default_rng(7).permutation(num["train"] + num["test"])  # full-file frame of each
+    index = {"train": location[:num["train"]], "test": location[num["train"]:]}
+    full = {k: np.empty((location.shape[0],) + loaded["train"][k].shape[1:]) for k in keys}
+    for role in loaded:
+        for k in keys:
+            full[k][index[role]] = loaded[role][k]
+    root = tmp_path / "rmd17"
+    (root / "npz_data").mkdir(parents=True)
+    (root / "splits").mkdir()
+    path = str(root / "npz_data" / "rmd17_ethanol.npz")
+    np.savez(path, nuclear_charges=loaded["train"]["nuclear_charges"], **full)
+    for role in index:
+        (root / "splits" / f"index_{role}_01.csv").write_text("".join(f"{i}\n" for i in index[role]))
+    fold = _plans("rmd17", path, fold=1)
+    per_file = {**_plans("rmd17", split_files["train"]), **_plans("rmd17", split_files["test"])}
+    for split, role in (("train", "train"), ("val", "train"), ("test", "test")):
+        ours = _records(fold[("rmd17_ethanol", split)])
+        theirs = _records(per_file[("rmd17_ethanol", split)])
+        np.testing.assert_array_equal(_frame_ids(ours), index[role][_frame_ids(theirs)])
+        np.testing.assert_array_equal(np.stack([r["forces"] for r in ours]), np.stack([r["forces"] for r in theirs]))
+        assert [r["energy"] for r in ours] == [r["energy"] for r in theirs]
+    assert {n: sha256_file(os.path.join(folder, n)) for n in sorted(os.listdir(folder))} == before

@@ -1,7 +1,8 @@
 """Mixed-task input pipeline: deterministic task streams, temperature sampling, packing into padded batches.
 
 Every step draws one task (p_i ∝ n_i^(1/T)), then packs that task's next structures into
-`num_batch_shards` padded batches of the task's static budgets. The whole state is a few integers
+`num_batch_shards` padded batches of one of the task's static budget shapes ("buckets", at most a few:
+each is one compiled step), the one the step's first batch fills best. The whole state is a few integers
 (step and per-task cursors), so a resumed run sees exactly the batches of an uninterrupted one.
 Graphs are built ahead on worker threads; batches are prefetched on a background thread.
 """
@@ -11,7 +12,7 @@ import concurrent.futures
 import dataclasses
 import queue
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -32,9 +33,24 @@ class TaskSpec:
 
     name: str
     settings: GraphSettings
-    budgets: batching.Budgets
+    # The task's static batch shapes; a lone Budgets means one shape.
+    buckets: tuple[batching.Budgets, ...] | batching.Budgets
     # Per-element reference energies (index Z) subtracted from the label, as JMP's lin_ref; None keeps raw energies.
     linear_reference: np.ndarray | None = None
+    # Least per-atom edge slots of each edge set (see `slots.bucketed_widths`): planned from the sample so
+    # that every batch of the task has the same slot shape; None sizes them per batch.
+    slot_widths: Mapping[str, int] | None = None
+
+    def __post_init__(self):
+        buckets = (self.buckets,) if isinstance(self.buckets, batching.Budgets) else tuple(self.buckets)
+        if not buckets:
+            raise ValueError(f"task {self.name!r} has no budgets")
+        object.__setattr__(self, "buckets", buckets)
+
+    @property
+    def window(self) -> int:
+        """Structures examined per batch when packing."""
+        return PACKING_WINDOW_PER_GRAPH * max(b.graphs for b in self.buckets)
 
 
 def temperature_probabilities(sizes: Sequence[int], temperature: float) -> np.ndarray:
@@ -152,7 +168,7 @@ class Pipeline:
         self.probabilities = (np.asarray(task_probabilities, np.float64) if task_probabilities is not None
                               else temperature_probabilities([len(s) for s in sources], temperature))
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(num_workers, 1))
-        lookahead = 4 * max(t.budgets.graphs for t in self.tasks)
+        lookahead = 2 * max(t.window for t in self.tasks)
         self.streams = [TaskStream(src, spec, seed=seed, task_index=i, shuffle=shuffle,
                                    edge_dropout=edge_dropout, process_index=process_index,
                                    process_count=process_count, executor=self._executor, lookahead=lookahead)
@@ -167,30 +183,36 @@ class Pipeline:
     def task_of_step(self, step: int) -> int:
         return int(np.random.default_rng([self.seed, step, 2]).choice(len(self.tasks), p=self.probabilities))
 
-    def _pack_one(self, task: int):
+    def _pack_one(self, task: int, bucket: int | None) -> tuple[LabeledBatch, int]:
         """First-fit packing over a short window of the task's stream; what does not fit waits in line.
 
         Looking a few structures ahead fills the budgets far better than stopping at the first overflow,
         and the deferred positions are part of the saved state, so resuming stays exact.
+        bucket None: the bucket this batch fills best (`batching.pack_window`); returns it with the batch.
         """
         spec, stream = self.tasks[task], self.streams[task]
-        examined = stream.candidates(PACKING_WINDOW_PER_GRAPH * spec.budgets.graphs)
+        examined = stream.candidates(spec.window)
         built = [stream.get(p) for p in examined]
         needs = [batching.structure_sizes(graphs) for _, graphs in built]
-        picked = batching.first_fit(needs, spec.budgets)
-        if not picked or picked[0] != 0:  # the first in line does not fit an empty batch: it never will
-            needs[0].check_fits(spec.budgets, what=f"task {spec.name!r} structure {built[0][0].get('source_id')}")
+        bucket, picked = batching.pack_window(needs, spec.buckets, bucket)
+        if not picked:  # the first in line does not fit an empty batch of any usable bucket: it never will
+            what = (f"task {spec.name!r} structure {built[0][0].get('source_id')}, "
+                    f"budget shape {bucket + 1} of {len(spec.buckets)}")
+            needs[0].check_fits(spec.buckets[bucket], what=what)
         records = [built[i][0] for i in picked]
         chosen = [built[i][1] for i in picked]
         taken = [examined[i] for i in picked]
         stream.commit(examined, taken)
-        graph_batch = batching.collate(chosen, spec.budgets)
-        energy, forces = label_arrays(records, spec.budgets, spec.linear_reference)
-        return LabeledBatch(graphs=graph_batch, energy=energy, forces=forces)
+        budgets = spec.buckets[bucket]
+        graph_batch = batching.collate(chosen, budgets, slot_widths=spec.slot_widths)
+        energy, forces = label_arrays(records, budgets, spec.linear_reference)
+        return LabeledBatch(graphs=graph_batch, energy=energy, forces=forces), bucket
 
     def _produce(self):
         task = self.task_of_step(self.step)
-        shards = [self._pack_one(task) for _ in range(self.num_batch_shards)]
+        # The first shard picks the step's bucket; the others keep it, so the shards stack into one array.
+        first, bucket = self._pack_one(task, None)
+        shards = [first] + [self._pack_one(task, bucket)[0] for _ in range(self.num_batch_shards - 1)]
         batch = jax.tree.map(lambda *xs: np.stack(xs), *shards)
         self.step += 1
         return task, batch, self._state_now()

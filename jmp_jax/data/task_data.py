@@ -1,4 +1,4 @@
-"""From a run config to tasks: shard sources, normalisation, graph settings, budgets and pipelines."""
+"""From a run config to tasks: shard sources, normalisation, graph settings, budget shapes and pipelines."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,13 +10,13 @@ import numpy as np
 
 from jmp_jax.data.pipeline import PACKING_WINDOW_PER_GRAPH, Pipeline, TaskSpec
 from jmp_jax.data.tfrecord_index import TFRecordSource
-from jmp_jax.graph import batching
+from jmp_jax.graph import batching, slots
 from jmp_jax.graph.build import GraphSettings, build_structure_graphs
 from jmp_jax.training.loss import TaskNormalization
 
 # Structures sampled per task to size its static budgets, passes over them when replaying the packing,
 # and rounds of shrinking the budgets to what the replayed batches use.
-BUDGET_SAMPLE = 64
+BUDGET_SAMPLE = 96
 # The most atoms-rich structures are always measured too (in sources small enough to scan), with some
 # headroom for denser structures of fewer atoms, so that every structure fits a batch on its own.
 LARGEST_SCANNED = 8
@@ -24,6 +24,16 @@ SCAN_LIMIT = 200_000
 LARGEST_HEADROOM = 1.1
 PACKING_REPLAYS = 8
 BUDGET_REFINEMENTS = 3
+# Two buckets: rounds of refitting each to the batches that chose it, then a local search of relative
+# steps over groups of kinds that grow together, scored by the worst kind's fill plus a little of the mean.
+BUCKET_REFITS = 3
+SEARCH_STEPS = (0.08, 0.04, 0.02)
+SEARCH_SWEEPS = 3
+MEAN_FILL_WEIGHT = 0.2
+KIND_GROUPS = (("nodes",), ("edges", "a2ee2a", "a2a"), ("qint",),
+               ("trip_e2e", "trip_a2e", "trip_e2a", "quad_trip_in", "quad_trip_out"), ("quads",))
+_KINDS = list(batching.Budgets.zeros().as_dict())
+GRAPHS_SLOT = _KINDS.index("graphs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,38 +76,158 @@ def largest_structures(source) -> np.ndarray:
     return np.argsort(-natoms, kind="stable")[:LARGEST_SCANNED]
 
 
-def plan_budgets(source, settings: GraphSettings, structures_per_batch: int, seed: int) -> batching.Budgets:
-    """Static budgets for one task, sized on a sample of its structures.
+@dataclasses.dataclass(frozen=True)
+class BudgetSample:
+    """What a task's sampled structures need, for replaying the pipeline's packing before training."""
 
-    Start proportional to the mean need of every kind, for at least `structures_per_batch` structures
-    (and the largest sampled one alone); then replay the pipeline's packing on the sample and shrink
-    each budget to what its batches use (90th percentile), so no kind is mostly padding.
-    Graph slots are cheap and stay generous so they rarely bind.
+    replay: list[batching.Budgets]  # the sample's needs, in several shuffled passes
+    mean: np.ndarray  # (12,) mean need per structure, at least 1
+    floor: np.ndarray  # (12,) real slots every budget keeps: the largest structure alone, with headroom
+    slot_widths: dict[str, int]  # per-atom edge slots (`EdgeSlots`) that hold every sampled structure
+
+
+def sample_needs(source, settings: GraphSettings, seed: int, edge_dropout: float = 0.0) -> BudgetSample:
+    """Needs of BUDGET_SAMPLE random structures built as training builds them (with `edge_dropout`).
+
+    The floor comes from structures built without dropout (validation batches have none) and includes
+    the most atoms-rich structures of the source.
     """
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(source), size=min(BUDGET_SAMPLE, len(source)), replace=False)
-    needs = []
-    for i in np.concatenate([picks, largest_structures(source)]):
+
+    degrees = []  # of the structures built without dropout: dropout only lowers in-degrees
+
+    def need(i: int, dropout: float) -> np.ndarray:
         r = source[int(i)]
-        g = build_structure_graphs(r["atomic_numbers"], r["positions"], r["cell"], None, r["tags"],
-                                   settings, fixed=r["fixed"], name=f"record {i}")
-        needs.append(batching.structure_sizes(g))
-    sizes = np.asarray([n.as_array() for n in needs], np.float64)
-    sizes, outliers = sizes[:len(picks)], sizes[len(picks):]
-    mean = np.maximum(sizes.mean(0), 1.0)
-    largest = np.ceil(np.vstack([sizes, outliers]).max(0) * LARGEST_HEADROOM)
-    multiple = max(float(structures_per_batch), float(np.max(largest / mean)))
-    graphs_slot = list(batching.Budgets.zeros().as_dict()).index("graphs")
-    target = np.ceil(mean * multiple)
-    target[graphs_slot] = 2 * np.ceil(multiple)
-    replay = [needs[i] for i in np.concatenate([rng.permutation(len(picks)) for _ in range(PACKING_REPLAYS)])]
+        g = build_structure_graphs(r["atomic_numbers"], r["positions"], r["cell"], None, r["tags"], settings,
+                                   fixed=r["fixed"], name=f"record {i}", edge_dropout=dropout,
+                                   rng=np.random.default_rng([seed, int(i), 3]) if dropout else None)
+        if not dropout:
+            degrees.append(slots.structure_in_degrees(g))
+        return batching.structure_sizes(g).as_array()
+
+    sampled = np.asarray([need(i, edge_dropout) for i in picks], np.float64)
+    plain = sampled if not edge_dropout else np.asarray([need(i, 0.0) for i in picks], np.float64)
+    outliers = [need(i, 0.0) for i in largest_structures(source)]
+    floor = np.ceil(np.vstack([plain, *outliers]).max(0) * LARGEST_HEADROOM)
+    order = np.concatenate([rng.permutation(len(picks)) for _ in range(PACKING_REPLAYS)])
+    widths = {name: max(d[name] for d in degrees) for name in slots.SLOTTED_GRAPHS}
+    return BudgetSample(replay=[batching.Budgets.from_array(sampled[k]) for k in order],
+                        mean=np.maximum(sampled.mean(0), 1.0), floor=floor, slot_widths=widths)
+
+
+def _replay(sample: BudgetSample, buckets, shards_per_step: int) -> tuple[np.ndarray, np.ndarray]:
+    """((B, 12) totals, (B,) bucket) of the sample's replayed batches, packed as the pipeline packs."""
+    window = PACKING_WINDOW_PER_GRAPH * max(b.graphs for b in buckets)
+    return batching.simulate_packing(sample.replay, buckets, window, shards_per_step)
+
+
+def _refit(used: np.ndarray, floor: np.ndarray, graphs: float) -> batching.Budgets:
+    """Budgets shrunk to the 90th percentile of what (B, 12) batches use, never below the floor."""
+    target = np.maximum(np.ceil(np.percentile(used, 90, axis=0)), floor)
+    target[GRAPHS_SLOT] = graphs
+    return batching.Budgets.from_array(target + 1)  # one padding slot per array
+
+
+def _single_plan(sample: BudgetSample, structures_per_batch: int, shards_per_step: int) -> batching.Budgets:
+    """Start proportional to the mean need, for at least `structures_per_batch` structures (and the floor);
+    then shrink each kind to what the replayed batches use. Graph slots stay generous so they rarely bind."""
+    multiple = max(float(structures_per_batch), float(np.max(sample.floor / sample.mean)))
+    target = np.ceil(sample.mean * multiple)
+    target[GRAPHS_SLOT] = 2 * np.ceil(multiple)
+    budgets = batching.Budgets.from_array(target + 1)
     for _ in range(BUDGET_REFINEMENTS):
-        budgets = batching.Budgets.from_array(target + 1)  # one padding slot per array
-        used = batching.simulate_packing(replay, budgets, PACKING_WINDOW_PER_GRAPH * budgets.graphs)
-        shrunk = np.maximum(np.ceil(np.percentile(used, 90, axis=0)), largest)
-        shrunk[graphs_slot] = target[graphs_slot]
-        target = shrunk
-    return batching.Budgets.from_array(target + 1)
+        budgets = _refit(_replay(sample, [budgets], shards_per_step)[0], sample.floor, target[GRAPHS_SLOT])
+    return budgets
+
+
+def replay_fill(sample: BudgetSample, buckets, shards_per_step: int = 1) -> np.ndarray:
+    """(12,) mean over the sample's replayed batches of real entries / budget per kind, in each batch's bucket."""
+    used, chosen = _replay(sample, buckets, shards_per_step)
+    return np.mean(used / np.asarray([b.as_array() for b in buckets])[chosen], axis=0)
+
+
+def _score(fill: np.ndarray) -> float:
+    padded = np.delete(fill, GRAPHS_SLOT)
+    return float(padded.min() + MEAN_FILL_WEIGHT * padded.mean())
+
+
+def _bucket_floors(sample: BudgetSample, shards_per_step: int) -> list[np.ndarray]:
+    """(12,) floor of the light and the heavy bucket. Only the heavy one must hold the largest structure
+    alone when every step is one batch: a batch picks among the buckets that hold its first structure.
+    With several batches per step the later ones keep the step's bucket, so both hold every structure."""
+    return [sample.floor if shards_per_step > 1 else np.zeros_like(sample.floor), sample.floor]
+
+
+def _split(sample: BudgetSample, single: batching.Budgets, shards_per_step: int) -> list[batching.Budgets]:
+    """Two buckets: the single plan's replayed batches split at the median of quadruplets per atom (triplet
+    and quadruplet counts grow faster than atom counts), each refit to the batches that choose it."""
+    used, _ = _replay(sample, [single], shards_per_step)
+    per_atom = used[:, _KINDS.index("quads")] / np.maximum(used[:, _KINDS.index("nodes")], 1)
+    heavy = per_atom > np.median(per_atom)
+    if heavy.all() or not heavy.any():
+        return [single]
+
+    floors = _bucket_floors(sample, shards_per_step)
+    buckets = [_refit(used[~heavy], floors[0], single.graphs - 1), _refit(used[heavy], floors[1], single.graphs - 1)]
+    for _ in range(BUCKET_REFITS):
+        used, chosen = _replay(sample, buckets, shards_per_step)
+        buckets = [_refit(used[chosen == j], floors[j], single.graphs - 1) if np.any(chosen == j) else b
+                   for j, b in enumerate(buckets)]
+    return buckets
+
+
+def _search(sample: BudgetSample, buckets: list[batching.Budgets], shards_per_step: int) -> list[batching.Budgets]:
+    """Local search: grow or shrink one group of kinds of one bucket by a relative step while the replayed
+    fill score (`_score`) improves, with ever smaller steps."""
+    groups = [[_KINDS.index(k) for k in group] for group in KIND_GROUPS]
+    floors = _bucket_floors(sample, shards_per_step)
+    rows = [b.as_array() for b in buckets]
+
+    def score(candidate) -> float:
+        return _score(replay_fill(sample, [batching.Budgets.from_array(r) for r in candidate], shards_per_step))
+
+    best = score(rows)
+    for step in SEARCH_STEPS:
+        for _ in range(SEARCH_SWEEPS):
+            improved = False
+            for j in range(len(rows)):
+                for group in groups:
+                    for sign in (-1, 1):
+                        candidate = [r.copy() for r in rows]
+                        candidate[j][group] = np.maximum(np.ceil(rows[j][group] * (1 + sign * step)),
+                                                         floors[j][group] + 1)
+                        value = score(candidate)
+                        if value > best + 1e-6:
+                            best, rows, improved = value, candidate, True
+            if not improved:
+                break
+    return [batching.Budgets.from_array(r) for r in rows]
+
+
+def plan_budgets(source, settings: GraphSettings, structures_per_batch: int, seed: int, *,
+                 edge_dropout: float = 0.0) -> batching.Budgets:
+    """One static budget shape for a task, sized on a sample of its structures (see `_single_plan`)."""
+    return _single_plan(sample_needs(source, settings, seed, edge_dropout), structures_per_batch, 1)
+
+
+def plan_buckets(source, settings: GraphSettings, structures_per_batch: int, seed: int, *,
+                 edge_dropout: float = 0.0, shards_per_step: int = 1,
+                 sample: BudgetSample | None = None) -> tuple[batching.Budgets, ...]:
+    """Up to two static budget shapes for a task: a light one for batches of many small structures and a
+    heavy one (last) for batches of fewer, triplet- and quadruplet-heavy ones (`_split`, then `_search`).
+    Kept only if the replayed packing, which picks per step the shape it fills best, fills better than
+    with one shape. Pipelines must run them with `shards_per_step` batches per step (`_bucket_floors`)."""
+    sample = sample or sample_needs(source, settings, seed, edge_dropout)
+    single = _single_plan(sample, structures_per_batch, shards_per_step)
+    split = _split(sample, single, shards_per_step)
+    if len(split) < 2:
+        return (single,)
+    pair = _search(sample, split, shards_per_step)
+    if pair[0] == pair[1] or (_score(replay_fill(sample, pair, shards_per_step))
+                              <= _score(replay_fill(sample, [single], shards_per_step))):
+        return (single,)
+    return tuple(pair)
 
 
 def load_tasks(config: ml_collections.ConfigDict) -> list[Task]:
@@ -114,9 +244,13 @@ def load_tasks(config: ml_collections.ConfigDict) -> list[Task]:
             force_std=float(t["force_std"] or stats["forces_std"]),
             energy_coefficient=float(t["energy_coefficient"]), force_coefficient=float(t["force_coefficient"]))
         source = open_source(data_dir, t["source"], config.data.train_split)
-        budgets = plan_budgets(source, settings, config.data.structures_per_batch, config.seed)
+        sample = sample_needs(source, settings, config.seed, config.data.edge_dropout)
+        buckets = plan_buckets(source, settings, config.data.structures_per_batch, config.seed,
+                               edge_dropout=config.data.edge_dropout,
+                               shards_per_step=config.data.num_batch_shards, sample=sample)
         tasks.append(Task(name=t["name"], data_dir=data_dir, source=t["source"],
-                          spec=TaskSpec(t["name"], settings, budgets, linref), normalization=norm))
+                          spec=TaskSpec(t["name"], settings, buckets, linref, sample.slot_widths),
+                          normalization=norm))
     return tasks
 
 

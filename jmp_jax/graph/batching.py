@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jraph
 import numpy as np
 
+from jmp_jax.graph import slots
 from jmp_jax.graph.build import EdgeArrays, StructureGraphs, TripletArrays
 from jmp_jax.graph.types import EdgeSet, GraphBatch, QuadrupletIndex, TripletIndex
 
@@ -197,9 +198,12 @@ def _graphs_tuple(structures, main: EdgeSet, need: dict[str, int], b: Budgets,
         globals={"mask": _mask(num_graphs, b.graphs)})
 
 
-def collate(structures: Sequence[StructureGraphs], budgets: Budgets, *,
-            dtype=np.float32) -> GraphBatch:
+def collate(structures: Sequence[StructureGraphs], budgets: Budgets, *, dtype=np.float32,
+            slot_widths: Mapping[str, int] | None = None) -> GraphBatch:
     """Pad and batch structures into one GraphBatch of static shapes set by `budgets`.
+
+    The per-atom edge slots (`EdgeSlots`) are as wide as the largest in-degree, at least `slot_widths`,
+    rounded up (`slots.bucketed_widths`), so a task sees one or a few slot shapes.
 
     Raises BudgetOverflowError if any kind needs more than budget - 1 slots (or the batch has more
     than budgets.graphs - 1 structures). dtype: float type of positions and shifts.
@@ -241,7 +245,7 @@ def collate(structures: Sequence[StructureGraphs], budgets: Budgets, *,
                                        need["quad_trip_out"]),
         mask=_mask(need["quads"], b.quads))
 
-    return GraphBatch(
+    batch = GraphBatch(
         graph=_graphs_tuple(structures, main, need, b, dtype), id_swap=id_swap,
         a2ee2a=edge_set(lambda sg: sg.a2ee2a, b.a2ee2a, need["a2ee2a"]),
         qint=edge_set(lambda sg: sg.qint, b.qint, need["qint"]),
@@ -254,6 +258,7 @@ def collate(structures: Sequence[StructureGraphs], budgets: Budgets, *,
                                b.trip_e2a, need["trip_e2a"]),
         quad=quad,
     )
+    return slots.with_slots(batch, slots.bucketed_widths(batch, slot_widths))
 
 
 def first_fit(needs: Sequence[Budgets], budgets: Budgets) -> list[int]:
@@ -262,29 +267,75 @@ def first_fit(needs: Sequence[Budgets], budgets: Budgets) -> list[int]:
     A padding slot of every kind stays free (see `Budgets.fits_in`); the first need is taken whenever it
     fits an empty batch.
     """
-    limit = budgets.as_array() - 1
+    return _first_fit(_rows(needs), budgets.as_array())
+
+
+def _rows(needs: Sequence[Budgets]) -> np.ndarray:
+    """(n, 12) counts of `needs`."""
+    return np.asarray([n.as_array() for n in needs], np.int64).reshape(len(needs), -1)
+
+
+def _first_fit(rows: np.ndarray, budgets: np.ndarray) -> list[int]:
+    """`first_fit` on (n, 12) needs and a (12,) budget."""
+    limit = budgets - 1
     used = np.zeros_like(limit)
     taken = []
-    for i, need in enumerate(needs):
-        total = used + need.as_array()
+    for i, need in enumerate(rows):
+        total = used + need
         if np.all(total <= limit):
             used = total
             taken.append(i)
     return taken
 
 
-def simulate_packing(needs: Sequence[Budgets], budgets: Budgets, window: int) -> np.ndarray:
-    """(B, 12) totals of the batches that first-fit packing with deferral (as the input pipeline packs)
+def batch_fill(used: np.ndarray, budgets: np.ndarray) -> float:
+    """Mean over the padded kinds (every kind but graph slots) of real entries / budget; (12,) arrays."""
+    return float(np.mean(used[:-1] / budgets[:-1]))
+
+
+def pack_window(needs: Sequence[Budgets], buckets: Sequence[Budgets],
+                bucket: int | None = None) -> tuple[int, list[int]]:
+    """(bucket index, indices of `needs` first-fit packed into it).
+
+    bucket None: of the buckets whose empty batch holds needs[0] (the first in line is never passed
+    over), the one the packed batch fills best (`batch_fill`); none: (last bucket, []). A given bucket is packed
+    as it is, possibly passing over needs[0] (later shards of a step must keep the step's shape).
+    """
+    return _pack_rows(_rows(needs), np.asarray([b.as_array() for b in buckets]), bucket)
+
+
+def _pack_rows(rows: np.ndarray, buckets: np.ndarray, bucket: int | None) -> tuple[int, list[int]]:
+    """`pack_window` on (n, 12) needs and (J, 12) buckets."""
+    if bucket is not None:
+        return bucket, _first_fit(rows, buckets[bucket])
+    best, best_fill = (len(buckets) - 1, []), -1.0
+    for j, budgets in enumerate(buckets):
+        picked = _first_fit(rows, budgets)
+        if not picked or picked[0] != 0:
+            continue
+        fill = batch_fill(rows[picked].sum(axis=0), budgets)
+        if fill > best_fill:
+            best, best_fill = (j, picked), fill
+    return best
+
+
+def simulate_packing(needs: Sequence[Budgets], buckets: Sequence[Budgets], window: int,
+                     shards_per_step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """((B, 12) totals, (B,) bucket index) of the batches that the input pipeline's packing (first fit over
+    `window` candidates with deferral, `pack_window`, one bucket per step of `shards_per_step` batches)
     makes from `needs` in order; used to size budgets before training."""
+    rows, bucket_rows = _rows(needs), np.asarray([b.as_array() for b in buckets])
     deferred: list[int] = []
-    cursor, totals = 0, []
-    while cursor < len(needs) or deferred:
-        examined = deferred + list(range(cursor, min(cursor + max(window - len(deferred), 0), len(needs))))
-        picked = first_fit([needs[i] for i in examined], budgets)
+    cursor, totals, chosen = 0, [], []
+    while cursor < len(rows) or deferred:
+        examined = deferred + list(range(cursor, min(cursor + max(window - len(deferred), 0), len(rows))))
+        step_bucket = None if len(chosen) % shards_per_step == 0 else chosen[-1]
+        bucket, picked = _pack_rows(rows[examined], bucket_rows, step_bucket)
         if not picked:
             raise BudgetOverflowError("any", 0, 0, "simulate_packing: a structure never fits")
-        totals.append(np.sum([needs[examined[i]].as_array() for i in picked], axis=0))
+        totals.append(rows[[examined[i] for i in picked]].sum(axis=0))
+        chosen.append(bucket)
         taken = {examined[i] for i in picked}
         deferred = [p for p in examined if p not in taken]
         cursor = max([cursor - 1, *examined]) + 1
-    return np.asarray(totals)
+    return np.asarray(totals), np.asarray(chosen)

@@ -49,6 +49,21 @@ class QuadrupletIndex:
 
 
 @flax.struct.dataclass
+class EdgeSlots:
+    """The edges into every atom laid out densely: slot (a, k) holds the k-th edge into atom a.
+
+    The model runs triplet, quadruplet and pair interactions as dense contractions over these slots
+    (every triplet c->a <- b is a pair of slots of atom a), so no triplet or quadruplet list and no
+    scatter over them is needed. Missing entries hold an out-of-range index (E for `edge`, N*K for
+    `slot_of_edge`), which gathers with mode="fill" read as zero.
+    """
+
+    edge: jax.Array          # (N, K) int32 edge index of each slot, E where empty
+    mask: jax.Array          # (N, K) bool, slot holds a real edge
+    slot_of_edge: jax.Array  # (E,) int32 flat slot a*K + k of each edge, N*K for padding edges
+
+
+@flax.struct.dataclass
 class GraphBatch:
     """Everything GemNet-OC needs for one padded batch.
 
@@ -70,6 +85,10 @@ class GraphBatch:
     trip_a2e: TripletIndex   # edge_in: a2ee2a edge b->a, edge_out: main edge c->a
     trip_e2a: TripletIndex   # edge_in: main edge b->a, edge_out: a2ee2a edge c->a
     quad: QuadrupletIndex
+    main_slots: EdgeSlots | None = None
+    a2ee2a_slots: EdgeSlots | None = None
+    qint_slots: EdgeSlots | None = None
+    a2a_slots: EdgeSlots | None = None
 
     @property
     def num_nodes(self) -> int:

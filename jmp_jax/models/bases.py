@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmp_jax.graph.types import GraphBatch
+from jmp_jax.graph.types import EdgeSlots, GraphBatch
+from jmp_jax.models import slot_ops
 from jmp_jax.models.config import BackboneConfig
-from jmp_jax.models.layers import BasisEmbedding, Dense, EdgeEmbedding
+from jmp_jax.models.layers import BasisEmbedding, Dense, EdgeEmbedding, fusion_barrier
 
 
 def safe_norm(x: jax.Array) -> jax.Array:
@@ -82,8 +83,10 @@ def angle_between(u: jax.Array, v: jax.Array) -> jax.Array:
 
 
 class TripletBasis(NamedTuple):
-    """Bases of one triplet interaction: `rad` for mlp_rbf (per input-side edge), the efficient circular
-    basis rad_w1 (per output edge, (E_out, cbf, S)) and `sph` (T, S) per triplet."""
+    """Bases of one triplet interaction c->a <- b: `rad` for mlp_rbf (per input edge b->a), the efficient
+    circular basis rad_w1 (per output edge, (E_out, cbf, S)) and `sph` (N, K_out, K_in, S): Y_l(cos of
+    the angle between the edges in output slot j and input slot k of atom a), zero where (j, k) is no
+    triplet (an empty slot, or the input edge being the output edge)."""
 
     rad: jax.Array
     rad_w1: jax.Array
@@ -91,15 +94,94 @@ class TripletBasis(NamedTuple):
 
 
 class QuadBasis(NamedTuple):
-    """Quadruplet bases: rad (E, rbf); cir (T_in, cbf) per qint triplet; rad_w1 (E, sbf, S*S);
-    sph_cab (T_out, S) per output triplet and sph_dihedral (Q, S) per quadruplet, whose outer product
-    (cab-major) is the reference's 49-channel legendre_outer basis."""
+    """Quadruplet bases over qint slots q (edge b->a into atom a) and main slots of a (j: c->a) and b
+    (k: d->b): rad (E, rbf); cir (N, Kq, K, cbf) per input triplet (q, k); rad_w1 (E, sbf, S*S);
+    sph_cab (N, Kq, K, S) per output triplet (q, j), zero where (q, j) is none; sph_dihedral
+    (N, Kq, K, K, S) per quadruplet (q, j, k), zero where (q, j, k) is none. The outer product of the
+    last two (cab-major) is the reference's 49-channel legendre_outer basis."""
 
     rad: jax.Array
     cir: jax.Array
     rad_w1: jax.Array
     sph_cab: jax.Array
     sph_dihedral: jax.Array
+
+
+class SlotGeometry(NamedTuple):
+    """An edge set seen from the per-atom slots: each slot's unit vector, source atom, cell shift, mask.
+    Empty slots have a zero vector and source atom N (no atom)."""
+
+    unit: jax.Array    # (N, K, 3)
+    sender: jax.Array  # (N, K) int32
+    shift: jax.Array   # (N, K, 3)
+    mask: jax.Array    # (N, K) bool
+
+
+def slot_geometry(unit: jax.Array, senders: jax.Array, shift: jax.Array, slots: EdgeSlots) -> SlotGeometry:
+    """Per-edge unit vectors (E, 3), senders (E,) and cell shifts (E, 3) laid out on `slots`."""
+    return SlotGeometry(slot_ops.take_rows(unit, slots.edge), slot_ops.slot_sources(senders, slots),
+                        slot_ops.take_rows(shift.astype(unit.dtype), slots.edge), jnp.asarray(slots.mask))
+
+
+# Two edges with the same source atom are the same image when their cell shifts (offset @ cell) agree;
+# distinct integer offsets differ by a lattice vector, so a loose tolerance (Å^2) is exact.
+SAME_IMAGE_TOL = 1e-4
+
+
+def same_image(sender_a: jax.Array, shift_a: jax.Array, sender_b: jax.Array, shift_b: jax.Array,
+               sign: float = -1.0) -> jax.Array:
+    """sender_a == sender_b and shift_a + sign * shift_b == 0 (broadcasting; shifts (..., 3))."""
+    net = shift_a + sign * shift_b
+    return (sender_a == sender_b) & (jnp.sum(net * net, axis=-1) < SAME_IMAGE_TOL)
+
+
+def masked_legendre(cos_angle: jax.Array, mask: jax.Array, num_spherical: int) -> jax.Array:
+    """legendre_basis(clip(cos)) where mask, else 0: (...) -> (..., S), each materialised once."""
+    cos_angle = fusion_barrier(jnp.where(mask, jnp.clip(cos_angle, -1.0, 1.0), 0.0))
+    # Bases feed several blocks' contractions: computed once, not re-derived inside each consumer.
+    return fusion_barrier(legendre_basis(cos_angle, num_spherical) * mask[..., None].astype(cos_angle.dtype))
+
+
+def triplet_sph(out: SlotGeometry, inp: SlotGeometry, num_spherical: int, same_graph: bool) -> jax.Array:
+    """(N, K_out, K_in, S) angular basis of triplets c->a (out slot j) <- b (in slot k).
+
+    same_graph (e2e): every other edge into a. Otherwise (mixed graphs) every edge into a except the
+    same atom image as the output edge.
+    """
+    cos = jnp.einsum("ajx,akx->ajk", out.unit, inp.unit)
+    mask = out.mask[:, :, None] & inp.mask[:, None, :]
+    if same_graph:
+        mask &= ~jnp.eye(out.mask.shape[1], dtype=bool)
+    else:
+        mask &= ~same_image(out.sender[:, :, None], out.shift[:, :, None], inp.sender[:, None, :],
+                            inp.shift[:, None, :])
+    return masked_legendre(cos, mask, num_spherical)
+
+
+def quadruplet_geometry(main: SlotGeometry, qint: SlotGeometry, num_spherical: int):
+    """Angular parts of the quadruplets d->b->a<-c over qint slot q (b->a), main slots j (c->a) of a
+    and k (d->b) of b.
+
+    Returns sph_abd (N, Kq, K, S) per input triplet (zero where none), sph_cab (N, Kq, K, S) per output
+    triplet and sph_dihedral (N, Kq, K, K, S) per quadruplet, each zero where the reference has none:
+    d->b returning to a's image, c->a being b->a itself, or c and d the same atom image.
+    """
+    num_nodes = main.mask.shape[0]
+    take_b = lambda x, fill=0: slot_ops.take_rows(x, qint.sender, fill)  # noqa: E731
+    u_db, s_d, sh_db, m_db = take_b(main.unit), take_b(main.sender, num_nodes), take_b(main.shift), take_b(main.mask)
+    u_ba, s_b, sh_ba = qint.unit[:, :, None], qint.sender[:, :, None], qint.shift[:, :, None]   # (N, Kq, 1, ...)
+    atom = jnp.arange(num_nodes)[:, None, None]
+    trip_in = qint.mask[:, :, None] & m_db & ~same_image(s_d, sh_db, atom, -sh_ba)
+    u_ca, s_c, sh_ca = main.unit[:, None], main.sender[:, None], main.shift[:, None]             # (N, 1, K, ...)
+    trip_out = qint.mask[:, :, None] & main.mask[:, None] & ~same_image(s_c, sh_ca, s_b, sh_ba)
+    c_is_d = same_image(s_c[..., None], sh_ca[:, :, :, None], s_d[:, :, None], sh_db[:, :, None] + sh_ba[..., None, :])
+    quad = trip_out[..., None] & trip_in[:, :, None] & ~c_is_d
+    sph_abd = masked_legendre(jnp.sum(u_ba * u_db, axis=-1), trip_in, num_spherical)
+    sph_cab = masked_legendre(jnp.sum(u_ca * u_ba, axis=-1), trip_out, num_spherical)
+    normal_out = jnp.cross(u_ca, u_ba)   # (N, Kq, K, 3) plane c-a-b
+    normal_in = jnp.cross(u_db, u_ba)    # (N, Kq, K, 3) plane a-b-d
+    dihedral = angle_between(normal_out[:, :, :, None], normal_in[:, :, None])
+    return sph_abd, sph_cab, masked_legendre(jnp.cos(dihedral), quad, num_spherical)
 
 
 class BasesOutput(NamedTuple):
@@ -139,31 +221,27 @@ class Bases(nn.Module):
         def cbf_embedding(name: str, rbf: jax.Array) -> jax.Array:
             return BasisEmbedding(cfg.emb_size_cbf, S, name=name)(rbf)
 
-        # Triplets c->a <- b over the main graph.
-        t = batch.trip_e2e
+        main = slot_geometry(v_main, graph.senders, graph.edges["shift"], batch.main_slots)
+        aeea = slot_geometry(v_ae, batch.a2ee2a.senders, batch.a2ee2a.shift, batch.a2ee2a_slots)
         e2e = TripletBasis(rbf_dense("mlp_rbf_tint", rbf_main), cbf_embedding("mlp_cbf_tint", rbf_main),
-                           legendre_basis(cos_clamped(v_main[t.edge_out], v_main[t.edge_in]), S))
+                           triplet_sph(main, main, S, same_graph=True))
 
         # Quadruplets d -> b -> a <- c.
-        q = batch.quad
-        v_ba_in, v_db = v_qint[q.triplet_in.edge_out], v_main[q.triplet_in.edge_in]
-        v_ca, v_ba_out = v_main[q.triplet_out.edge_out], v_qint[q.triplet_out.edge_in]
-        dihedral = angle_between(jnp.cross(v_ca, v_ba_out)[q.trip_out_to_quad],
-                                 jnp.cross(v_db, v_ba_in)[q.trip_in_to_quad])
-        cbf_qint = cbf_embedding("mlp_cbf_qint", rbf_qint)[q.triplet_in.edge_out]
+        sph_abd, sph_cab, sph_dihedral = quadruplet_geometry(
+            main, slot_geometry(v_qint, batch.qint.senders, batch.qint.shift, batch.qint_slots), S)
+        cbf_qint = slot_ops.edges_to_slots(cbf_embedding("mlp_cbf_qint", rbf_qint), batch.qint_slots)
         qint = QuadBasis(
             rad=rbf_dense("mlp_rbf_qint", rbf_main),
-            cir=jnp.einsum("tks,ts->tk", cbf_qint, legendre_basis(cos_clamped(v_ba_in, v_db), S)),
+            cir=jnp.einsum("aqcs,aqks->aqkc", cbf_qint, sph_abd),
             rad_w1=BasisEmbedding(cfg.emb_size_sbf, S * S, name="mlp_sbf_qint")(rbf_main),
-            sph_cab=legendre_basis(cos_clamped(v_ca, v_ba_out), S),
-            sph_dihedral=legendre_basis(jnp.cos(dihedral), S))
+            sph_cab=sph_cab, sph_dihedral=sph_dihedral)
 
         # Atom -> edge: a2ee2a edge b->a into main edge c->a; edge -> atom: main b->a into a2ee2a c->a.
-        ta, te = batch.trip_a2e, batch.trip_e2a
-        a2e = TripletBasis(rbf_dense("mlp_rbf_aeint", rbf_ae), cbf_embedding("mlp_cbf_aeint", rbf_main),
-                           legendre_basis(cos_clamped(v_main[ta.edge_out], v_ae[ta.edge_in]), S))
+        # Both pair the same slots of the two graphs, so they share one angular basis (transposed).
+        sph_a2e = triplet_sph(main, aeea, S, same_graph=False)
+        a2e = TripletBasis(rbf_dense("mlp_rbf_aeint", rbf_ae), cbf_embedding("mlp_cbf_aeint", rbf_main), sph_a2e)
         e2a = TripletBasis(rbf_dense("mlp_rbf_eaint", rbf_main), cbf_embedding("mlp_cbf_eaint", rbf_ae),
-                           legendre_basis(cos_clamped(v_ae[te.edge_out], v_main[te.edge_in]), S))
+                           jnp.swapaxes(sph_a2e, 1, 2))
         a2a_rad = BasisEmbedding(cfg.emb_size_rbf, name="mlp_rbf_aint")(rbf_aa)
 
         atom_update = rbf_dense("mlp_rbf_h", rbf_main)

@@ -52,7 +52,6 @@ class GemNetOCBackbone(nn.Module):
         cfg = self.config
         if cfg.num_spherical < 2:
             raise ValueError(f"num_spherical must be >= 2, got {cfg.num_spherical}")
-        receivers = batch.graph.receivers
         bases = Bases(cfg, dtype=self.dtype, name="bases")(h, batch)
         m = bases.m
         self.sow("intermediates", "m_bases", m)
@@ -63,8 +62,8 @@ class GemNetOCBackbone(nn.Module):
                 h, m = InteractionBlock(cfg, dtype=self.dtype, name=f"int_blocks_{k - 1}")(h, m, bases, batch)
                 self.sow("intermediates", f"h_block{k - 1}", h)
                 self.sow("intermediates", f"m_block{k - 1}", m)
-            x_e, x_f = OutputBlock(cfg, dtype=self.dtype, name=f"out_blocks_{k}")(h, m, bases.output, receivers,
-                                                                                  train)
+            x_e, x_f = OutputBlock(cfg, dtype=self.dtype, name=f"out_blocks_{k}")(h, m, bases.output,
+                                                                                  batch.main_slots, train)
             self.sow("intermediates", f"xE_out{k}", x_e)
             xs_e.append(x_e)
             if x_f is not None:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import jraph
 
-from jmp_jax.graph.types import EdgeSet, GraphBatch, QuadrupletIndex, TripletIndex
+from jmp_jax.graph.types import EdgeSet, EdgeSlots, GraphBatch, QuadrupletIndex, TripletIndex
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.gemnet import GemNetOCBackbone
 from jmp_jax.models.layers import scaled_silu
@@ -137,9 +137,12 @@ def placeholder_batch(num_nodes: int = 2, num_edges: int = 2) -> GraphBatch:
         edges={"shift": jnp.zeros((num_edges, 3)), "mask": mask},
         senders=zeros_i, receivers=zeros_i, n_node=jnp.array([num_nodes], jnp.int32),
         n_edge=jnp.array([num_edges], jnp.int32), globals={"mask": jnp.zeros((1,), bool)})
+    empty = EdgeSlots(edge=jnp.full((num_nodes, 1), num_edges, jnp.int32), mask=jnp.zeros((num_nodes, 1), bool),
+                      slot_of_edge=jnp.full((num_edges,), num_nodes, jnp.int32))
     return GraphBatch(graph=graph, id_swap=zeros_i, a2ee2a=edge_set, qint=edge_set, a2a=edge_set,
                       trip_e2e=trip, trip_a2e=trip, trip_e2a=trip,
-                      quad=QuadrupletIndex(trip, trip, zeros_i, zeros_i, zeros_i, mask))
+                      quad=QuadrupletIndex(trip, trip, zeros_i, zeros_i, zeros_i, mask),
+                      main_slots=empty, a2ee2a_slots=empty, qint_slots=empty, a2a_slots=empty)
 
 
 def variable_shapes(config: BackboneConfig, num_tasks: int) -> dict[str, Any]:

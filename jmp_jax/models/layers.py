@@ -19,6 +19,47 @@ import jax.numpy as jnp
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 
 
+def fusion_barrier(x: jax.Array) -> jax.Array:
+    """x, computed into its own buffer that every consumer reads (CPU only; identity elsewhere).
+
+    XLA's CPU fusion duplicates cheap elementwise producers into each consumer without limit, and it
+    expands optimization_barrier before fusing. A conditional is a fusion boundary XLA keeps; both branches
+    compute the identity (written differently, or the conditional is dropped as trivial), so it only
+    costs a branch on one element. On GPU a conditional would sync with the host, and GPU fusion bounds
+    its inputs anyway.
+    """
+    if jax.default_backend() != "cpu" or x.size == 0:
+        return x
+    return jax.lax.cond(jnp.isfinite(x.reshape(-1)[0]), lambda y: y, lambda y: y * 1.0, x)
+
+
+@jax.custom_vjp
+def materialize(x: jax.Array) -> jax.Array:
+    """Identity whose value and cotangent each go through `fusion_barrier`."""
+    return fusion_barrier(x)
+
+
+def _materialize_fwd(x):
+    return fusion_barrier(x), None
+
+
+def _materialize_bwd(_, ct):
+    return (fusion_barrier(ct),)
+
+
+materialize.defvjp(_materialize_fwd, _materialize_bwd)
+
+
+def scaled_sum(*terms: jax.Array, scale: float = INV_SQRT_2) -> jax.Array:
+    """(sum of terms) * scale, materialised as its own buffer.
+
+    GemNet's residual streams are long chains of such sums. Otherwise XLA fuses the whole chain into
+    every consumer and recomputes it from all earlier layers' outputs (measured on CPU: fusions with
+    ~100 inputs took more time than the matrix products).
+    """
+    return materialize(sum(terms[1:], terms[0]) * scale)
+
+
 def scaled_silu(x: jax.Array) -> jax.Array:
     """SiLU divided by 0.6, GemNet's `ScaledSiLU`."""
     return jax.nn.silu(x) * (1.0 / 0.6)
@@ -69,7 +110,7 @@ class ResidualLayer(nn.Module):
         units = x.shape[-1]
         y = Dense(units, activation=True, dtype=self.dtype, name="dense_mlp_0")(x)
         y = Dense(units, activation=True, dtype=self.dtype, name="dense_mlp_1")(y)
-        return (x.astype(self.dtype) + y) * INV_SQRT_2
+        return scaled_sum(x.astype(self.dtype), y)
 
 
 def residual_stack(x: jax.Array, count: int, prefix: str, dtype: Any, start: int = 0) -> jax.Array:
@@ -137,37 +178,21 @@ class BasisEmbedding(nn.Module):
         return rad_w1.reshape(rbf.shape[0], -1, self.num_spherical)
 
 
-def segment_sum(x: jax.Array, segment: jax.Array, num_segments: int) -> jax.Array:
-    """jax.ops.segment_sum accumulated in at least float32 (bf16 sums over hundreds of neighbours lose
-    too much), returned in x's dtype: (J, ...) -> (num_segments, ...)."""
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    return jax.ops.segment_sum(x.astype(acc), segment, num_segments=num_segments).astype(x.dtype)
-
-
-def aggregate_outer(basis: jax.Array, msg: jax.Array, segment: jax.Array, num_segments: int) -> jax.Array:
-    """sum over entries j of each segment of basis[j] (x) msg[j].
-
-    basis (J, S), msg (J, I), segment (J,) -> (num_segments, S, I) in msg's dtype. This is the segment-sum
-    form of the reference's zero-padded `sph @ m_padded`; XLA fuses the outer product into the scatter.
-    """
-    return segment_sum(basis[:, :, None].astype(msg.dtype) * msg[:, None, :], segment, num_segments)
-
-
 class EfficientBilinear(nn.Module):
     """GemNet `EfficientInteractionBilinear` after the first aggregation (submodule `bilinear`).
 
-    rad_w1 (N, interm, S), sph_m (N, S, in) -> bilinear(vec(rad_w1 @ sph_m)) of shape (N', out); the
-    flattening is interm-major as in the reference. With `agg2` = (segment (N,), N') the per-row products
-    are summed once more (the e2a edge -> atom step) before the bilinear layer; otherwise N' = N.
+    rad_w1 (R, interm, S), sph_m (R, S, in) -> bilinear(vec(rad_w1 @ sph_m)) of shape (R, out); the
+    flattening is interm-major as in the reference. With `sum_slots` the inputs are (N, K, ...) and the
+    per-slot products are summed over K once more (the e2a edge -> atom step), giving (N, out).
     """
 
     features: int
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, rad_w1: jax.Array, sph_m: jax.Array,
-                 agg2: tuple[jax.Array, int] | None = None) -> jax.Array:
-        x = jnp.einsum("nks,nsi->nki", rad_w1.astype(self.dtype), sph_m.astype(self.dtype))
-        if agg2 is not None:
-            x = segment_sum(x, agg2[0], agg2[1])
+    def __call__(self, rad_w1: jax.Array, sph_m: jax.Array, sum_slots: bool = False) -> jax.Array:
+        spec = "njks,njsi->nki" if sum_slots else "nks,nsi->nki"
+        acc = jnp.promote_types(self.dtype, jnp.float32)
+        x = jnp.einsum(spec, rad_w1.astype(self.dtype), sph_m.astype(self.dtype),
+                       preferred_element_type=acc).astype(self.dtype)
         return Dense(self.features, dtype=self.dtype, name="bilinear")(x.reshape(x.shape[0], -1))

@@ -1,0 +1,85 @@
+"""Per-atom slot layout of an edge set (host, numpy): the dense form the model's interactions use.
+
+Every triplet of GemNet-OC pairs two edges into the same atom, and every quadruplet pairs the edges into
+the two ends of a `qint` edge. Laying the edges into each atom out as a (num_nodes, width) grid turns
+all of them into small dense contractions per atom (see `jmp_jax.models.interactions`).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from jmp_jax.graph.types import EdgeSlots, GraphBatch
+
+
+def in_degree(receivers: np.ndarray, mask: np.ndarray, num_nodes: int) -> np.ndarray:
+    """(N,) number of real edges into each atom."""
+    return np.bincount(np.asarray(receivers)[np.asarray(mask, bool)], minlength=num_nodes)
+
+
+def edge_slots(receivers: np.ndarray, mask: np.ndarray, num_nodes: int, width: int,
+               name: str = "edges") -> EdgeSlots:
+    """Slot layout of the real edges (`mask`) into each of `num_nodes` atoms, `width` slots per atom.
+
+    Slots of one atom follow edge order. Raises ValueError naming `name` if an atom has more than
+    `width` incoming edges (budgets size `width` to the largest in-degree, so this never truncates).
+    """
+    receivers, mask = np.asarray(receivers), np.asarray(mask, bool)
+    num_edges = receivers.shape[0]
+    real = np.flatnonzero(mask)
+    order = real[np.argsort(receivers[real], kind="stable")]
+    target = receivers[order]
+    rank = np.arange(order.shape[0]) - np.searchsorted(target, target, side="left")
+    if rank.size and rank.max() >= width:
+        atom = int(target[np.argmax(rank)])
+        raise ValueError(f"{name}: atom {atom} has {int(rank.max()) + 1} incoming edges, more than the "
+                         f"{width} slots per atom of the budget")
+    edge = np.full((num_nodes, width), num_edges, np.int32)
+    edge[target, rank] = order
+    slot_of_edge = np.full(num_edges, num_nodes * width, np.int32)
+    slot_of_edge[order] = target * width + rank
+    return EdgeSlots(edge=edge, mask=edge < num_edges, slot_of_edge=slot_of_edge)
+
+
+SLOTTED_GRAPHS = ("main", "a2ee2a", "qint", "a2a")
+
+
+def graph_edges(batch: GraphBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(receivers, mask) of one of the batch's edge sets."""
+    if name == "main":
+        return np.asarray(batch.graph.receivers), np.asarray(batch.graph.edges["mask"])
+    edges = getattr(batch, name)
+    return np.asarray(edges.receivers), np.asarray(edges.mask)
+
+
+def structure_in_degrees(structure) -> dict[str, int]:
+    """Largest in-degree of each edge set of one `StructureGraphs`."""
+    return {name: int(np.bincount(getattr(structure, name).receivers, minlength=1).max())
+            for name in SLOTTED_GRAPHS}
+
+
+def max_in_degrees(batch: GraphBatch) -> dict[str, int]:
+    """Largest in-degree of each edge set of a batch."""
+    return {name: int(in_degree(*graph_edges(batch, name), batch.num_nodes).max(initial=0))
+            for name in SLOTTED_GRAPHS}
+
+
+# Slot widths are rounded up to a multiple of this, so batches of similar structures share one shape.
+SLOT_WIDTH_STEP = 8
+
+
+def bucketed_widths(batch: GraphBatch, minimum: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Slots per atom of each edge set: the batch's largest in-degree (at least `minimum`), rounded up
+    to a multiple of SLOT_WIDTH_STEP."""
+    degrees = max_in_degrees(batch)
+    return {name: -(-max(degrees[name], (minimum or {}).get(name, 0), 1) // SLOT_WIDTH_STEP) * SLOT_WIDTH_STEP
+            for name in SLOTTED_GRAPHS}
+
+
+def with_slots(batch: GraphBatch, widths: Mapping[str, int] | None = None) -> GraphBatch:
+    """The batch with the slot layout of every edge set; widths default to the largest in-degrees."""
+    widths = dict(widths) if widths is not None else max_in_degrees(batch)
+    layouts = {f"{name}_slots": edge_slots(*graph_edges(batch, name), batch.num_nodes, max(widths[name], 1),
+                                           name=f"{name} graph") for name in SLOTTED_GRAPHS}
+    return batch.replace(**layouts)
