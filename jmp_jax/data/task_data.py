@@ -111,7 +111,7 @@ def sample_needs(source, settings: GraphSettings, seed: int, edge_dropout: float
     outliers = [need(i, 0.0) for i in largest_structures(source)]
     floor = np.ceil(np.vstack([plain, *outliers]).max(0) * LARGEST_HEADROOM)
     order = np.concatenate([rng.permutation(len(picks)) for _ in range(PACKING_REPLAYS)])
-    widths = {name: max(d[name] for d in degrees) for name in slots.SLOTTED_GRAPHS}
+    widths = slots.planned_widths({name: max(d[name] for d in degrees) for name in slots.SLOTTED_GRAPHS}, settings)
     return BudgetSample(replay=[batching.Budgets.from_array(sampled[k]) for k in order],
                         mean=np.maximum(sampled.mean(0), 1.0), floor=floor, slot_widths=widths)
 

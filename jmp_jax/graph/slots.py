@@ -6,6 +6,7 @@ all of them into small dense contractions per atom (see `jmp_jax.models.interact
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import numpy as np
@@ -66,15 +67,37 @@ def max_in_degrees(batch: GraphBatch) -> dict[str, int]:
 
 
 # Slot widths are rounded up to a multiple of this, so batches of similar structures share one shape.
-SLOT_WIDTH_STEP = 8
+SLOT_WIDTH_STEP = 4
+# Headroom over the largest in-degree of a sample of periodic structures, whose degrees a sample does not
+# bound (molecules' degrees are bounded by their atom count, which the planning scans exactly).
+PERIODIC_WIDTH_HEADROOM = 1.1
+
+
+def round_width(width: float) -> int:
+    return int(-(-max(int(np.ceil(width)), 1) // SLOT_WIDTH_STEP) * SLOT_WIDTH_STEP)
+
+
+def planned_widths(sample_degrees: Mapping[str, int], settings) -> dict[str, int]:
+    """Slot widths for a task from the largest in-degrees of its sampled structures (`GraphSettings`).
+
+    The kNN-capped graphs (a2ee2a, qint, a2a) never exceed their caps; the symmetrised main graph can
+    exceed its cap, and periodic structures get headroom, so that the task keeps one slot shape.
+    """
+    caps = dataclasses.asdict(settings.caps())
+    periodic = settings.pbc is None or any(settings.pbc)
+    headroom = PERIODIC_WIDTH_HEADROOM if periodic else 1.0
+    widths = {}
+    for name in SLOTTED_GRAPHS:
+        width = round_width(sample_degrees[name] * headroom)
+        widths[name] = min(width, caps[name]) if name != "main" else width
+    return widths
 
 
 def bucketed_widths(batch: GraphBatch, minimum: Mapping[str, int] | None = None) -> dict[str, int]:
     """Slots per atom of each edge set: the batch's largest in-degree (at least `minimum`), rounded up
     to a multiple of SLOT_WIDTH_STEP."""
     degrees = max_in_degrees(batch)
-    return {name: -(-max(degrees[name], (minimum or {}).get(name, 0), 1) // SLOT_WIDTH_STEP) * SLOT_WIDTH_STEP
-            for name in SLOTTED_GRAPHS}
+    return {name: round_width(max(degrees[name], (minimum or {}).get(name, 0))) for name in SLOTTED_GRAPHS}
 
 
 def with_slots(batch: GraphBatch, widths: Mapping[str, int] | None = None) -> GraphBatch:
