@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from jmp_jax.graph import batching
+from jmp_jax.graph import batching, slots
 from jmp_jax.graph.build import GraphSettings, build_structure_graphs
 from jmp_jax.training.train_step import LabeledBatch
 
@@ -213,6 +213,9 @@ class Pipeline:
         # The first shard picks the step's bucket; the others keep it, so the shards stack into one array.
         first, bucket = self._pack_one(task, None)
         shards = [first] + [self._pack_one(task, bucket)[0] for _ in range(self.num_batch_shards - 1)]
+        # A structure denser than the planned slot widths widens its shard's slots: widen all alike.
+        widths = slots.common_widths([shard.graphs for shard in shards])
+        shards = [shard.replace(graphs=slots.with_slots(shard.graphs, widths)) for shard in shards]
         batch = jax.tree.map(lambda *xs: np.stack(xs), *shards)
         self.step += 1
         return task, batch, self._state_now()

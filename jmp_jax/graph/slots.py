@@ -100,6 +100,11 @@ def bucketed_widths(batch: GraphBatch, minimum: Mapping[str, int] | None = None)
     return {name: round_width(max(degrees[name], (minimum or {}).get(name, 0))) for name in SLOTTED_GRAPHS}
 
 
+def common_widths(batches) -> dict[str, int]:
+    """The widest slot layout of each edge set over batches that carry slots."""
+    return {name: max(getattr(b, f"{name}_slots").edge.shape[1] for b in batches) for name in SLOTTED_GRAPHS}
+
+
 def with_slots(batch: GraphBatch, widths: Mapping[str, int] | None = None) -> GraphBatch:
     """The batch with the slot layout of every edge set; widths default to the largest in-degrees."""
     widths = dict(widths) if widths is not None else max_in_degrees(batch)
