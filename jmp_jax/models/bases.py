@@ -72,26 +72,14 @@ def legendre_basis(cos_angle: jax.Array, num_spherical: int) -> jax.Array:
     return jnp.stack(polys[:num_spherical], axis=-1) * jnp.asarray(norms, cos_angle.dtype)
 
 
-def dot3(u: jax.Array, v: jax.Array) -> jax.Array:
-    """u . v over the last axis of length 3, broadcasting: (..., 3) -> (...).
-
-    Three elementwise products: on all pairs of K slots, XLA would lower an einsum or a 3-wide sum of
-    products to batched matrix products, which run far slower on CPU.
-    """
-    return u[..., 0] * v[..., 0] + u[..., 1] * v[..., 1] + u[..., 2] * v[..., 2]
+def cos_clamped(u: jax.Array, v: jax.Array) -> jax.Array:
+    """clamp(u . v, -1, 1) for unit vectors (J, 3) -> (J,)."""
+    return jnp.clip(jnp.sum(u * v, axis=-1), -1.0, 1.0)
 
 
-def cos_of_angle_between(u: jax.Array, v: jax.Array) -> jax.Array:
-    """cos(atan2(max(|u x v|, 1e-9), u . v)), the cosine of the reference's `get_angle`: (..., 3) -> (...).
-
-    Written as c / sqrt(max(s, 1e-9)^2 + c^2) with |u x v|^2 = |u|^2 |v|^2 - (u . v)^2, so that on all
-    pairs of K normals no cross product is formed. Zero vectors give 0, as in the reference.
-    """
-    c, uu, vv = dot3(u, v), dot3(u, u), dot3(v, v)
-    cross_sq = uu * vv - c * c
-    above = cross_sq > 1e-18  # |u x v| > 1e-9; below, the clamp gives a constant (and a zero gradient)
-    s = jnp.where(above, jnp.sqrt(jnp.where(above, cross_sq, 1.0)), 1e-9)
-    return c / jnp.sqrt(s * s + c * c)
+def angle_between(u: jax.Array, v: jax.Array) -> jax.Array:
+    """atan2(max(|u x v|, 1e-9), u . v): (J, 3), (J, 3) -> (J,)."""
+    return jnp.arctan2(jnp.maximum(safe_norm(jnp.cross(u, v)), 1e-9), jnp.sum(u * v, axis=-1))
 
 
 class TripletBasis(NamedTuple):
@@ -160,7 +148,7 @@ def triplet_sph(out: SlotGeometry, inp: SlotGeometry, num_spherical: int, same_g
     same_graph (e2e): every other edge into a. Otherwise (mixed graphs) every edge into a except the
     same atom image as the output edge.
     """
-    cos = dot3(out.unit[:, :, None], inp.unit[:, None, :])
+    cos = jnp.einsum("ajx,akx->ajk", out.unit, inp.unit)
     mask = out.mask[:, :, None] & inp.mask[:, None, :]
     if same_graph:
         mask &= ~jnp.eye(out.mask.shape[1], dtype=bool)
@@ -188,12 +176,12 @@ def quadruplet_geometry(main: SlotGeometry, qint: SlotGeometry, num_spherical: i
     trip_out = qint.mask[:, :, None] & main.mask[:, None] & ~same_image(s_c, sh_ca, s_b, sh_ba)
     c_is_d = same_image(s_c[..., None], sh_ca[:, :, :, None], s_d[:, :, None], sh_db[:, :, None] + sh_ba[..., None, :])
     quad = trip_out[..., None] & trip_in[:, :, None] & ~c_is_d
-    sph_abd = masked_legendre(dot3(u_ba, u_db), trip_in, num_spherical)
-    sph_cab = masked_legendre(dot3(u_ca, u_ba), trip_out, num_spherical)
+    sph_abd = masked_legendre(jnp.sum(u_ba * u_db, axis=-1), trip_in, num_spherical)
+    sph_cab = masked_legendre(jnp.sum(u_ca * u_ba, axis=-1), trip_out, num_spherical)
     normal_out = jnp.cross(u_ca, u_ba)   # (N, Kq, K, 3) plane c-a-b
     normal_in = jnp.cross(u_db, u_ba)    # (N, Kq, K, 3) plane a-b-d
-    cos_dihedral = cos_of_angle_between(normal_out[:, :, :, None], normal_in[:, :, None])
-    return sph_abd, sph_cab, masked_legendre(cos_dihedral, quad, num_spherical)
+    dihedral = angle_between(normal_out[:, :, :, None], normal_in[:, :, None])
+    return sph_abd, sph_cab, masked_legendre(jnp.cos(dihedral), quad, num_spherical)
 
 
 class BasesOutput(NamedTuple):
