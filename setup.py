@@ -40,5 +40,7 @@ setup(
                  "matplotlib==3.11.2"],
         # Only to cross-check the numpy .pt reader against torch; the converter itself never needs torch.
         "torch": ["torch==2.13.0"],
+        # Only for OC20/OC22 input given as the OCP code's LMDBs of pickled torch_geometric graphs.
+        "ocp-lmdb": ["lmdb==3.0.0", "torch==2.13.0", "torch_geometric==2.8.1"],
     },
 )

@@ -1,9 +1,10 @@
 """Test utility: the GemNet-OC reference fixture as a padded GraphBatch and Flax variables.
 
-The batch is built from the reference's own batched graphs and indices (`graphs.npz` `model.*`), so the
-model tests do not depend on the graph builder. Every array gets exactly one padding slot: one padding
-structure holding one padding atom, and one padding entry per edge set / index set that points at the
-padding atom / edge / triplet.
+The batch is built from the reference's own batched graphs (`graphs.npz` `model.*`), so the model tests
+do not depend on the graph builder. Every array gets exactly one padding slot: one padding structure
+holding one padding atom, and one padding edge per edge set that joins the padding atom. The model takes
+no triplet / quadruplet lists (it enumerates them over the edge slots; `test_slots.py` checks that these
+are exactly the listed ones).
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import jraph
 import numpy as np
 
 from jmp_jax.checkpoint.names import state_dict_to_variables
-from jmp_jax.graph.slots import with_slots
-from jmp_jax.graph.types import EdgeSet, GraphBatch, QuadrupletIndex, TripletIndex
+from jmp_jax.graph.slots import slot_layouts
+from jmp_jax.graph.types import EdgeSet, GraphBatch
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.jmp import variable_shapes
 
@@ -52,12 +53,6 @@ def _edge_set(g: dict, name: str, cells: np.ndarray, node_graph: np.ndarray, pad
                    mask=jnp.asarray(_pad(np.ones(len(src), bool), False)))
 
 
-def _triplets(edge_in: np.ndarray, edge_out: np.ndarray, pad_in: int, pad_out: int) -> TripletIndex:
-    return TripletIndex(edge_in=jnp.asarray(_pad(edge_in, pad_in), jnp.int32),
-                        edge_out=jnp.asarray(_pad(edge_out, pad_out), jnp.int32),
-                        mask=jnp.asarray(_pad(np.ones(len(edge_in), bool), False)))
-
-
 def load_batch(float_dtype=jnp.float32) -> GraphBatch:
     """inputs.npz + graphs.npz `model.*` -> GraphBatch with one padding slot per array.
 
@@ -79,9 +74,6 @@ def load_batch(float_dtype=jnp.float32) -> GraphBatch:
 
     main = _edge_set(g, "main", cells, node_graph, pad_node, float_dtype)
     n_main = g["model.main.edge_index"].shape[1]
-    n_a2ee2a = g["model.a2ee2a.edge_index"].shape[1]
-    n_qint = g["model.qint.edge_index"].shape[1]
-    n_trip_in, n_trip_out = len(g["model.quad.triplet_in.in"]), len(g["model.quad.triplet_out.in"])
     graph = jraph.GraphsTuple(
         nodes={"atomic_numbers": jnp.asarray(cat("atomic_numbers", 0), jnp.int32),
                "positions": jnp.asarray(_pad(pos, 0.0), float_dtype),
@@ -93,23 +85,10 @@ def load_batch(float_dtype=jnp.float32) -> GraphBatch:
         n_node=jnp.asarray(_pad(natoms, 1), jnp.int32),
         n_edge=jnp.asarray(_pad(g["model.main.num_neighbors"], 1), jnp.int32),
         globals={"mask": jnp.asarray(_pad(np.ones(num_structures, bool), False))})
-    quad = QuadrupletIndex(
-        triplet_in=_triplets(g["model.quad.triplet_in.in"], g["model.quad.triplet_in.out"], n_main, n_qint),
-        triplet_out=_triplets(g["model.quad.triplet_out.in"], g["model.quad.triplet_out.out"], n_qint, n_main),
-        edge_out=jnp.asarray(_pad(g["model.quad.out"], n_main), jnp.int32),
-        trip_in_to_quad=jnp.asarray(_pad(g["model.quad.trip_in_to_quad"], n_trip_in), jnp.int32),
-        trip_out_to_quad=jnp.asarray(_pad(g["model.quad.trip_out_to_quad"], n_trip_out), jnp.int32),
-        mask=jnp.asarray(_pad(np.ones(len(g["model.quad.out"]), bool), False)))
-    return with_slots(GraphBatch(
-        graph=graph,
-        id_swap=jnp.asarray(_pad(g["model.id_swap"], n_main), jnp.int32),
-        a2ee2a=_edge_set(g, "a2ee2a", cells, node_graph, pad_node, float_dtype),
-        qint=_edge_set(g, "qint", cells, node_graph, pad_node, float_dtype),
-        a2a=_edge_set(g, "a2a", cells, node_graph, pad_node, float_dtype),
-        trip_e2e=_triplets(g["model.trip_e2e.in"], g["model.trip_e2e.out"], n_main, n_main),
-        trip_a2e=_triplets(g["model.trip_a2e.in"], g["model.trip_a2e.out"], n_a2ee2a, n_main),
-        trip_e2a=_triplets(g["model.trip_e2a.in"], g["model.trip_e2a.out"], n_main, n_a2ee2a),
-        quad=quad))
+    others = {name: _edge_set(g, name, cells, node_graph, pad_node, float_dtype) for name in ("a2ee2a", "qint", "a2a")}
+    edges = {name: (np.asarray(e.receivers), np.asarray(e.mask)) for name, e in {"main": main, **others}.items()}
+    return GraphBatch(graph=graph, id_swap=jnp.asarray(_pad(g["model.id_swap"], n_main), jnp.int32), **others,
+                      **slot_layouts(edges, num_atoms + 1))
 
 
 def load_state_dict() -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Radius graphs vs brute force, and the padded batch layout of `collate`."""
+"""Radius graphs vs brute force, the padded batch layout of `collate`, and budget packing."""
 import itertools
 
 import numpy as np
@@ -7,7 +7,7 @@ from ase import Atoms
 from ase.build import bulk, fcc111, molecule
 from ase.constraints import FixAtoms
 
-from jmp_jax.graph import radius
+from jmp_jax.graph import indices, radius, slots
 from jmp_jax.graph.batching import (PADDING_SHIFT, BudgetOverflowError, Budgets, budgets_for, collate,
                                     pack_window, simulate_packing, structure_sizes)
 from jmp_jax.graph.build import GraphSettings, build_from_atoms, build_structure_graphs
@@ -121,9 +121,8 @@ def _assert_edges_stay_in_graphs(edges_senders, edges_receivers, edge_mask, batc
 
 
 def _assert_triplets_valid(index, in_mask, out_mask, shared_in, shared_out):
-    """Padding triplets point at padding edges; real ones at real edges sharing the pivot atom."""
-    np.testing.assert_array_equal(in_mask[index.edge_in], index.mask)
-    np.testing.assert_array_equal(out_mask[index.edge_out], index.mask)
+    """Listed triplets join real edges of the batch that share the pivot atom; sorted by output edge."""
+    assert in_mask[index.edge_in].all() and out_mask[index.edge_out].all()
     np.testing.assert_array_equal(shared_in[index.edge_in], shared_out[index.edge_out])
     assert np.all(np.diff(index.edge_out) >= 0)
 
@@ -165,19 +164,33 @@ def test_collate_layout(structures):
     np.testing.assert_array_equal(edge_mask[batch.id_swap], edge_mask)
     np.testing.assert_array_equal(g.senders[batch.id_swap][edge_mask], g.receivers[edge_mask])
 
-    main_t, aeea, qint = g.receivers, batch.a2ee2a, batch.qint
-    _assert_triplets_valid(batch.trip_e2e, edge_mask, edge_mask, main_t, main_t)
-    _assert_triplets_valid(batch.trip_a2e, aeea.mask, edge_mask, aeea.receivers, main_t)
-    _assert_triplets_valid(batch.trip_e2a, edge_mask, aeea.mask, main_t, aeea.receivers)
-    q = batch.quad
+    # Every edge set's slot grid holds exactly its real edges, each in a slot of its target atom.
+    for name in slots.SLOTTED_GRAPHS:
+        receivers, mask = slots.graph_edges(batch, name)
+        layout = getattr(batch, f"{name}_slots")
+        assert layout.edge.shape[0] == budgets.nodes and layout.edge.shape[1] % slots.SLOT_WIDTH_STEP == 0, name
+        atom, _ = np.nonzero(layout.mask)
+        np.testing.assert_array_equal(np.sort(layout.edge[layout.mask]), np.flatnonzero(mask))
+        np.testing.assert_array_equal(receivers[layout.edge[layout.mask]], atom)
+
+
+def test_batched_interaction_lists_use_the_batch_edges(structures):
+    """`indices.batch_interaction_lists` index the real edges of `collate`'s batch of the same structures."""
+    batch = collate(structures, budgets_for(structures, scale=1.2, multiple=16))
+    lists = indices.batch_interaction_lists(structures)
+    g, aeea, qint = batch.graph, batch.a2ee2a, batch.qint
+    edge_mask, main_t = g.edges["mask"], g.receivers
+    _assert_triplets_valid(lists.trip_e2e, edge_mask, edge_mask, main_t, main_t)
+    _assert_triplets_valid(lists.trip_a2e, aeea.mask, edge_mask, aeea.receivers, main_t)
+    _assert_triplets_valid(lists.trip_e2a, edge_mask, aeea.mask, main_t, aeea.receivers)
+    q = lists.quad
     _assert_triplets_valid(q.triplet_in, edge_mask, qint.mask, main_t, qint.senders)
     _assert_triplets_valid(q.triplet_out, qint.mask, edge_mask, qint.receivers, main_t)
-    np.testing.assert_array_equal(q.triplet_in.mask[q.trip_in_to_quad], q.mask)
-    np.testing.assert_array_equal(q.triplet_out.mask[q.trip_out_to_quad], q.mask)
     np.testing.assert_array_equal(q.triplet_out.edge_out[q.trip_out_to_quad], q.edge_out)
     np.testing.assert_array_equal(q.triplet_in.edge_out[q.trip_in_to_quad],
                                   q.triplet_out.edge_in[q.trip_out_to_quad])
-    assert q.mask.sum() == sum(sg.quad.edge_out.shape[0] for sg in structures) > 0
+    per_structure = [indices.interaction_lists(sg).quad.edge_out.shape[0] for sg in structures]
+    assert q.edge_out.shape[0] == sum(per_structure) > 0
 
 
 def test_budgets_for_rounds_and_reserves_padding(structures):
@@ -191,7 +204,7 @@ def test_budgets_for_rounds_and_reserves_padding(structures):
             assert limit % 32 == 0 and total + 1 <= limit < total + 33
 
 
-@pytest.mark.parametrize("kind", ["quads", "edges", "nodes", "graphs"])
+@pytest.mark.parametrize("kind", ["a2a", "qint", "edges", "nodes", "graphs"])
 def test_budget_overflow_raises(structures, kind):
     exact = budgets_for(structures)
     collate(structures, exact)  # need + 1 fits
@@ -217,7 +230,7 @@ def test_atoms_and_arrays_agree():
     b = build_structure_graphs([6, 8, 8], atoms.positions, np.eye(3) * 1000, (False,) * 3, [2, 2, 2],
                                GraphSettings.pretrain_molecule())
     np.testing.assert_array_equal(a.main.senders, b.main.senders)
-    np.testing.assert_array_equal(a.quad.edge_out, b.quad.edge_out)
+    np.testing.assert_array_equal(a.qint.senders, b.qint.senders)
     assert not a.main.cell_offset.any()
 
 
@@ -225,13 +238,12 @@ def test_structure_without_quadruplets_collates(structures):
     """Tags all 0 (bulk only): empty qint graph, no quadruplets; the batch is still well formed."""
     bulk_only = build_structure_graphs([29, 29], [[0, 0, 0], [1.8, 1.8, 0]], np.diag([3.6, 3.6, 3.6]),
                                        (True, True, True), [0, 0], SMALL, name="bulk-only")
-    assert bulk_only.qint.num_edges == 0 and bulk_only.quad.edge_out.shape[0] == 0
+    assert bulk_only.qint.num_edges == 0 and indices.interaction_lists(bulk_only).quad.edge_out.shape[0] == 0
     batch = collate([bulk_only, structures[0]], budgets_for([bulk_only, structures[0]]))
-    q = batch.quad
-    assert q.mask.sum() == structures[0].quad.edge_out.shape[0]
-    np.testing.assert_array_equal(q.triplet_out.edge_out[q.trip_out_to_quad][q.mask],
-                                  q.edge_out[q.mask])
-    assert batch.qint.senders[:structures[0].qint.num_edges].min() >= 2  # water's atoms follow Cu
+    water_qint = structures[0].qint.num_edges
+    assert batch.qint.mask.sum() == batch.qint_slots.mask.sum() == water_qint > 0
+    assert not batch.qint_slots.mask[:2].any()  # the Cu atoms have no qint edges
+    assert batch.qint.senders[:water_qint].min() >= 2  # water's atoms follow Cu
 
 
 def test_budget_arithmetic(structures):
@@ -262,7 +274,7 @@ def test_edge_dropout_drops_a2a_edges_then_subselects():
 
 
 def _flat(n: int) -> Budgets:
-    return Budgets.from_array(np.full(12, n))
+    return Budgets.from_array(np.full(len(Budgets.zeros().as_array()), n))
 
 
 def test_pack_window_picks_the_bucket_the_batch_fills_best():

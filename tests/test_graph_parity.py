@@ -6,7 +6,9 @@ Exactness notes (what is compared how):
   float32 lengths are exactly equal (the symmetric self-images of the Cu slabs, listed in
   stats.json). JMP lets torch's unstable sort pick among those; we keep the earliest edge. There the
   test checks that only tied boundary edges differ.
-- Batched indices built from JMP's own per-structure graphs match `model.*` exactly, except the
+- Batched indices (`indices.batch_interaction_lists`: the triplet / quadruplet lists, which batches no
+  longer carry; the model's dense enumeration is checked against them in test_slots.py) built from
+  JMP's own per-structure graphs match `model.*` exactly, except the
   order of input edges from the same source atom (different images) within one output edge, which
   JMP also leaves to an unstable sort: compared as per-output-edge multisets.
 """
@@ -116,10 +118,15 @@ def test_float32_sort_key_is_bitwise_jmp(reference, own_graphs):
 
 def test_batch_sizes(fixture_graphs):
     budgets = budgets_for(fixture_graphs)
-    expected = dict(edges=1750, a2a=13262, a2ee2a=1322, qint=643, trip_e2e=42300, trip_a2e=29626,
-                    trip_e2a=29626, quad_trip_in=12257, quad_trip_out=12165, quads=290166)
-    for kind, size in expected.items():
+    for kind, size in dict(edges=1750, a2a=13262, a2ee2a=1322, qint=643).items():
         assert getattr(budgets, kind) == size + 1, kind
+    lists = indices.batch_interaction_lists(fixture_graphs)
+    counts = dict(trip_e2e=lists.trip_e2e.edge_in, trip_a2e=lists.trip_a2e.edge_in, trip_e2a=lists.trip_e2a.edge_in,
+                  quad_trip_in=lists.quad.triplet_in.edge_in, quad_trip_out=lists.quad.triplet_out.edge_in,
+                  quads=lists.quad.edge_out)
+    expected = dict(trip_e2e=42300, trip_a2e=29626, trip_e2a=29626, quad_trip_in=12257, quad_trip_out=12165,
+                    quads=290166)
+    assert {k: v.shape[0] for k, v in counts.items()} == expected
 
 
 def _model_batch(fixture_graphs):
@@ -134,8 +141,8 @@ def _pairs(first, second):
 def _assert_triplets_match(index, ref_in, ref_out, in_senders):
     """Exact output order; inputs equal as per-output multisets and in source-atom order."""
     n = ref_out.shape[0]
-    assert index.mask.sum() == n
-    edge_in, edge_out = index.edge_in[:n], index.edge_out[:n]
+    assert index.edge_in.shape[0] == n
+    edge_in, edge_out = index.edge_in, index.edge_out
     np.testing.assert_array_equal(edge_out, ref_out)
     np.testing.assert_array_equal(in_senders[edge_in], in_senders[ref_in])
     np.testing.assert_array_equal(_pairs(edge_out, edge_in), _pairs(ref_out, ref_in))
@@ -158,36 +165,36 @@ def test_batched_indices_match_model(reference, fixture_graphs):
 
     aeea_s = batch.a2ee2a.senders
     qint_s = batch.qint.senders
+    lists = indices.batch_interaction_lists(fixture_graphs)
     for name, in_senders in (("trip_e2e", g.senders), ("trip_a2e", aeea_s), ("trip_e2a", g.senders)):
-        _assert_triplets_match(getattr(batch, name), graphs[f"model.{name}.in"],
+        _assert_triplets_match(getattr(lists, name), graphs[f"model.{name}.in"],
                                graphs[f"model.{name}.out"], in_senders)
-    _assert_triplets_match(batch.quad.triplet_in, graphs["model.quad.triplet_in.in"],
+    _assert_triplets_match(lists.quad.triplet_in, graphs["model.quad.triplet_in.in"],
                            graphs["model.quad.triplet_in.out"], g.senders)
-    _assert_triplets_match(batch.quad.triplet_out, graphs["model.quad.triplet_out.in"],
+    _assert_triplets_match(lists.quad.triplet_out, graphs["model.quad.triplet_out.in"],
                            graphs["model.quad.triplet_out.out"], qint_s)
 
     # Quadruplets as (c->a, b->a, d->b) edge triples: output order exact, d->b as multisets.
-    q = batch.quad
+    q = lists.quad
     num_quads = graphs["model.quad.out"].shape[0]
-    assert q.mask.sum() == num_quads
-    np.testing.assert_array_equal(q.edge_out[:num_quads], graphs["model.quad.out"])
-    np.testing.assert_array_equal(q.trip_out_to_quad[:num_quads], graphs["model.quad.trip_out_to_quad"])
-    mine_db = q.triplet_in.edge_in[q.trip_in_to_quad[:num_quads]]
+    assert q.edge_out.shape[0] == num_quads
+    np.testing.assert_array_equal(q.edge_out, graphs["model.quad.out"])
+    np.testing.assert_array_equal(q.trip_out_to_quad, graphs["model.quad.trip_out_to_quad"])
+    mine_db = q.triplet_in.edge_in[q.trip_in_to_quad]
     ref_db = graphs["model.quad.triplet_in.in"][graphs["model.quad.trip_in_to_quad"]]
     np.testing.assert_array_equal(g.senders[mine_db], g.senders[ref_db])
-    np.testing.assert_array_equal(_pairs(q.trip_out_to_quad[:num_quads], mine_db),
+    np.testing.assert_array_equal(_pairs(q.trip_out_to_quad, mine_db),
                                   _pairs(graphs["model.quad.trip_out_to_quad"], ref_db))
 
 
 def test_inner_indices_match_model(reference, fixture_graphs):
     _, graphs, _ = reference
     batch = _model_batch(fixture_graphs)
-    for name, index in (("trip_e2e", batch.trip_e2e), ("trip_a2e", batch.trip_a2e),
-                        ("trip_e2a", batch.trip_e2a)):
-        real = index.edge_out[index.mask]
-        np.testing.assert_array_equal(indices.inner_index(real), graphs[f"model.{name}.out_agg"])
-    np.testing.assert_array_equal(indices.inner_index(batch.quad.edge_out[batch.quad.mask]),
-                                  graphs["model.quad.out_agg"])
+    lists = indices.batch_interaction_lists(fixture_graphs)
+    for name in ("trip_e2e", "trip_a2e", "trip_e2a"):
+        np.testing.assert_array_equal(indices.inner_index(getattr(lists, name).edge_out),
+                                      graphs[f"model.{name}.out_agg"])
+    np.testing.assert_array_equal(indices.inner_index(lists.quad.edge_out), graphs["model.quad.out_agg"])
     for name in ("a2ee2a", "a2a"):
         edges = getattr(batch, name)
         np.testing.assert_array_equal(indices.inner_index(edges.receivers[edges.mask]),
@@ -228,11 +235,9 @@ def test_own_graphs_give_model_index_sets(reference, own_graphs):
                 if all(ties.get(f"s{i}.{k}", 0) == 0 for k in GRAPH_KINDS)]
     assert tie_free, "expected some structures without boundary ties"
     batch = collate(own_graphs, budgets_for(own_graphs))
+    lists = indices.batch_interaction_lists(own_graphs)
     node_ptr = graphs["batch.ptr"]
     mine, ref = _edge_graphs(batch, own_graphs), _reference_graphs(graphs)
-
-    def index(arr, mask):
-        return np.asarray(arr)[np.asarray(mask)] if mask is not None else np.asarray(arr)
 
     def compare(mine_columns, ref_columns):
         mine_sets = _key_sets(mine_columns, node_ptr, tie_free)
@@ -246,14 +251,13 @@ def test_own_graphs_give_model_index_sets(reference, own_graphs):
             [(ref["main"], np.arange(ref["main"][0].shape[0])), (ref["main"], graphs["model.id_swap"])])
     for name, in_kind, out_kind in (("trip_e2e", "main", "main"), ("trip_a2e", "a2ee2a", "main"),
                                     ("trip_e2a", "main", "a2ee2a")):
-        t = getattr(batch, name)
-        compare([(mine[out_kind], t.edge_out[t.mask]), (mine[in_kind], t.edge_in[t.mask])],
+        t = getattr(lists, name)
+        compare([(mine[out_kind], t.edge_out), (mine[in_kind], t.edge_in)],
                 [(ref[out_kind], graphs[f"model.{name}.out"]), (ref[in_kind], graphs[f"model.{name}.in"])])
-    q = batch.quad
-    qm = q.mask
-    compare([(mine["main"], q.edge_out[qm]),
-             (mine["qint"], q.triplet_out.edge_in[q.trip_out_to_quad[qm]]),
-             (mine["main"], q.triplet_in.edge_in[q.trip_in_to_quad[qm]])],
+    q = lists.quad
+    compare([(mine["main"], q.edge_out),
+             (mine["qint"], q.triplet_out.edge_in[q.trip_out_to_quad]),
+             (mine["main"], q.triplet_in.edge_in[q.trip_in_to_quad])],
             [(ref["main"], graphs["model.quad.out"]),
              (ref["qint"], graphs["model.quad.triplet_out.in"][graphs["model.quad.trip_out_to_quad"]]),
              (ref["main"], graphs["model.quad.triplet_in.in"][graphs["model.quad.trip_in_to_quad"]])])

@@ -10,7 +10,7 @@ from jmp_jax.graph.build import GraphSettings, build_structure_graphs
 
 SETTINGS = GraphSettings(cutoff=5.0, max_neighbors=12, pbc=(False, False, False))
 NAMES = ("H2O", "NH3", "CH4", "C2H6", "CH3OH", "C2H4", "HCN", "CH3CH2OH")
-# 3 to 14 atoms: triplets and quadruplets per atom differ several-fold between the smallest and largest.
+# 3 to 14 atoms: neighbours per atom differ several-fold between the smallest and largest.
 VARIED = ("H2O", "trans-butane", "NH3", "CH4", "C6H6", "HCN", "H2O", "isobutane", "CH4", "CH3COCH3", "NH3")
 
 
@@ -35,6 +35,10 @@ def _budgets(records, structures: int) -> batching.Budgets:
     return batching.Budgets.from_array(need)
 
 
+def _flat(n: int) -> batching.Budgets:
+    return batching.Budgets.from_array(np.full(len(batching.Budgets.zeros().as_array()), n))
+
+
 SOURCES = [_records(40, 1), _records(10, 2)]
 TASKS = [TaskSpec("big", SETTINGS, _budgets(SOURCES[0], 3)), TaskSpec("small", SETTINGS, _budgets(SOURCES[1], 3))]
 
@@ -52,7 +56,8 @@ def _same(a, b):
     assert a[0] == b[0]
     np.testing.assert_array_equal(a[1].energy, b[1].energy)
     np.testing.assert_array_equal(a[1].graphs.graph.nodes["positions"], b[1].graphs.graph.nodes["positions"])
-    np.testing.assert_array_equal(a[1].graphs.quad.edge_out, b[1].graphs.quad.edge_out)
+    np.testing.assert_array_equal(a[1].graphs.a2a.senders, b[1].graphs.a2a.senders)
+    np.testing.assert_array_equal(a[1].graphs.main_slots.edge, b[1].graphs.main_slots.edge)
 
 
 def test_temperature_probabilities_formula_and_measured_mixing():
@@ -87,7 +92,7 @@ def test_batches_are_padded_to_the_task_budgets_and_carry_labels():
     for task, batch in _take(pipe, 4):
         (budgets,) = TASKS[task].buckets
         assert batch.graphs.graph.nodes["positions"].shape == (2, budgets.nodes, 3)
-        assert batch.graphs.quad.edge_out.shape == (2, budgets.quads)
+        assert batch.graphs.a2a.senders.shape == (2, budgets.a2a)
         real_graphs = batch.graphs.graph.globals["mask"].sum(axis=1)
         assert np.all(real_graphs >= 1)
         # Energies exist for real graphs only; forces for real nodes only.
@@ -106,7 +111,7 @@ def test_records_are_split_across_processes():
 
 @pytest.mark.parametrize("buckets", [2, (2, 3)])
 def test_structure_that_never_fits_is_a_clear_error(buckets):
-    tiny = tuple(batching.Budgets.from_array(np.full(12, n)) for n in np.atleast_1d(buckets))
+    tiny = tuple(_flat(n) for n in np.atleast_1d(buckets))
     pipe = Pipeline([TaskSpec("tiny", SETTINGS, tiny)], [SOURCES[0]], seed=0, temperature=1.0,
                     num_batch_shards=1, process_index=0, process_count=1)
     with pytest.raises(batching.BudgetOverflowError, match="tiny"):
@@ -115,15 +120,15 @@ def test_structure_that_never_fits_is_a_clear_error(buckets):
 
 
 def test_first_fit_keeps_order_and_simulated_packing_uses_every_structure():
-    budgets = batching.Budgets.from_array(np.full(12, 11))
-    needs = [batching.Budgets.from_array(np.full(12, n)) for n in (4, 7, 3, 2, 6)]
+    budgets = _flat(11)
+    needs = [_flat(n) for n in (4, 7, 3, 2, 6)]
     assert batching.first_fit(needs, budgets) == [0, 2, 3]  # 4 + 3 + 2 <= 10; 7 and 6 no longer fit
     totals, chosen = batching.simulate_packing(needs, [budgets], window=3)
     assert totals[:, 0].sum() == 22 and np.all(totals <= 10) and np.all(chosen == 0)
 
 
 VARIED_SOURCE = _records(90, 3, VARIED)
-KINDS = ("nodes", "edges", "a2a", "trip_e2e", "trip_a2e", "quads")
+KINDS = ("nodes", "edges", "a2ee2a", "qint", "a2a")
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +146,8 @@ def _varied_pipeline(buckets, **kw) -> Pipeline:
 
 def _masks(batch) -> dict:
     g = batch.graphs
-    return {"nodes": g.graph.nodes["mask"], "edges": g.graph.edges["mask"], "a2a": g.a2a.mask,
-            "trip_e2e": g.trip_e2e.mask, "trip_a2e": g.trip_a2e.mask, "quads": g.quad.mask,
-            "graphs": g.graph.globals["mask"]}
+    return {"nodes": g.graph.nodes["mask"], "edges": g.graph.edges["mask"], "a2ee2a": g.a2ee2a.mask,
+            "qint": g.qint.mask, "a2a": g.a2a.mask, "graphs": g.graph.globals["mask"]}
 
 
 def _fill(buckets, steps: int = 30) -> np.ndarray:
@@ -178,7 +182,7 @@ def test_bucketed_batches_are_deterministic_and_resume_exactly(plans):
     state = first.state()
     tail = _take(first, 5)
     first.close()
-    assert len({b.graphs.quad.mask.shape for _, b in head + tail}) == 2  # both shapes come up
+    assert len({tuple(m.shape for m in _masks(b).values()) for _, b in head + tail}) == 2  # both shapes come up
     again = _varied_pipeline(buckets, edge_dropout=0.1)
     for a, b in zip(_take(again, 3), head):
         _same(a, b)

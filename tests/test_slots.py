@@ -1,5 +1,6 @@
-"""The per-atom slot layout: the dense triplet/quadruplet masks enumerate exactly the host index lists,
-and the slot gathers (with their gather-only derivatives) are exact permutations."""
+"""The per-atom slot layout: the dense triplet/quadruplet masks enumerate exactly the host index lists
+(`indices.batch_interaction_lists`, JMP's lists, see test_graph_parity.py), and the slot gathers (with
+their gather-only derivatives) are exact permutations."""
 from __future__ import annotations
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from ase.build import bulk, fcc111, molecule
 
-from jmp_jax.graph import batching
+from jmp_jax.graph import batching, indices
 from jmp_jax.graph.build import GraphSettings, build_from_atoms
 from jmp_jax.graph.slots import edge_slots
 from jmp_jax.models import slot_ops
@@ -29,9 +30,19 @@ def _structures():
 
 
 @pytest.fixture(scope="module")
-def batch():
-    graphs = _structures()
+def graphs():
+    return _structures()
+
+
+@pytest.fixture(scope="module")
+def batch(graphs):
     return batching.collate(graphs, batching.budgets_for(graphs))
+
+
+@pytest.fixture(scope="module")
+def lists(graphs):
+    """The triplet / quadruplet lists, with the batch's edge indices."""
+    return indices.batch_interaction_lists(graphs)
 
 
 def _geometry(batch, name):
@@ -52,33 +63,31 @@ def _pairs(sph, out_edge, in_edge):
 
 
 def _listed(trip):
-    m = np.asarray(trip.mask)
-    return set(zip(np.asarray(trip.edge_out)[m].tolist(), np.asarray(trip.edge_in)[m].tolist()))
+    return set(zip(trip.edge_out.tolist(), trip.edge_in.tolist()))
 
 
-def test_dense_triplets_are_exactly_the_listed_ones(batch):
+def test_dense_triplets_are_exactly_the_listed_ones(batch, lists):
     main, aeea = _geometry(batch, "main"), _geometry(batch, "a2ee2a")
     e2e = _pairs(triplet_sph(main, main, 7, same_graph=True), batch.main_slots.edge, batch.main_slots.edge)
     a2e = triplet_sph(main, aeea, 7, same_graph=False)
-    assert e2e == _listed(batch.trip_e2e)
-    assert _pairs(a2e, batch.main_slots.edge, batch.a2ee2a_slots.edge) == _listed(batch.trip_a2e)
+    assert e2e == _listed(lists.trip_e2e)
+    assert _pairs(a2e, batch.main_slots.edge, batch.a2ee2a_slots.edge) == _listed(lists.trip_a2e)
     assert (_pairs(jnp.swapaxes(a2e, 1, 2), batch.a2ee2a_slots.edge, batch.main_slots.edge)
-            == _listed(batch.trip_e2a))
+            == _listed(lists.trip_e2a))
     assert len(e2e) > 100
 
 
-def test_dense_quadruplets_are_exactly_the_listed_ones(batch):
+def test_dense_quadruplets_are_exactly_the_listed_ones(batch, lists):
     main, qint = _geometry(batch, "main"), _geometry(batch, "qint")
     _, _, sph_dihedral = quadruplet_geometry(main, qint, 7)
     a, q, j, k = np.nonzero(np.asarray(sph_dihedral[..., 0]))
     b = np.asarray(qint.sender)[a, q]
     dense = set(zip(np.asarray(batch.main_slots.edge)[a, j].tolist(), np.asarray(batch.qint_slots.edge)[a, q].tolist(),
                     np.asarray(batch.main_slots.edge)[b, k].tolist()))
-    quad = batch.quad
-    m = np.asarray(quad.mask)
-    listed = set(zip(np.asarray(quad.edge_out)[m].tolist(),
-                     np.asarray(quad.triplet_out.edge_in)[np.asarray(quad.trip_out_to_quad)[m]].tolist(),
-                     np.asarray(quad.triplet_in.edge_in)[np.asarray(quad.trip_in_to_quad)[m]].tolist()))
+    quad = lists.quad
+    listed = set(zip(quad.edge_out.tolist(), quad.triplet_out.edge_in[quad.trip_out_to_quad].tolist(),
+                     quad.triplet_in.edge_in[quad.trip_in_to_quad].tolist()))
+    assert len(listed) == quad.edge_out.shape[0]  # no quadruplet is listed twice
     assert dense == listed and len(listed) > 1000
 
 

@@ -5,7 +5,8 @@ total energies as stored (eV), forces eV/Å without constraints applied, tags fr
 atoms.get_tags(), fixed from FixAtoms constraints. OC20 S2EF folders ship a `<n>.txt`
 beside each `<n>.extxyz` with "system_id,frame,reference_energy" per frame: its ids become
 the source_id and the reference energy the `reference_energy` target (y = energy - it).
-The pickled-graph LMDBs of the OCP code need torch and are not read here.
+A file or folder of the OCP code's `*.lmdb` (pickled torch_geometric graphs) is handed to
+data_prep.sources.ocp_lmdb, which needs the optional `ocp-lmdb` extra.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import re
 import numpy as np
 
 from data_prep.records import make_record
+from data_prep.sources import ocp_lmdb
 from data_prep.sources.common import ENERGY_FORCE_UNITS, InputFormatError, SplitPlan
 
-SUFFIXES = (".extxyz", ".xyz", ".db", ".json", ".traj", ".xml")
+SUFFIXES = (".extxyz", ".xyz", ".db", ".json", ".traj", ".xml", ocp_lmdb.LMDB_SUFFIX)
 
 
 def _natural_key(path: str):
@@ -30,8 +32,6 @@ def list_input_files(input_path: str) -> list[str]:
         return [input_path]
     if not os.path.isdir(input_path):
         raise InputFormatError(f"{input_path}: no such file or folder")
-    if any(name.endswith(".lmdb") for name in os.listdir(input_path)):
-        raise InputFormatError(f"{input_path}: OCP LMDBs hold pickled torch graphs; convert from extxyz/ASE files")
     files = [
         os.path.join(input_path, name)
         for name in os.listdir(input_path)
@@ -106,5 +106,10 @@ def plans(input_path: str, *, source: str, split: str | None, **_) -> list[Split
     if not split:
         raise InputFormatError(f"{input_path}: {source} input is one distributed split; pass --split NAME")
     files = list_input_files(input_path)
+    lmdb_files = [path for path in files if path.endswith(ocp_lmdb.LMDB_SUFFIX)]
+    if lmdb_files and len(lmdb_files) != len(files):
+        raise InputFormatError(f"{input_path}: holds both OCP LMDBs and ASE-readable files; give one kind per split")
+    if lmdb_files:
+        return [ocp_lmdb.split_plan(files, source=source, split=split)]
     units = dict(ENERGY_FORCE_UNITS, reference_energy="eV")
     return [SplitPlan(source, split, lambda: _records(files), units, files)]

@@ -30,8 +30,7 @@ BUCKET_REFITS = 3
 SEARCH_STEPS = (0.08, 0.04, 0.02)
 SEARCH_SWEEPS = 3
 MEAN_FILL_WEIGHT = 0.2
-KIND_GROUPS = (("nodes",), ("edges", "a2ee2a", "a2a"), ("qint",),
-               ("trip_e2e", "trip_a2e", "trip_e2a", "quad_trip_in", "quad_trip_out"), ("quads",))
+KIND_GROUPS = (("nodes",), ("edges", "a2ee2a", "a2a"), ("qint",))
 _KINDS = list(batching.Budgets.zeros().as_dict())
 GRAPHS_SLOT = _KINDS.index("graphs")
 
@@ -81,8 +80,8 @@ class BudgetSample:
     """What a task's sampled structures need, for replaying the pipeline's packing before training."""
 
     replay: list[batching.Budgets]  # the sample's needs, in several shuffled passes
-    mean: np.ndarray  # (12,) mean need per structure, at least 1
-    floor: np.ndarray  # (12,) real slots every budget keeps: the largest structure alone, with headroom
+    mean: np.ndarray  # (6,) mean need per structure, at least 1
+    floor: np.ndarray  # (6,) real slots every budget keeps: the largest structure alone, with headroom
     slot_widths: dict[str, int]  # per-atom edge slots (`EdgeSlots`) that hold every sampled structure
 
 
@@ -117,13 +116,13 @@ def sample_needs(source, settings: GraphSettings, seed: int, edge_dropout: float
 
 
 def _replay(sample: BudgetSample, buckets, shards_per_step: int) -> tuple[np.ndarray, np.ndarray]:
-    """((B, 12) totals, (B,) bucket) of the sample's replayed batches, packed as the pipeline packs."""
+    """((B, 6) totals, (B,) bucket) of the sample's replayed batches, packed as the pipeline packs."""
     window = PACKING_WINDOW_PER_GRAPH * max(b.graphs for b in buckets)
     return batching.simulate_packing(sample.replay, buckets, window, shards_per_step)
 
 
 def _refit(used: np.ndarray, floor: np.ndarray, graphs: float) -> batching.Budgets:
-    """Budgets shrunk to the 90th percentile of what (B, 12) batches use, never below the floor."""
+    """Budgets shrunk to the 90th percentile of what (B, 6) batches use, never below the floor."""
     target = np.maximum(np.ceil(np.percentile(used, 90, axis=0)), floor)
     target[GRAPHS_SLOT] = graphs
     return batching.Budgets.from_array(target + 1)  # one padding slot per array
@@ -142,7 +141,7 @@ def _single_plan(sample: BudgetSample, structures_per_batch: int, shards_per_ste
 
 
 def replay_fill(sample: BudgetSample, buckets, shards_per_step: int = 1) -> np.ndarray:
-    """(12,) mean over the sample's replayed batches of real entries / budget per kind, in each batch's bucket."""
+    """(6,) mean over the sample's replayed batches of real entries / budget per kind, in each batch's bucket."""
     used, chosen = _replay(sample, buckets, shards_per_step)
     return np.mean(used / np.asarray([b.as_array() for b in buckets])[chosen], axis=0)
 
@@ -153,17 +152,18 @@ def _score(fill: np.ndarray) -> float:
 
 
 def _bucket_floors(sample: BudgetSample, shards_per_step: int) -> list[np.ndarray]:
-    """(12,) floor of the light and the heavy bucket. Only the heavy one must hold the largest structure
+    """(6,) floor of the light and the heavy bucket. Only the heavy one must hold the largest structure
     alone when every step is one batch: a batch picks among the buckets that hold its first structure.
     With several batches per step the later ones keep the step's bucket, so both hold every structure."""
     return [sample.floor if shards_per_step > 1 else np.zeros_like(sample.floor), sample.floor]
 
 
 def _split(sample: BudgetSample, single: batching.Budgets, shards_per_step: int) -> list[batching.Budgets]:
-    """Two buckets: the single plan's replayed batches split at the median of quadruplets per atom (triplet
-    and quadruplet counts grow faster than atom counts), each refit to the batches that choose it."""
+    """Two buckets: the single plan's replayed batches split at the median of a2a edges per atom (the
+    largest array; dense or large structures have several times more neighbours per atom within the cutoff
+    than small molecules), each refit to the batches that choose it."""
     used, _ = _replay(sample, [single], shards_per_step)
-    per_atom = used[:, _KINDS.index("quads")] / np.maximum(used[:, _KINDS.index("nodes")], 1)
+    per_atom = used[:, _KINDS.index("a2a")] / np.maximum(used[:, _KINDS.index("nodes")], 1)
     heavy = per_atom > np.median(per_atom)
     if heavy.all() or not heavy.any():
         return [single]
@@ -215,7 +215,7 @@ def plan_buckets(source, settings: GraphSettings, structures_per_batch: int, see
                  edge_dropout: float = 0.0, shards_per_step: int = 1,
                  sample: BudgetSample | None = None) -> tuple[batching.Budgets, ...]:
     """Up to two static budget shapes for a task: a light one for batches of many small structures and a
-    heavy one (last) for batches of fewer, triplet- and quadruplet-heavy ones (`_split`, then `_search`).
+    heavy one (last) for batches of fewer, neighbour-dense ones (`_split`, then `_search`).
     Kept only if the replayed packing, which picks per step the shape it fills best, fills better than
     with one shape. Pipelines must run them with `shards_per_step` batches per step (`_bucket_floors`)."""
     sample = sample or sample_needs(source, settings, seed, edge_dropout)
@@ -270,11 +270,13 @@ def make_pipeline(config: ml_collections.ConfigDict, tasks: Sequence[Task], *, s
 
 
 def fill_ratios(batch: Any, task: Task) -> dict[str, float]:
-    """Real entries / budget for every padded array of a (stacked) batch."""
+    """Real entries / budget for every padded array of a (stacked) batch, and real edges / slots of every
+    per-atom slot grid (`<graph>_slots`)."""
     g = batch.graphs
     masks = {"nodes": g.graph.nodes["mask"], "edges": g.graph.edges["mask"], "a2ee2a": g.a2ee2a.mask,
-             "qint": g.qint.mask, "a2a": g.a2a.mask, "trip_e2e": g.trip_e2e.mask, "trip_a2e": g.trip_a2e.mask,
-             "trip_e2a": g.trip_e2a.mask, "quads": g.quad.mask, "graphs": g.graph.globals["mask"]}
+             "qint": g.qint.mask, "a2a": g.a2a.mask, "graphs": g.graph.globals["mask"]}
+    # The per-atom slot grids: real edges / (atoms x slots).
+    masks.update({f"{name}_slots": getattr(g, f"{name}_slots").mask for name in slots.SLOTTED_GRAPHS})
     return {f"fill/{task.name}/{k}": float(np.mean(np.asarray(m))) for k, m in masks.items()}
 
 

@@ -3,10 +3,10 @@
 Layout (see jmp_jax/graph/types.py): real entries first, in structure order, with indices offset
 per structure; the rest is padding. Graph `len(structures)` is the padding graph: it owns every
 padding node and every padding main edge; further padding graphs are empty. Padding edges of every
-edge set join the first padding node; padding triplets point at the first padding edge of their
-edge sets; padding quadruplets at the first padding edge / triplets. Padding edges get
-shift = PADDING_SHIFT so their length is 1 Å (no 0/0 in a model that forgets a mask).
-Every budget therefore needs at least one slot beyond the real entries.
+edge set join the first padding node and get shift = PADDING_SHIFT so their length is 1 Å (no 0/0 in
+a model that forgets a mask). Every budget therefore needs at least one slot beyond the real entries.
+No triplet or quadruplet lists are built: the model enumerates them over per-atom edge slots
+(`slots.py`), whose widths follow the in-degrees, not the budgets.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import jraph
 import numpy as np
 
 from jmp_jax.graph import slots
-from jmp_jax.graph.build import EdgeArrays, StructureGraphs, TripletArrays
-from jmp_jax.graph.types import EdgeSet, GraphBatch, QuadrupletIndex, TripletIndex
+from jmp_jax.graph.build import EdgeArrays, StructureGraphs
+from jmp_jax.graph.types import EdgeSet, GraphBatch
 
 PADDING_SHIFT = np.array([0.0, 0.0, 1.0])
 _INT32_MAX = np.iinfo(np.int32).max
@@ -49,13 +49,7 @@ class Budgets:
     a2ee2a: int
     qint: int
     a2a: int
-    trip_e2e: int
-    trip_a2e: int
-    trip_e2a: int
-    quad_trip_in: int
-    quad_trip_out: int
-    quads: int
-    graphs: int
+    graphs: int  # last: `batch_fill` leaves it out
 
     @classmethod
     def zeros(cls) -> "Budgets":
@@ -63,11 +57,11 @@ class Budgets:
 
     @classmethod
     def from_array(cls, values) -> "Budgets":
-        """From 12 counts in field order (inverse of `as_array`)."""
+        """From 6 counts in field order (inverse of `as_array`)."""
         return cls(*(int(v) for v in values))
 
     def as_array(self) -> np.ndarray:
-        """(12,) int64 counts in field order."""
+        """(6,) int64 counts in field order."""
         return np.array(dataclasses.astuple(self), dtype=np.int64)
 
     def as_dict(self) -> dict[str, int]:
@@ -91,11 +85,7 @@ def structure_sizes(sg: StructureGraphs) -> Budgets:
     """What one structure needs of every kind (real entries only; graphs = 1)."""
     return Budgets(
         nodes=sg.num_atoms, edges=sg.main.num_edges, a2ee2a=sg.a2ee2a.num_edges,
-        qint=sg.qint.num_edges, a2a=sg.a2a.num_edges, trip_e2e=sg.trip_e2e.edge_in.shape[0],
-        trip_a2e=sg.trip_a2e.edge_in.shape[0], trip_e2a=sg.trip_e2a.edge_in.shape[0],
-        quad_trip_in=sg.quad.triplet_in.edge_in.shape[0],
-        quad_trip_out=sg.quad.triplet_out.edge_in.shape[0], quads=sg.quad.edge_out.shape[0],
-        graphs=1)
+        qint=sg.qint.num_edges, a2a=sg.a2a.num_edges, graphs=1)
 
 
 def _total_need(structures: Sequence[StructureGraphs]) -> Budgets:
@@ -166,15 +156,6 @@ def _edge_set(structures, get: Callable[[StructureGraphs], EdgeArrays], node_off
         mask=_mask(num_real, budget))
 
 
-def _triplet_index(structures, get: Callable[[StructureGraphs], TripletArrays], in_offsets,
-                   pad_in: int, out_offsets, pad_out: int, budget: int, num_real: int) -> TripletIndex:
-    triplets = [get(sg) for sg in structures]
-    return TripletIndex(
-        edge_in=_padded_index([t.edge_in for t in triplets], in_offsets, budget, pad_in),
-        edge_out=_padded_index([t.edge_out for t in triplets], out_offsets, budget, pad_out),
-        mask=_mask(num_real, budget))
-
-
 def _graphs_tuple(structures, main: EdgeSet, need: dict[str, int], b: Budgets,
                   dtype) -> jraph.GraphsTuple:
     """Nodes and per-graph counts; graph len(structures) is the padding graph."""
@@ -212,53 +193,23 @@ def collate(structures: Sequence[StructureGraphs], budgets: Budgets, *, dtype=np
         raise ValueError("collate needs at least one structure")
     need = _check_fits(structures, budgets)
     b = budgets
-    # Per-structure block starts; the first padding slot of each kind is its real total.
     node_off = _offsets(structures, lambda sg: sg.num_atoms)
     main_off = _offsets(structures, lambda sg: sg.main.num_edges)
-    aeea_off = _offsets(structures, lambda sg: sg.a2ee2a.num_edges)
-    qint_off = _offsets(structures, lambda sg: sg.qint.num_edges)
-    tin_off = _offsets(structures, lambda sg: sg.quad.triplet_in.edge_in.shape[0])
-    tout_off = _offsets(structures, lambda sg: sg.quad.triplet_out.edge_in.shape[0])
-    pad_node, pad_main, pad_aeea, pad_qint = need["nodes"], need["edges"], need["a2ee2a"], need["qint"]
+    pad_node = need["nodes"]  # the first padding node
 
     def edge_set(get, budget: int, num_real: int) -> EdgeSet:
         return _edge_set(structures, get, node_off, budget, num_real, pad_node, dtype)
-
-    def triplet_index(get, in_off, pad_in, out_off, pad_out, budget, num_real) -> TripletIndex:
-        return _triplet_index(structures, get, in_off, pad_in, out_off, pad_out, budget, num_real)
 
     main = edge_set(lambda sg: sg.main, b.edges, need["edges"])
     # Padding main edges are their own reverse, so id_swap never leaves the padding block.
     id_swap = _padded_index([sg.id_swap for sg in structures], main_off, b.edges, 0)
     id_swap[need["edges"]:] = np.arange(need["edges"], b.edges)
-
-    quads = [sg.quad for sg in structures]
-    quad = QuadrupletIndex(
-        triplet_in=triplet_index(lambda sg: sg.quad.triplet_in, main_off, pad_main,
-                                 qint_off, pad_qint, b.quad_trip_in, need["quad_trip_in"]),
-        triplet_out=triplet_index(lambda sg: sg.quad.triplet_out, qint_off, pad_qint,
-                                  main_off, pad_main, b.quad_trip_out, need["quad_trip_out"]),
-        edge_out=_padded_index([q.edge_out for q in quads], main_off, b.quads, pad_main),
-        trip_in_to_quad=_padded_index([q.trip_in_to_quad for q in quads], tin_off, b.quads,
-                                      need["quad_trip_in"]),
-        trip_out_to_quad=_padded_index([q.trip_out_to_quad for q in quads], tout_off, b.quads,
-                                       need["quad_trip_out"]),
-        mask=_mask(need["quads"], b.quads))
-
-    batch = GraphBatch(
-        graph=_graphs_tuple(structures, main, need, b, dtype), id_swap=id_swap,
-        a2ee2a=edge_set(lambda sg: sg.a2ee2a, b.a2ee2a, need["a2ee2a"]),
-        qint=edge_set(lambda sg: sg.qint, b.qint, need["qint"]),
-        a2a=edge_set(lambda sg: sg.a2a, b.a2a, need["a2a"]),
-        trip_e2e=triplet_index(lambda sg: sg.trip_e2e, main_off, pad_main, main_off, pad_main,
-                               b.trip_e2e, need["trip_e2e"]),
-        trip_a2e=triplet_index(lambda sg: sg.trip_a2e, aeea_off, pad_aeea, main_off, pad_main,
-                               b.trip_a2e, need["trip_a2e"]),
-        trip_e2a=triplet_index(lambda sg: sg.trip_e2a, main_off, pad_main, aeea_off, pad_aeea,
-                               b.trip_e2a, need["trip_e2a"]),
-        quad=quad,
-    )
-    return slots.with_slots(batch, slots.bucketed_widths(batch, slot_widths))
+    others = {name: edge_set(lambda sg: getattr(sg, name), getattr(b, name), need[name])
+              for name in ("a2ee2a", "qint", "a2a")}
+    edges = {"main": (main.receivers, main.mask), **{k: (e.receivers, e.mask) for k, e in others.items()}}
+    layouts = slots.slot_layouts(edges, b.nodes, slots.bucketed_widths(edges, b.nodes, slot_widths))
+    return GraphBatch(graph=_graphs_tuple(structures, main, need, b, dtype), id_swap=id_swap, **others,
+                      **layouts)
 
 
 def first_fit(needs: Sequence[Budgets], budgets: Budgets) -> list[int]:
@@ -271,12 +222,12 @@ def first_fit(needs: Sequence[Budgets], budgets: Budgets) -> list[int]:
 
 
 def _rows(needs: Sequence[Budgets]) -> np.ndarray:
-    """(n, 12) counts of `needs`."""
+    """(n, 6) counts of `needs`."""
     return np.asarray([n.as_array() for n in needs], np.int64).reshape(len(needs), -1)
 
 
 def _first_fit(rows: np.ndarray, budgets: np.ndarray) -> list[int]:
-    """`first_fit` on (n, 12) needs and a (12,) budget."""
+    """`first_fit` on (n, 6) needs and a (6,) budget."""
     limit = budgets - 1
     used = np.zeros_like(limit)
     taken = []
@@ -289,7 +240,7 @@ def _first_fit(rows: np.ndarray, budgets: np.ndarray) -> list[int]:
 
 
 def batch_fill(used: np.ndarray, budgets: np.ndarray) -> float:
-    """Mean over the padded kinds (every kind but graph slots) of real entries / budget; (12,) arrays."""
+    """Mean over the padded kinds (every kind but graph slots, the last) of real entries / budget; (6,) arrays."""
     return float(np.mean(used[:-1] / budgets[:-1]))
 
 
@@ -305,7 +256,7 @@ def pack_window(needs: Sequence[Budgets], buckets: Sequence[Budgets],
 
 
 def _pack_rows(rows: np.ndarray, buckets: np.ndarray, bucket: int | None) -> tuple[int, list[int]]:
-    """`pack_window` on (n, 12) needs and (J, 12) buckets."""
+    """`pack_window` on (n, 6) needs and (J, 6) buckets."""
     if bucket is not None:
         return bucket, _first_fit(rows, buckets[bucket])
     best, best_fill = (len(buckets) - 1, []), -1.0
@@ -321,7 +272,7 @@ def _pack_rows(rows: np.ndarray, buckets: np.ndarray, bucket: int | None) -> tup
 
 def simulate_packing(needs: Sequence[Budgets], buckets: Sequence[Budgets], window: int,
                      shards_per_step: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """((B, 12) totals, (B,) bucket index) of the batches that the input pipeline's packing (first fit over
+    """((B, 6) totals, (B,) bucket index) of the batches that the input pipeline's packing (first fit over
     `window` candidates with deferral, `pack_window`, one bucket per step of `shards_per_step` batches)
     makes from `needs` in order; used to size budgets before training."""
     rows, bucket_rows = _rows(needs), np.asarray([b.as_array() for b in buckets])

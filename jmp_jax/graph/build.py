@@ -2,7 +2,8 @@
 
 Procedure (jmp_spec.md §2.1): one radius graph (a2a, capped at its own max-neighbours), then
 main / a2ee2a / qint as nearest-k-per-target sub-selections of it, qint tag-filtered, main
-symmetrised, and the triplet / quadruplet index sets built on top.
+symmetrised with its reverse-edge index. Triplet and quadruplet lists are not built here: the model
+enumerates them densely over edge slots; `indices.interaction_lists` builds them on demand.
 """
 from __future__ import annotations
 
@@ -89,23 +90,9 @@ class EdgeArrays:
 
 
 @dataclasses.dataclass(frozen=True)
-class TripletArrays:
-    edge_in: np.ndarray   # (T,) int64
-    edge_out: np.ndarray  # (T,) int64, sorted
-
-
-@dataclasses.dataclass(frozen=True)
-class QuadArrays:
-    triplet_in: TripletArrays   # main edge d->b, qint edge b->a
-    triplet_out: TripletArrays  # qint edge b->a, main edge c->a
-    edge_out: np.ndarray          # (Q,) main edge c->a, sorted
-    trip_in_to_quad: np.ndarray   # (Q,)
-    trip_out_to_quad: np.ndarray  # (Q,)
-
-
-@dataclasses.dataclass(frozen=True)
 class StructureGraphs:
-    """All graphs and indices of one structure (local indices; `collate` offsets them)."""
+    """The four graphs of one structure and the main graph's reverse-edge index (local indices;
+    `collate` offsets them)."""
 
     name: str | None
     atomic_numbers: np.ndarray  # (N,) int64
@@ -120,10 +107,6 @@ class StructureGraphs:
     main_knn: EdgeArrays        # main graph before symmetrisation (what JMP's dataset stores)
     main: EdgeArrays            # symmetrised main graph
     id_swap: np.ndarray         # (E_main,) index of each main edge's reverse
-    trip_e2e: TripletArrays     # main -> main
-    trip_a2e: TripletArrays     # a2ee2a edge b->a -> main edge c->a
-    trip_e2a: TripletArrays     # main edge b->a -> a2ee2a edge c->a
-    quad: QuadArrays
 
     @property
     def num_atoms(self) -> int:
@@ -142,7 +125,7 @@ def edges_from_topology(positions: np.ndarray, cell: np.ndarray, senders: np.nda
 def build_structure_graphs(atomic_numbers, positions, cell, pbc, tags, settings: GraphSettings,
                            *, fixed=None, name: str | None = None, edge_dropout: float = 0.0,
                            rng: np.random.Generator | None = None) -> StructureGraphs:
-    """Build every GemNet-OC graph and index set of one structure.
+    """Build the four GemNet-OC graphs of one structure (main symmetrised, with its id_swap).
 
     atomic_numbers (N,), positions (N, 3) Å, cell (3, 3) rows = lattice vectors (may be None
     without PBC), pbc (3,) bool or None (then settings.pbc), tags (N,) or None (all 2),
@@ -193,28 +176,18 @@ def build_structure_graphs(atomic_numbers, positions, cell, pbc, tags, settings:
 def assemble_structure_graphs(*, name, atomic_numbers, positions, cell, pbc, tags, fixed,
                               a2a: EdgeArrays, main_knn: EdgeArrays, a2ee2a: EdgeArrays,
                               qint: EdgeArrays) -> StructureGraphs:
-    """Symmetrise main and build the triplet / quadruplet indices from the four base graphs.
+    """Symmetrise main (and index its reverse edges) given the four base graphs.
 
     Inputs are already validated numpy arrays (see `build_structure_graphs`); the edge sets are
     receiver-sorted, e.g. JMP's own per-structure graphs loaded with `edges_from_topology`.
     """
     num_atoms = atomic_numbers.shape[0]
     sym_s, sym_t, sym_off = indices.symmetrize(*main_knn.topology)
-    main = edges_from_topology(positions, cell, sym_s, sym_t, sym_off)
-    quad = indices.quadruplets(main.topology, qint.topology, num_atoms)
     return StructureGraphs(
         name=name, atomic_numbers=atomic_numbers, positions=positions, cell=cell, pbc=pbc,
-        tags=tags, fixed=fixed, a2a=a2a, a2ee2a=a2ee2a, qint=qint, main_knn=main_knn, main=main,
-        id_swap=indices.reverse_edge_index(sym_s, sym_t, sym_off, num_atoms),
-        trip_e2e=TripletArrays(*indices.triplets(sym_s, sym_t, num_atoms)),
-        trip_a2e=TripletArrays(*indices.mixed_triplets(a2ee2a.topology, main.topology, num_atoms)),
-        trip_e2a=TripletArrays(*indices.mixed_triplets(main.topology, a2ee2a.topology, num_atoms)),
-        quad=QuadArrays(
-            triplet_in=TripletArrays(quad["triplet_in_in"], quad["triplet_in_out"]),
-            triplet_out=TripletArrays(quad["triplet_out_in"], quad["triplet_out_out"]),
-            edge_out=quad["out"], trip_in_to_quad=quad["trip_in_to_quad"],
-            trip_out_to_quad=quad["trip_out_to_quad"]),
-    )
+        tags=tags, fixed=fixed, a2a=a2a, a2ee2a=a2ee2a, qint=qint, main_knn=main_knn,
+        main=edges_from_topology(positions, cell, sym_s, sym_t, sym_off),
+        id_swap=indices.reverse_edge_index(sym_s, sym_t, sym_off, num_atoms))
 
 
 def build_from_atoms(atoms, settings: GraphSettings, tags=None, *, name: str | None = None

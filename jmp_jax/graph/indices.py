@@ -1,13 +1,23 @@
 """Main-graph symmetrisation, id_swap, triplet and quadruplet indices (host side, numpy).
 
-All functions work on one structure with local atom indices; the orders reproduce JMP's
+The index functions work on one structure with local atom indices; the orders reproduce JMP's
 (`backbone.symmetrize_edges`, `interaction_indices.get_triplets / get_mixed_triplets /
 get_quadruplets`), so concatenating per-structure results with offsets gives the batch order.
 Edges are (senders, receivers, cell_offset) with the offset applied to the sender.
+
+The model does not use triplet or quadruplet lists (it enumerates the same interactions densely over
+per-atom edge slots, `graph/slots.py`), so batches do not carry them; `interaction_lists` and
+`batch_interaction_lists` build them on demand to check the dense form and the graphs against JMP.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING, Callable, Sequence
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from jmp_jax.graph.build import StructureGraphs
 
 
 def inner_index(sorted_ids: np.ndarray) -> np.ndarray:
@@ -148,3 +158,78 @@ def quadruplets(main, qint, num_atoms: int) -> dict[str, np.ndarray]:
         "trip_in_to_quad": trip_in_to_quad[distinct],
         "trip_out_to_quad": trip_out_to_quad[distinct],
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class TripletArrays:
+    edge_in: np.ndarray   # (T,) int64
+    edge_out: np.ndarray  # (T,) int64, sorted
+
+
+@dataclasses.dataclass(frozen=True)
+class QuadArrays:
+    triplet_in: TripletArrays     # main edge d->b, qint edge b->a
+    triplet_out: TripletArrays    # qint edge b->a, main edge c->a
+    edge_out: np.ndarray          # (Q,) main edge c->a, sorted
+    trip_in_to_quad: np.ndarray   # (Q,) index into triplet_in
+    trip_out_to_quad: np.ndarray  # (Q,) index into triplet_out
+
+
+@dataclasses.dataclass(frozen=True)
+class InteractionLists:
+    """GemNet-OC's triplet and quadruplet index lists, as JMP builds them."""
+
+    trip_e2e: TripletArrays  # main -> main
+    trip_a2e: TripletArrays  # a2ee2a edge b->a -> main edge c->a
+    trip_e2a: TripletArrays  # main edge b->a -> a2ee2a edge c->a
+    quad: QuadArrays
+
+
+def interaction_lists(structure: "StructureGraphs") -> InteractionLists:
+    """The triplet and quadruplet lists of one structure (local edge indices into its main, a2ee2a and
+    qint graphs)."""
+    n, main, aeea = structure.num_atoms, structure.main.topology, structure.a2ee2a.topology
+    quad = quadruplets(main, structure.qint.topology, n)
+    return InteractionLists(
+        trip_e2e=TripletArrays(*triplets(main[0], main[1], n)),
+        trip_a2e=TripletArrays(*mixed_triplets(aeea, main, n)),
+        trip_e2a=TripletArrays(*mixed_triplets(main, aeea, n)),
+        quad=QuadArrays(
+            triplet_in=TripletArrays(quad["triplet_in_in"], quad["triplet_in_out"]),
+            triplet_out=TripletArrays(quad["triplet_out_in"], quad["triplet_out_out"]),
+            edge_out=quad["out"], trip_in_to_quad=quad["trip_in_to_quad"],
+            trip_out_to_quad=quad["trip_out_to_quad"]))
+
+
+def batch_interaction_lists(structures: Sequence["StructureGraphs"]) -> InteractionLists:
+    """The lists of structures batched in order: edge indices are those of `batching.collate`'s batch of
+    the same structures (real edges come first, per structure, in structure order)."""
+    if not structures:
+        raise ValueError("batch_interaction_lists needs at least one structure")
+    lists = [interaction_lists(sg) for sg in structures]
+
+    def starts(sizes) -> np.ndarray:
+        sizes = np.asarray(list(sizes), np.int64)
+        return np.cumsum(sizes) - sizes
+
+    main = starts(sg.main.num_edges for sg in structures)
+    aeea = starts(sg.a2ee2a.num_edges for sg in structures)
+    qint = starts(sg.qint.num_edges for sg in structures)
+
+    def cat(get: Callable[[InteractionLists], np.ndarray], offsets: np.ndarray) -> np.ndarray:
+        return np.concatenate([get(x) + o for x, o in zip(lists, offsets)])
+
+    def trip(get: Callable[[InteractionLists], TripletArrays], in_offsets, out_offsets) -> TripletArrays:
+        return TripletArrays(cat(lambda x: get(x).edge_in, in_offsets), cat(lambda x: get(x).edge_out, out_offsets))
+
+    quad = QuadArrays(
+        triplet_in=trip(lambda x: x.quad.triplet_in, main, qint),
+        triplet_out=trip(lambda x: x.quad.triplet_out, qint, main),
+        edge_out=cat(lambda x: x.quad.edge_out, main),
+        trip_in_to_quad=cat(lambda x: x.quad.trip_in_to_quad,
+                            starts(x.quad.triplet_in.edge_in.shape[0] for x in lists)),
+        trip_out_to_quad=cat(lambda x: x.quad.trip_out_to_quad,
+                             starts(x.quad.triplet_out.edge_in.shape[0] for x in lists)))
+    return InteractionLists(trip_e2e=trip(lambda x: x.trip_e2e, main, main),
+                            trip_a2e=trip(lambda x: x.trip_a2e, aeea, main),
+                            trip_e2a=trip(lambda x: x.trip_e2a, main, aeea), quad=quad)

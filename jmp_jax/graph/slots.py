@@ -60,10 +60,13 @@ def structure_in_degrees(structure) -> dict[str, int]:
             for name in SLOTTED_GRAPHS}
 
 
-def max_in_degrees(batch: GraphBatch) -> dict[str, int]:
-    """Largest in-degree of each edge set of a batch."""
-    return {name: int(in_degree(*graph_edges(batch, name), batch.num_nodes).max(initial=0))
-            for name in SLOTTED_GRAPHS}
+# (receivers, mask) of each edge set of a batch, by name (SLOTTED_GRAPHS).
+EdgeLists = Mapping[str, tuple[np.ndarray, np.ndarray]]
+
+
+def max_in_degrees(edges: EdgeLists, num_nodes: int) -> dict[str, int]:
+    """Largest in-degree of each edge set over `num_nodes` atoms."""
+    return {name: int(in_degree(*edges[name], num_nodes).max(initial=0)) for name in SLOTTED_GRAPHS}
 
 
 # Slot widths are rounded up to a multiple of this, so batches of similar structures share one shape.
@@ -93,10 +96,10 @@ def planned_widths(sample_degrees: Mapping[str, int], settings) -> dict[str, int
     return widths
 
 
-def bucketed_widths(batch: GraphBatch, minimum: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Slots per atom of each edge set: the batch's largest in-degree (at least `minimum`), rounded up
-    to a multiple of SLOT_WIDTH_STEP."""
-    degrees = max_in_degrees(batch)
+def bucketed_widths(edges: EdgeLists, num_nodes: int, minimum: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Slots per atom of each edge set: its largest in-degree (at least `minimum`), rounded up to a
+    multiple of SLOT_WIDTH_STEP."""
+    degrees = max_in_degrees(edges, num_nodes)
     return {name: round_width(max(degrees[name], (minimum or {}).get(name, 0))) for name in SLOTTED_GRAPHS}
 
 
@@ -105,9 +108,15 @@ def common_widths(batches) -> dict[str, int]:
     return {name: max(getattr(b, f"{name}_slots").edge.shape[1] for b in batches) for name in SLOTTED_GRAPHS}
 
 
+def slot_layouts(edges: EdgeLists, num_nodes: int, widths: Mapping[str, int] | None = None) -> dict[str, EdgeSlots]:
+    """The `<name>_slots` fields of a GraphBatch: every edge set laid out with `widths[name]` slots per
+    atom; widths default to the largest in-degrees."""
+    widths = dict(widths) if widths is not None else max_in_degrees(edges, num_nodes)
+    return {f"{name}_slots": edge_slots(*edges[name], num_nodes, max(widths[name], 1), name=f"{name} graph")
+            for name in SLOTTED_GRAPHS}
+
+
 def with_slots(batch: GraphBatch, widths: Mapping[str, int] | None = None) -> GraphBatch:
-    """The batch with the slot layout of every edge set; widths default to the largest in-degrees."""
-    widths = dict(widths) if widths is not None else max_in_degrees(batch)
-    layouts = {f"{name}_slots": edge_slots(*graph_edges(batch, name), batch.num_nodes, max(widths[name], 1),
-                                           name=f"{name} graph") for name in SLOTTED_GRAPHS}
-    return batch.replace(**layouts)
+    """The batch laid out again with `widths` slots per atom (default: the largest in-degrees)."""
+    edges = {name: graph_edges(batch, name) for name in SLOTTED_GRAPHS}
+    return batch.replace(**slot_layouts(edges, batch.num_nodes, widths))

@@ -1,9 +1,10 @@
 """The padded, static-shape graph batch the model consumes.
 
 Every array has a static length set by a budget. Padding follows jraph's convention: padding nodes
-belong to padding graphs, padding edges join padding nodes, padding triplets and quadruplets point at
-padding edges, so every padded entry lands in a padding segment and never touches a real one. The
-masks say which entries are real. All indices are global (offset per structure) int32.
+belong to padding graphs and padding edges join padding nodes, so every padded entry lands in a
+padding segment and never touches a real one. The masks say which entries are real. All indices are
+global (offset per structure) int32. There are no triplet or quadruplet lists: the model enumerates
+them densely over each atom's edge slots (`EdgeSlots`).
 
 Geometry is not stored: distances and unit vectors are computed inside the model from
 `positions` and `shift` so that `jax.grad` w.r.t. positions gives forces.
@@ -25,27 +26,6 @@ class EdgeSet:
     receivers: jax.Array   # (E,) int32, target atom t
     shift: jax.Array       # (E, 3) float, cell_offset @ cell in Å
     mask: jax.Array        # (E,) bool
-
-
-@flax.struct.dataclass
-class TripletIndex:
-    """Pairs of edges: for each triplet, an input edge whose message flows into an output edge."""
-
-    edge_in: jax.Array     # (T,) int32
-    edge_out: jax.Array    # (T,) int32, sorted ascending over real entries
-    mask: jax.Array        # (T,) bool
-
-
-@flax.struct.dataclass
-class QuadrupletIndex:
-    """Quadruplets d -> b -> a <- c (JMP `get_quadruplets`)."""
-
-    triplet_in: TripletIndex    # edge_in: main edge d->b, edge_out: qint edge b->a
-    triplet_out: TripletIndex   # edge_in: qint edge b->a, edge_out: main edge c->a
-    edge_out: jax.Array         # (Q,) main edge c->a of each quadruplet
-    trip_in_to_quad: jax.Array  # (Q,) index into triplet_in
-    trip_out_to_quad: jax.Array  # (Q,) index into triplet_out
-    mask: jax.Array             # (Q,) bool
 
 
 @flax.struct.dataclass
@@ -74,6 +54,7 @@ class GraphBatch:
       senders / receivers: (E,) int32 (s, t)
       n_node / n_edge: (G,) int32, globals: {"mask": (G,) bool}
     id_swap: (E,) index of the reverse edge of each main edge.
+    <name>_slots: the per-atom slot layout of each edge set (main = graph).
     """
 
     graph: jraph.GraphsTuple
@@ -81,14 +62,10 @@ class GraphBatch:
     a2ee2a: EdgeSet
     qint: EdgeSet
     a2a: EdgeSet
-    trip_e2e: TripletIndex   # main -> main
-    trip_a2e: TripletIndex   # edge_in: a2ee2a edge b->a, edge_out: main edge c->a
-    trip_e2a: TripletIndex   # edge_in: main edge b->a, edge_out: a2ee2a edge c->a
-    quad: QuadrupletIndex
-    main_slots: EdgeSlots | None = None
-    a2ee2a_slots: EdgeSlots | None = None
-    qint_slots: EdgeSlots | None = None
-    a2a_slots: EdgeSlots | None = None
+    main_slots: EdgeSlots
+    a2ee2a_slots: EdgeSlots
+    qint_slots: EdgeSlots
+    a2a_slots: EdgeSlots
 
     @property
     def num_nodes(self) -> int:

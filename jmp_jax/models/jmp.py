@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import jraph
 
-from jmp_jax.graph.types import EdgeSet, EdgeSlots, GraphBatch, QuadrupletIndex, TripletIndex
+from jmp_jax.graph.types import EdgeSet, EdgeSlots, GraphBatch
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.gemnet import GemNetOCBackbone
 from jmp_jax.models.layers import scaled_silu
@@ -129,7 +129,6 @@ def placeholder_batch(num_nodes: int = 2, num_edges: int = 2) -> GraphBatch:
     zeros_i = jnp.zeros((num_edges,), jnp.int32)
     mask = jnp.zeros((num_edges,), bool)
     edge_set = EdgeSet(zeros_i, zeros_i, jnp.zeros((num_edges, 3), jnp.float32), mask)
-    trip = TripletIndex(zeros_i, zeros_i, mask)
     graph = jraph.GraphsTuple(
         nodes={"atomic_numbers": jnp.ones((num_nodes,), jnp.int32), "positions": jnp.zeros((num_nodes, 3)),
                "tags": jnp.zeros((num_nodes,), jnp.int32), "fixed": jnp.zeros((num_nodes,), bool),
@@ -140,8 +139,6 @@ def placeholder_batch(num_nodes: int = 2, num_edges: int = 2) -> GraphBatch:
     empty = EdgeSlots(edge=jnp.full((num_nodes, 1), num_edges, jnp.int32), mask=jnp.zeros((num_nodes, 1), bool),
                       slot_of_edge=jnp.full((num_edges,), num_nodes, jnp.int32))
     return GraphBatch(graph=graph, id_swap=zeros_i, a2ee2a=edge_set, qint=edge_set, a2a=edge_set,
-                      trip_e2e=trip, trip_a2e=trip, trip_e2a=trip,
-                      quad=QuadrupletIndex(trip, trip, zeros_i, zeros_i, zeros_i, mask),
                       main_slots=empty, a2ee2a_slots=empty, qint_slots=empty, a2a_slots=empty)
 
 
