@@ -35,9 +35,11 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        # nbclient .. matplotlib: tests/test_notebooks.py executes notebooks/*.ipynb.
+        # nbclient .. matplotlib: tests/test_notebooks.py executes notebooks/*.ipynb. torch, lmdb and
+        # torch_geometric let the tests run the optional paths (the .pt reader's cross-check against torch,
+        # the OCP LMDB reader); the package itself never needs them.
         "test": ["pytest==9.2.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
-                 "matplotlib==3.11.2"],
+                 "matplotlib==3.11.2", "torch==2.13.0", "lmdb==3.0.0", "torch_geometric==2.8.1"],
         # Only to cross-check the numpy .pt reader against torch; the converter itself never needs torch.
         "torch": ["torch==2.13.0"],
         # Only for OC20/OC22 input given as the OCP code's LMDBs of pickled torch_geometric graphs.
