@@ -215,7 +215,8 @@ class Pipeline:
         shards = [first] + [self._pack_one(task, bucket)[0] for _ in range(self.num_batch_shards - 1)]
         # A structure denser than the planned slot widths widens its shard's slots: widen all alike.
         widths = slots.common_widths([shard.graphs for shard in shards])
-        shards = [shard.replace(graphs=slots.with_slots(shard.graphs, widths)) for shard in shards]
+        shards = [shard if slots.widths_of(shard.graphs) == widths
+                  else shard.replace(graphs=slots.with_slots(shard.graphs, widths)) for shard in shards]
         batch = jax.tree.map(lambda *xs: np.stack(xs), *shards)
         self.step += 1
         return task, batch, self._state_now()

@@ -103,9 +103,15 @@ def bucketed_widths(edges: EdgeLists, num_nodes: int, minimum: Mapping[str, int]
     return {name: round_width(max(degrees[name], (minimum or {}).get(name, 0))) for name in SLOTTED_GRAPHS}
 
 
+def widths_of(batch: GraphBatch) -> dict[str, int]:
+    """Slots per atom of each edge set of a batch that carries slots."""
+    return {name: getattr(batch, f"{name}_slots").edge.shape[1] for name in SLOTTED_GRAPHS}
+
+
 def common_widths(batches) -> dict[str, int]:
     """The widest slot layout of each edge set over batches that carry slots."""
-    return {name: max(getattr(b, f"{name}_slots").edge.shape[1] for b in batches) for name in SLOTTED_GRAPHS}
+    each = [widths_of(b) for b in batches]
+    return {name: max(w[name] for w in each) for name in SLOTTED_GRAPHS}
 
 
 def slot_layouts(edges: EdgeLists, num_nodes: int, widths: Mapping[str, int] | None = None) -> dict[str, EdgeSlots]:
