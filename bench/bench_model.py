@@ -1,6 +1,7 @@
 r"""Forward and training-step speed of the full JMP-S model on CPU-sized batches.
 
   python bench/bench_model.py                       # JMP-S, both batches, float32
+  python bench/bench_model.py --precision bfloat16  # bf16 matrix-product operands, float32 elsewhere
   python bench/bench_model.py --dtype bfloat16      # bf16 compute (float32 params, bases and sums)
   python bench/bench_model.py --config demo         # the narrow fixture model
 
@@ -125,6 +126,9 @@ def main():
     parser.add_argument("--batches", default="molecules,slabs")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="compute dtype of the model (parameters stay float32)")
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                        help="jax.default_matmul_precision: bfloat16 rounds the operands of the model's matrix "
+                             "products to bfloat16 (float32 accumulation); activations stay in --dtype")
     args = parser.parse_args()
     backbone = config_lib.NAMED_CONFIGS[args.config]()
     peak = common.matmul_gflops()
@@ -133,11 +137,12 @@ def main():
         "slabs": lambda: make_batch([cu_slab("CO" if s % 2 == 0 else "OH", s) for s in range(4)],
                                     GraphSettings.pretrain_periodic()),
     }
-    rows = [bench_batch(name, batches[name](), backbone, args.repeats, peak, args.dtype)
-            for name in args.batches.split(",")]
+    with jax.default_matmul_precision(args.precision):
+        rows = [bench_batch(name, batches[name](), backbone, args.repeats, peak, args.dtype)
+                for name in args.batches.split(",")]
     header = ["batch", "atoms", "forward ms", "train step ms", "atoms/s (train)", "compile s",
               "step GFLOP (XLA)", "step GFLOP/s (% of matmul peak)", "peak RSS MiB"]
-    common.report(f"bench_model: {args.config} ({args.dtype}) forward and training step",
+    common.report(f"bench_model: {args.config} ({args.dtype}, {args.precision} products) forward and training step",
                   common.table(header, rows),
                   notes=f"Measured float32 matmul rate of this machine through XLA: {peak:.0f} GFLOP/s. "
                         f"Median of {args.repeats} steps after one warm-up step.")

@@ -34,6 +34,7 @@ def pretrain_config(model: str) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.backbone = model             # jmp_s | jmp_l | path to a JMP BackboneConfig JSON
     c.model.dtype = "float32"            # "bfloat16": bf16 compute, float32 parameters and geometry
+    c.model.matmul_precision = "float32"  # "bfloat16": bf16 matrix-product operands, float32 accumulation
     c.model.scale_factors = "fitted"     # "fitted": JMP's released scale file for this size; "none": all 1
 
     c.data = ml_collections.ConfigDict()

@@ -155,6 +155,7 @@ def get_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.backbone = size                # jmp_s | jmp_l | demo
     c.model.dtype = "float32"              # JMP trains some tasks in fp16-mixed; "bfloat16" is the JAX analogue
+    c.model.matmul_precision = "float32"   # "bfloat16": bf16 matrix-product operands, float32 accumulation
     c.model.scale_factors = "fitted"       # for --init=scratch: JMP's fitted values ("none": all 1)
 
     c.data = ml_collections.ConfigDict()

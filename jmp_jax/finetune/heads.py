@@ -15,7 +15,7 @@ from ase.data import atomic_masses
 
 from jmp_jax.graph.types import GraphBatch
 from jmp_jax.models.jmp import torch_linear_bias_init, torch_linear_kernel_init
-from jmp_jax.models.layers import scaled_silu
+from jmp_jax.models.layers import dense_dot_general, scaled_silu
 
 REDUCTIONS = ("sum", "mean", "max")
 # JMP's `mlp([d] * 5 + [k])`: 4 hidden Linear(d, d) + act, then Linear(d, k).
@@ -45,7 +45,7 @@ class OutputMLP(nn.Module):
         def linear(features: int, bias: bool, name: str) -> nn.Dense:
             return nn.Dense(features, use_bias=bias, dtype=self.dtype, param_dtype=jnp.float32,
                             kernel_init=torch_linear_kernel_init, bias_init=torch_linear_bias_init(width),
-                            name=name)
+                            dot_general=dense_dot_general, name=name)
 
         for j in range(self.num_hidden):
             x = scaled_silu(linear(width, self.hidden_bias, f"linear_{j}")(x))

@@ -122,7 +122,16 @@ def optim_config(config: ml_collections.ConfigDict, num_blocks: int, steps_per_e
 
 def run(config: ml_collections.ConfigDict, workdir: str, init: str = "scratch", init_ema: bool = True
         ) -> dict[str, Any]:
-    """Fine-tunes from `init` ("scratch" or a checkpoint path); returns the final metrics and paths."""
+    """Fine-tunes from `init` ("scratch" or a checkpoint path); returns the final metrics and paths.
+
+    Matrix products follow `config.model.matmul_precision` (jax.default_matmul_precision).
+    """
+    with jax.default_matmul_precision(config.model.matmul_precision):
+        return _finetune(config, workdir, init, init_ema)
+
+
+def _finetune(config: ml_collections.ConfigDict, workdir: str, init: str = "scratch", init_ema: bool = True
+        ) -> dict[str, Any]:
     if not config.data.dir:
         raise ValueError("config.data.dir must name the folder with the prepared task shards (data_prep.build)")
     os.makedirs(workdir, exist_ok=True)

@@ -20,7 +20,7 @@ import jraph
 from jmp_jax.graph.types import EdgeSet, EdgeSlots, GraphBatch
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.gemnet import GemNetOCBackbone
-from jmp_jax.models.layers import scaled_silu
+from jmp_jax.models.layers import dense_dot_general, scaled_silu
 
 HEAD_NUM_HIDDEN = 4  # JMP's mlp([d] * 5 + [1]): 4 hidden Linear(d, d) layers, then Linear(d, 1)
 
@@ -45,7 +45,8 @@ class HeadMLP(nn.Module):
         width = x.shape[-1]
         for j in range(HEAD_NUM_HIDDEN):
             x = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=torch_linear_kernel_init,
-                         bias_init=torch_linear_bias_init(width), name=f"linear_{j}")(x)
+                         bias_init=torch_linear_bias_init(width), dot_general=dense_dot_general,
+                         name=f"linear_{j}")(x)
             x = scaled_silu(x)
         x = nn.Dense(1, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                      kernel_init=torch_linear_kernel_init, name=f"linear_{HEAD_NUM_HIDDEN}")(x)

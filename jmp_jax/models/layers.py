@@ -86,8 +86,92 @@ def he_orthogonal_kernel(key: jax.Array, shape: tuple[int, int], dtype: Any = jn
     return he_orthogonal_torch_layout(key, (shape[1], shape[0]), dtype).T
 
 
+# Values of jax's `default_matmul_precision` that ask for bfloat16 operands with float32 accumulation.
+BF16_PRECISIONS = ("bfloat16", "BF16_BF16_F32")
+
+
+def product_dtype(dtype: Any) -> Any:
+    """Operand dtype of the matrix products of a layer computing in `dtype`.
+
+    bfloat16 when computing in it, or when `jax.default_matmul_precision("bfloat16")` is in force:
+    TPUs and GPUs honour that setting in their own products, XLA CPU ignores it, so the layers apply it.
+    """
+    if jax.config.jax_default_matmul_precision in BF16_PRECISIONS:
+        return jnp.bfloat16
+    return dtype
+
+
+def transposed_copy(x: jax.Array) -> jax.Array:
+    """x.T (M, K) -> (K, M), written out as a row-major copy.
+
+    A plain x.T is folded into the product's dimension numbers; XLA CPU's bfloat16 product with a
+    transposed operand runs ~4x slower than with row-major operands (measured), the copy costs far less.
+    """
+    return jnp.swapaxes(x[:, None, :], 0, 2)[:, 0]
+
+
+@jax.custom_vjp
+def bf16_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x (M, K) @ kernel (K, N) -> (M, N) float32, operands rounded to bfloat16, float32 accumulation.
+
+    Its derivative uses the same kind of products, on row-major copies (see `transposed_copy`); jax's
+    own derivative of a mixed-precision product leaves the backward products on a slow path on CPU.
+    """
+    return jnp.dot(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def _bf16_matmul_fwd(x, kernel):
+    x16, k16 = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    residuals = (x16, k16, jnp.zeros((), x.dtype), jnp.zeros((), kernel.dtype))
+    return jnp.dot(x16, k16, preferred_element_type=jnp.float32), residuals
+
+
+def _bf16_matmul_bwd(residuals, ct):
+    x16, k16, x_like, kernel_like = residuals
+    ct16 = ct.astype(jnp.bfloat16)
+    dx = jnp.dot(ct16, transposed_copy(k16), preferred_element_type=jnp.float32)
+    if ct.shape[1] < x16.shape[1]:  # transpose the narrower of x and ct (copies cost more than products)
+        dk = transposed_copy(jnp.dot(transposed_copy(ct16), x16, preferred_element_type=jnp.float32))
+    else:
+        dk = jnp.dot(transposed_copy(x16), ct16, preferred_element_type=jnp.float32)
+    return dx.astype(x_like.dtype), dk.astype(kernel_like.dtype)
+
+
+bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def vary_alike(*xs: jax.Array) -> list[jax.Array]:
+    """xs, each made varying over every shard_map axis that any of them varies over.
+
+    A custom VJP must return each cotangent as (non-)varying as its input; a replicated kernel times
+    per-shard features has a per-shard cotangent, so the kernel enters as varying and jax's derivative
+    of that cast sums the cotangent over the shards.
+    """
+    axes = [jax.typeof(x).manual_axis_type.varying for x in xs]
+    union = frozenset().union(*axes)
+    return [jax.lax.pcast(x, tuple(sorted(union - a)), to="varying") if union - a else x for x, a in zip(xs, axes)]
+
+
+def matmul(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
+    """x (..., K) @ kernel (K, N) -> (..., N) in `dtype`, with operands in `product_dtype(dtype)`."""
+    if product_dtype(dtype) != jnp.bfloat16:
+        return jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    y = bf16_matmul(*vary_alike(x.reshape(-1, x.shape[-1]), kernel))
+    return y.reshape(x.shape[:-1] + (kernel.shape[-1],)).astype(dtype)
+
+
+def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                      preferred_element_type=None) -> jax.Array:
+    """The `dot_general` of a flax `nn.Dense` (contract the last axis of lhs with rhs's first), done by
+    `matmul`, so that nn.Dense layers follow the same product precision as `Dense`."""
+    if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
+        raise ValueError(f"dense_dot_general only contracts (..., K) with (K, N), got {dimension_numbers}")
+    return matmul(lhs, rhs, preferred_element_type or lhs.dtype)
+
+
 class Dense(nn.Module):
-    """Bias-free GemNet `Dense`: y = act(x @ kernel), kernel (in, out) in float32, compute in `dtype`."""
+    """Bias-free GemNet `Dense`: y = act(x @ kernel), kernel (in, out) in float32, compute in `dtype`
+    (products as `matmul` sets them)."""
 
     features: int
     activation: bool = False
@@ -96,7 +180,7 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", he_orthogonal_kernel, (x.shape[-1], self.features), jnp.float32)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = matmul(x, kernel, self.dtype)
         return scaled_silu(y) if self.activation else y
 
 

@@ -71,7 +71,15 @@ def _summarise(metrics: list[dict]) -> dict[str, float]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains until `config.train.num_steps`, resuming from the newest checkpoint in `workdir`."""
+    """Trains until `config.train.num_steps`, resuming from the newest checkpoint in `workdir`.
+
+    Matrix products follow `config.model.matmul_precision` (jax.default_matmul_precision).
+    """
+    with jax.default_matmul_precision(config.model.matmul_precision):
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
     os.makedirs(workdir, exist_ok=True)

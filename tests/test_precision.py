@@ -1,0 +1,127 @@
+"""bfloat16 matrix products (`jax.default_matmul_precision("bfloat16")`): exact rounding semantics of
+`bf16_matmul` and its derivative, the layers that follow the setting, shard_map, and a training step."""
+import functools
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import fixture_batch as fb
+from jmp_jax.models.jmp import JMPModel
+from jmp_jax.models.layers import Dense, bf16_matmul, matmul
+
+pytestmark = pytest.mark.skipif(not fb.fixture_available(), reason="shared reference fixtures absent")
+
+
+def rounded(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def exact_dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("shape", [(37, 48, 20), (37, 20, 48)])  # both transposition branches of the derivative
+def test_bf16_matmul_and_its_derivative_round_operands_and_accumulate_in_float32(shape):
+    m, k, n = shape
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x, w, ct = (jax.random.normal(key, s) for key, s in zip(keys, [(m, k), (k, n), (m, n)]))
+    y, vjp = jax.vjp(bf16_matmul, x, w)
+    dx, dw = vjp(ct)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+    np.testing.assert_allclose(y, exact_dot(rounded(x), rounded(w)), atol=1e-5)
+    np.testing.assert_allclose(dx, exact_dot(rounded(ct), rounded(w).T), atol=1e-5)
+    np.testing.assert_allclose(dw, exact_dot(rounded(x).T, rounded(ct)), atol=1e-5)
+    assert np.abs(y - exact_dot(x, w)).max() > 1e-3  # the rounding is real
+
+
+def _dot_operand_dtypes(fn, *args) -> set[str]:
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    found = set()
+
+    def visit(jp):
+        for eqn in jp.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.add(str(eqn.invars[0].aval.dtype))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jaxpr.jaxpr)
+    return found
+
+
+def test_dense_products_follow_the_default_matmul_precision():
+    layer = Dense(8, activation=True)
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 3, 16))
+    params = layer.init(jax.random.PRNGKey(2), x)
+    apply = functools.partial(layer.apply, params)
+    assert _dot_operand_dtypes(apply, x) == {"float32"}
+    with jax.default_matmul_precision("bfloat16"):
+        assert _dot_operand_dtypes(apply, x) == {"bfloat16"}
+        y = apply(x)
+    assert y.shape == (5, 3, 8) and y.dtype == jnp.float32
+    np.testing.assert_allclose(y, apply(x), rtol=0, atol=0.02 * float(jnp.abs(y).max()))
+
+
+def test_bf16_products_inside_shard_map_sum_the_kernel_gradient_over_shards():
+    """A replicated kernel times per-shard rows: the kernel's cotangent is summed over the shards."""
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    x = jax.random.normal(jax.random.PRNGKey(3), (4 * jax.device_count(), 16))
+    x_sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data")))
+    w = jax.random.normal(jax.random.PRNGKey(4), (16, 8))
+
+    def loss(w, x):
+        return jnp.sum(matmul(x, w, jnp.float32) ** 2)
+
+    def sharded_grad(w, x):
+        return jax.lax.psum(jax.grad(loss)(w, x), "data")
+
+    with jax.default_matmul_precision("bfloat16"):
+        per_shard = jax.jit(jax.shard_map(sharded_grad, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))(w, x_sharded)
+        whole = jax.grad(loss)(w, x)
+    np.testing.assert_allclose(per_shard, whole, rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def fixture_model():
+    return JMPModel(fb.load_config(), num_tasks=1), fb.load_variables(), fb.load_batch()
+
+
+def test_model_with_bf16_products_stays_close_to_the_float32_reference(fixture_model):
+    """Measured on the fixture: energy and forces 6% of max off the reference (bf16 keeps 8 mantissa bits;
+    full bf16 activations are ~10% off); the float32 run is within 3e-6."""
+    model, variables, batch = fixture_model
+    reference = dict(np.load(fb.fixture_path("outputs.npz")))
+    with jax.default_matmul_precision("bfloat16"):
+        out = jax.jit(model.apply)(variables, batch)
+    for name in ("energy", "forces"):
+        expected = reference[f"f32.{name}"]
+        actual = np.asarray(out[name])[:len(expected)]
+        assert actual.dtype == np.float32 and out["force_features"].dtype == jnp.float32
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=0.1 * np.abs(expected).max(), err_msg=name)
+
+
+def test_training_steps_with_bf16_products_lower_the_loss(fixture_model):
+    from jmp_jax.training import optim
+    from jmp_jax.training.loss import TaskNormalization
+    from jmp_jax.training.train_step import LabeledBatch, init_train_state, train_step
+
+    model, variables, graphs = fixture_model
+    rng = np.random.default_rng(0)
+    labels = LabeledBatch(graphs=graphs, energy=rng.normal(size=graphs.num_graphs).astype(np.float32),
+                          forces=rng.normal(size=(graphs.num_nodes, 3)).astype(np.float32))
+    batch = jax.tree.map(lambda x: np.asarray(x)[None], labels)  # one batch shard
+    tx, schedule = optim.pretrain_optimizer(variables["params"], num_blocks=model.config.num_blocks, peak_lr=1e-4,
+                                            warmup_steps=1, total_steps=100)
+    state = init_train_state(variables, tx)
+    with jax.default_matmul_precision("bfloat16"):
+        step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, task=0,
+                                         norm=TaskNormalization(1.0, 1.0), ema_decay=0.99))
+        losses = []
+        for _ in range(6):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
