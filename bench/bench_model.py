@@ -131,7 +131,7 @@ def main():
                              "products to bfloat16 (float32 accumulation); activations stay in --dtype")
     args = parser.parse_args()
     backbone = config_lib.NAMED_CONFIGS[args.config]()
-    peak = common.matmul_gflops()
+    peak = common.matmul_gflops(dtype=jnp.dtype(args.precision))
     batches = {
         "molecules": lambda: make_batch([heptane(s) for s in range(8)], GraphSettings.pretrain_molecule()),
         "slabs": lambda: make_batch([cu_slab("CO" if s % 2 == 0 else "OH", s) for s in range(4)],
@@ -144,7 +144,8 @@ def main():
               "step GFLOP (XLA)", "step GFLOP/s (% of matmul peak)", "peak RSS MiB"]
     common.report(f"bench_model: {args.config} ({args.dtype}, {args.precision} products) forward and training step",
                   common.table(header, rows),
-                  notes=f"Measured float32 matmul rate of this machine through XLA: {peak:.0f} GFLOP/s. "
+                  notes=f"Measured {args.precision} matmul rate of this machine through XLA (float32 "
+                        f"accumulation), the peak in the table: {peak:.0f} GFLOP/s. "
                         f"Median of {args.repeats} steps after one warm-up step.")
 
 

@@ -41,10 +41,13 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """This machine's measured float32 matmul rate through XLA (GFLOP/s), the yardstick for the model."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+def matmul_gflops(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
+    """This machine's measured matmul rate through XLA (GFLOP/s), the yardstick for the model.
+
+    Operands in `dtype`, accumulation in float32 (bfloat16 is how the model's bf16 products run).
+    """
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     ms = median_ms(lambda: f(a).block_until_ready(), repeats)
     return 2 * n**3 / (ms * 1e-3) / 1e9

@@ -102,9 +102,9 @@ def make_test(c: ml_collections.ConfigDict) -> None:
     c.data.tasks = [dict(t) for t in DEFAULT_TASKS[:2]]
     c.data.structures_per_batch = 1
     c.data.num_batch_shards = 4
-    c.train.num_steps = 16
+    c.train.num_steps = 8
     c.train.warmup_steps = 3
-    c.train.ema_decay = 0.5              # so that 16 steps visibly move the validated (EMA) weights
+    c.train.ema_decay = 0.5              # so that 8 steps visibly move the validated (EMA) weights
     c.log.every = 1
     c.log.eval_every = 1000
     c.log.eval_batches = 1
