@@ -81,7 +81,8 @@ def test_bf16_products_inside_shard_map_sum_the_kernel_gradient_over_shards():
         return jax.lax.psum(jax.grad(loss)(w, x), "data")
 
     with jax.default_matmul_precision("bfloat16"):
-        per_shard = jax.jit(jax.shard_map(sharded_grad, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))(w, x_sharded)
+        sharded = jax.shard_map(sharded_grad, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
+        per_shard = jax.jit(sharded)(w, x_sharded)
         whole = jax.grad(loss)(w, x)
     np.testing.assert_allclose(per_shard, whole, rtol=1e-5, atol=1e-4)
 

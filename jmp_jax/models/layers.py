@@ -117,7 +117,7 @@ def bf16_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Its derivative uses the same kind of products, on row-major copies (see `transposed_copy`); jax's
     own derivative of a mixed-precision product leaves the backward products on a slow path on CPU.
     """
-    return jnp.dot(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    return _bf16_matmul_fwd(x, kernel)[0]
 
 
 def _bf16_matmul_fwd(x, kernel):
