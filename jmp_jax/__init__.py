@@ -1,6 +1,10 @@
 """jmp_jax: JAX/Flax GemNet-OC and JMP. `load_pretrained` is imported lazily (it pulls in JAX and Flax)."""
 from __future__ import annotations
 
+from jmp_jax.host_memory import retain_freed_host_memory
+
+retain_freed_host_memory()
+
 __all__ = ["load_pretrained", "PretrainedModel"]
 
 
