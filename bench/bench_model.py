@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from ase import Atoms  # noqa: E402
 from ase.build import add_adsorbate, fcc111, molecule  # noqa: E402
 
+import jmp_jax  # noqa: E402
 from bench import common  # noqa: E402
 from jmp_jax.graph import batching  # noqa: E402
 from jmp_jax.graph.build import GraphSettings, build_from_atoms  # noqa: E402
@@ -112,11 +113,13 @@ def bench_batch(name: str, batch: LabeledBatch, backbone: config_lib.BackboneCon
         jax.block_until_ready(m)
 
     common.stage(f"{name}: timing the training step")
+    faults_before = common.minor_page_faults()
     step_ms = common.median_ms(one_step, repeats)
+    faults_per_step = (common.minor_page_faults() - faults_before) / repeats
     return [name, n_atoms, f"{fwd_ms:.0f}", f"{step_ms:.0f}", f"{n_atoms / step_ms * 1e3:.0f}",
             f"{forward_compile_s + step_compile_s:.1f}", f"{step_flops / 1e9:.0f}",
             f"{step_flops / (step_ms * 1e-3) / 1e9:.0f} ({100 * step_flops / (step_ms * 1e-3) / 1e9 / peak:.0f}%)",
-            f"{common.peak_rss_mib():.0f}"]
+            f"{faults_per_step:.0f}", f"{common.peak_rss_mib():.0f}"]
 
 
 def main():
@@ -141,12 +144,13 @@ def main():
         rows = [bench_batch(name, batches[name](), backbone, args.repeats, peak, args.dtype)
                 for name in args.batches.split(",")]
     header = ["batch", "atoms", "forward ms", "train step ms", "atoms/s (train)", "compile s",
-              "step GFLOP (XLA)", "step GFLOP/s (% of matmul peak)", "peak RSS MiB"]
+              "step GFLOP (XLA)", "step GFLOP/s (% of matmul peak)", "page faults / step", "peak RSS MiB"]
     common.report(f"bench_model: {args.config} ({args.dtype}, {args.precision} products) forward and training step",
                   common.table(header, rows),
                   notes=f"Measured {args.precision} matmul rate of this machine through XLA (float32 "
                         f"accumulation), the peak in the table: {peak:.0f} GFLOP/s. "
-                        f"Median of {args.repeats} steps after one warm-up step.")
+                        f"Median of {args.repeats} steps after one warm-up step. Freed host memory kept in the "
+                        f"process (jmp_jax/host_memory.py): {'yes' if jmp_jax.host_memory_retained else 'no'}.")
 
 
 if __name__ == "__main__":
