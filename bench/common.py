@@ -81,9 +81,14 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+# Environment variables that change what a bench measures; a report's command line shows them when set.
+COMMAND_ENV = ("JMP_JAX_SYSTEM_MALLOC", "XLA_FLAGS")
+
+
 def report(title: str, text: str, notes: str = "") -> None:
     """Prints the table and appends it, with the machine and the command, to BENCHMARKS.md."""
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    settings = [f"{name}={shlex.quote(os.environ[name])} " for name in COMMAND_ENV if os.environ.get(name)]
+    command = "".join(settings) + "python " + " ".join(shlex.quote(a) for a in sys.argv)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     block = (f"\n## {title}\n\n- when: {stamp}, commit {git_revision()}\n- machine: {machine()}\n"
              f"- command: `{command}`\n\n{text}\n" + (f"\n{notes}\n" if notes else ""))
