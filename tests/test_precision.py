@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import fixture_batch as fb
 from jmp_jax.models.jmp import JMPModel
-from jmp_jax.models.layers import Dense, bf16_matmul, matmul
+from jmp_jax.models.layers import Dense, batched_matmul, bf16_matmul, matmul
 
 pytestmark = pytest.mark.skipif(not fb.fixture_available(), reason="shared reference fixtures absent")
 
@@ -37,6 +37,16 @@ def test_bf16_matmul_and_its_derivative_round_operands_and_accumulate_in_float32
     np.testing.assert_allclose(dx, exact_dot(rounded(ct), rounded(w).T), atol=1e-5)
     np.testing.assert_allclose(dw, exact_dot(rounded(x).T, rounded(ct)), atol=1e-5)
     assert np.abs(y - exact_dot(x, w)).max() > 1e-3  # the rounding is real
+
+
+def test_batched_matmul_and_its_derivative_match_jnp_matmul():
+    keys = jax.random.split(jax.random.PRNGKey(5), 3)
+    a, b, ct = (jax.random.normal(key, s) for key, s in zip(keys, [(6, 5, 7), (6, 7, 3), (6, 5, 3)]))
+    y, vjp = jax.vjp(batched_matmul, a, b)
+    want_y, want_vjp = jax.vjp(lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST), a, b)
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+    for got, want in zip(vjp(ct), want_vjp(ct)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _dot_operand_dtypes(fn, *args) -> set[str]:
