@@ -11,8 +11,8 @@ import pytest
 from jmp_jax import host_memory
 
 # A jitted call whose only large buffer is a 64 MiB temporary (exp(x), read in two orders): the fewest page
-# faults of one call, over four calls after two warm-up calls (a call can start before the previous call's
-# temporary is freed, and then takes a new block).
+# faults of one call, over eight calls after four warm-up calls (a call can start before the previous
+# call's temporary is freed, and then takes a new block, until the heap holds enough freed blocks).
 _PROBE = """
 import json, resource, sys
 if sys.argv[1] == "import_first":
@@ -23,10 +23,10 @@ if sys.argv[1] == "import_late":
     import jmp_jax
 f = jax.jit(lambda x: jnp.sum(jnp.exp(x) * jnp.exp(x)[::-1]))
 x = jnp.ones(16 * 2**20, jnp.float32)
-for _ in range(2):
+for _ in range(4):
     f(x).block_until_ready()
 faults = []
-for _ in range(4):
+for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
