@@ -26,7 +26,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 def _jax_backend_started() -> bool:
     """Whether jax has created its clients (and so the CPU worker threads); never imports jax itself."""
     bridge = sys.modules.get("jax._src.xla_bridge")
-    return bridge is not None and bridge.backends_are_initialized()
+    started = getattr(bridge, "backends_are_initialized", None)  # a private jax helper: may go away
+    return started is not None and started()
 
 
 def retain_freed_host_memory() -> bool:
