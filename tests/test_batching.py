@@ -43,7 +43,7 @@ def test_radius_graph_matches_brute_force(pbc):
     rng = np.random.default_rng(7)
     positions = rng.random((3, 3)) @ SKEWED_CELL + 0.5 * rng.random((3, 3))
     settings = GraphSettings(cutoff=4.5 if any(pbc) else 3.0, max_neighbors=12)
-    if not any(pbc):  # three isolated atoms would fail the isolated-atom check: pack them
+    if not any(pbc):  # pack the three atoms within the cutoff of each other
         positions = positions * 0.8
     sg = build_structure_graphs([6, 8, 1], positions, SKEWED_CELL, pbc, None, settings)
     expected = _brute_force_pairs(positions, SKEWED_CELL, pbc, settings.cutoff)
@@ -55,9 +55,12 @@ def test_radius_graph_matches_brute_force(pbc):
     np.testing.assert_array_equal(order, np.arange(sg.a2a.num_edges))
     for axis in np.flatnonzero(~np.asarray(pbc)):
         assert not sg.a2a.cell_offset[:, axis].any()
-    # main before symmetrisation: the k nearest per target (tie-insensitive check on distances).
+    # main before symmetrisation: the k nearest per target and every edge within the tie tolerance of the
+    # k-th (the default caps; checked on distances).
     for t in range(3):
-        nearest = np.sort([d for k, d in expected.items() if k[1] == t])[:settings.caps().main]
+        by_distance = np.sort([d for k, d in expected.items() if k[1] == t])
+        kth = by_distance[min(settings.caps().main, by_distance.size) - 1]
+        nearest = by_distance[by_distance <= kth + settings.tie_tolerance]
         np.testing.assert_allclose(np.sort(sg.main_knn.distance[sg.main_knn.receivers == t]), nearest,
                                    atol=1e-6)
     # vector convention: from the source image to the target.
@@ -82,6 +85,36 @@ def test_symmetrised_main_graph():
     np.testing.assert_array_equal(sg.id_swap[sg.id_swap], np.arange(m.num_edges))
     half = m.num_edges // 2
     np.testing.assert_array_equal(m.senders[half:], m.receivers[:half])  # [kept, reversed kept]
+
+
+def _edge_keys(edges) -> set:
+    return set(zip(edges.senders.tolist(), edges.receivers.tolist(), map(tuple, edges.cell_offset.tolist())))
+
+
+def test_main_graph_symmetrisation_policies():
+    """Invariant: main = kNN edges and their reverses. Reference (JMP): a pair survives only if its kNN edge in
+    canonical direction (s < t, or s == t with a negative offset) was chosen, so some one-sided pairs are lost."""
+    positions = np.random.default_rng(2).random((6, 3)) * 3.0
+    built = {policy: build_structure_graphs([6] * 6, positions, SKEWED_CELL * 1.6, (True,) * 3, None,
+                                            GraphSettings(cutoff=4.0, max_neighbors=5, neighbor_policy=policy))
+             for policy in ("invariant", "reference")}
+
+    def reverse(key):
+        s, t, off = key
+        return t, s, tuple(-o for o in off)
+
+    def canonical(key):
+        s, t, off = key
+        return s < t or (s == t and off < (0, 0, 0))
+
+    knn = _edge_keys(built["invariant"].main_knn)
+    assert _edge_keys(built["invariant"].main) == knn | {reverse(k) for k in knn}
+    strict_knn = _edge_keys(built["reference"].main_knn)
+    kept = {k for k in strict_knn if canonical(k)}
+    assert _edge_keys(built["reference"].main) == kept | {reverse(k) for k in kept}
+    assert len(built["reference"].main.senders) < len(built["invariant"].main.senders)
+    for sg in built.values():
+        np.testing.assert_array_equal(sg.main.senders[sg.id_swap], sg.main.receivers)
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +335,15 @@ def test_simulated_packing_keeps_one_bucket_per_step():
         steps = chosen[:len(chosen) // shards * shards].reshape(-1, shards)
         assert np.all(steps == steps[:, :1])
     assert set(chosen) == {0, 1}
+
+
+def test_nearest_k_keeps_ties_with_the_kth_unless_strict():
+    receivers = np.array([0, 0, 0, 0, 1, 1, 1])
+    distance = np.array([2.0, 1.0, 2.005, 3.0, 5.0, 4.0, 6.0])
+    # receiver 0: k = 2 ends at 2.0; 2.005 is within 0.01 of it. Receiver 1 has no tie.
+    np.testing.assert_array_equal(radius.nearest_k(receivers, distance, 2, 2, 0.01),
+                                  [True, True, True, False, True, True, False])
+    np.testing.assert_array_equal(radius.nearest_k(receivers, distance, 2, 2, None),
+                                  [True, True, False, False, True, True, False])
+    # Fewer than k edges: all kept.
+    np.testing.assert_array_equal(radius.nearest_k(receivers, distance, 5, 2, 0.01), [True] * 7)

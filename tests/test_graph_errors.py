@@ -23,7 +23,6 @@ def _build(z=WATER_Z, pos=WATER_POS, cell=None, pbc=(False, False, False), tags=
     (dict(pos=[[0, 0, 0], [0.9, np.inf, 0], [0.5, 0.5, 0]]), r"non-finite position .* atom 1"),
     (dict(z=[], pos=np.zeros((0, 3))), r"empty structure"),
     (dict(pos=[[0, 0, 0], [1, 0, 0]]), r"positions must have shape \(3, 3\)"),
-    (dict(pos=[[0, 0, 0], [0.96, 0, 0], [20.0, 0, 0]]), r"no neighbour within the 8.0 Å cutoff .*atom 2"),
     (dict(pos=[[0, 0, 0], [0.96, 0, 0], [0.961, 0, 0]]), r"atoms 1 and 2 overlap"),
     (dict(pbc=(True, True, True), cell=np.diag([5.0, 5.0, 0.0])), r"invalid cell for periodic"),
     (dict(pbc=(True, False, False)), r"invalid cell for periodic"),  # no cell at all

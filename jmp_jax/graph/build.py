@@ -15,6 +15,14 @@ from ase.constraints import FixAtoms
 from jmp_jax.graph import indices, radius
 from jmp_jax.graph.validate import GraphInputError, check_neighbours, check_structure
 
+# Neighbours within this many Å of a cap's k-th nearest are kept with it (`GraphSettings.neighbor_policy`).
+# Exact ties (symmetric shells, an atom's +n / -n images) are what made graphs depend on atom order and
+# frame; distinct distances are ranked the same whatever the order, so the tolerance only has to exceed
+# numerical noise: float32-stored coordinates of ~100 Å move distances by ~1e-5 Å. Kept this small, it
+# changes no graph of the reference fixtures that has no exact tie.
+TIE_TOLERANCE = 1e-4
+NEIGHBOR_POLICIES = ("invariant", "reference")
+
 
 @dataclasses.dataclass(frozen=True)
 class MaxNeighbors:
@@ -34,12 +42,21 @@ class GraphSettings:
     max_neighbors: main-graph cap N; the others follow `from_goc_base_proportions(N)`.
     pbc: None -> use the structure's own flags; a 3-tuple overrides them (pre-training uses full
       3-D PBC for OC20/OC22 and none for molecules).
+    neighbor_policy: how caps and symmetrisation treat ties and one-sided neighbours.
+      "invariant" (default): each nearest-k cap keeps every neighbour within TIE_TOLERANCE of the k-th
+        (whole symmetric shells, an atom's +n and -n images together), and main is the union of its kNN
+        graph and that graph's reverse. The graphs, hence energies, do not depend on atom order,
+        orientation or cell choice; a cap can keep more than k edges.
+      "reference": JMP's graphs edge for edge, for parity tests: strict caps of exactly k ranked by its
+        float32 lengths, exact ties to the earlier edge (JMP's unstable sort may pick another), and its
+        symmetrisation, which keeps a pair only if the kNN edge into the higher-index atom was chosen.
     """
 
     cutoff: float
     max_neighbors: int
     qint_tags: tuple[int, ...] = (1, 2)
     pbc: tuple[bool, bool, bool] | None = None
+    neighbor_policy: str = "invariant"
 
     @classmethod
     def pretrain_periodic(cls) -> "GraphSettings":
@@ -56,6 +73,13 @@ class GraphSettings:
             raise ValueError(f"GraphSettings needs cutoff > 0 and max_neighbors >= 1, got {self}")
         if self.pbc is not None and len(self.pbc) != 3:
             raise ValueError(f"GraphSettings.pbc must be None or 3 flags, got {self.pbc}")
+        if self.neighbor_policy not in NEIGHBOR_POLICIES:
+            raise ValueError(f"GraphSettings.neighbor_policy must be one of {NEIGHBOR_POLICIES}, got {self}")
+
+    @property
+    def tie_tolerance(self) -> float | None:
+        """What `radius.nearest_k` keeps beyond the k-th neighbour: TIE_TOLERANCE, or None (strict)."""
+        return TIE_TOLERANCE if self.neighbor_policy == "invariant" else None
 
     def caps(self) -> MaxNeighbors:
         """The four caps (JMP `MaxNeighbors.from_goc_base_proportions`)."""
@@ -133,9 +157,8 @@ def build_structure_graphs(atomic_numbers, positions, cell, pbc, tags, settings:
     edge_dropout: JMP's pre-training edge dropout, the probability of dropping each capped a2a edge
     (independently, drawn from `rng`) before main / a2ee2a / qint are sub-selected.
 
-    Neighbour caps rank edges by JMP's float32 edge length (`radius.jmp_float32_distance`); edges
-    of exactly equal float32 length keep the earlier one in a2a order, where JMP's unstable
-    torch.sort may pick another (only at exact ties, e.g. symmetric self-images).
+    Neighbour caps and symmetrisation follow `settings.neighbor_policy`: the reference's strict caps rank
+    edges by JMP's float32 edge length (`radius.jmp_float32_distance`), the invariant ones by float64 length.
     """
     if pbc is None:
         if settings.pbc is None:
@@ -143,26 +166,27 @@ def build_structure_graphs(atomic_numbers, positions, cell, pbc, tags, settings:
         pbc = settings.pbc
     atomic_numbers, positions, cell, pbc, tags, fixed = check_structure(
         name, atomic_numbers, positions, cell, pbc, tags, fixed)
-    caps = settings.caps()
+    caps, tolerance, num_atoms = settings.caps(), settings.tie_tolerance, atomic_numbers.shape[0]
 
     senders, receivers, cell_offset, overlaps = radius.radius_graph(
         positions, cell, pbc, settings.cutoff)
-    check_neighbours(name, atomic_numbers.shape[0], receivers, overlaps, settings.cutoff)
-    sort_key = radius.jmp_float32_distance(positions, cell, senders, receivers, cell_offset)
-    rank = radius.neighbour_rank(receivers, sort_key)
-    capped = rank < caps.a2a
+    check_neighbours(name, overlaps)
+    if tolerance is None:
+        sort_key = radius.jmp_float32_distance(positions, cell, senders, receivers, cell_offset)
+    else:
+        sort_key = radius.edge_geometry(positions, cell, senders, receivers, cell_offset)[1]
+    capped = radius.nearest_k(receivers, sort_key, caps.a2a, num_atoms, tolerance)
     a2a = edges_from_topology(positions, cell, senders[capped], receivers[capped], cell_offset[capped])
-    a2a_rank = rank[capped]
+    a2a_key = sort_key[capped]
     if edge_dropout > 0.0:
         if rng is None:
             raise ValueError("build_structure_graphs: edge_dropout needs an rng")
         kept = rng.random(a2a.num_edges) >= edge_dropout
-        a2a = a2a.select(kept)
-        a2a_rank = radius.neighbour_rank(a2a.receivers, sort_key[capped][kept])
+        a2a, a2a_key = a2a.select(kept), a2a_key[kept]
 
     def nearest(k: int) -> EdgeArrays:
         """JMP's sub-selection of the k nearest a2a edges per target."""
-        return a2a.select(a2a_rank < k)
+        return a2a.select(radius.nearest_k(a2a.receivers, a2a_key, k, num_atoms, tolerance))
 
     qint_knn = nearest(caps.qint)
     quad_tags = np.asarray(settings.qint_tags, dtype=np.int64)
@@ -170,19 +194,20 @@ def build_structure_graphs(atomic_numbers, positions, cell, pbc, tags, settings:
     return assemble_structure_graphs(
         name=name, atomic_numbers=atomic_numbers, positions=positions, cell=cell, pbc=pbc,
         tags=tags, fixed=fixed, a2a=a2a, main_knn=nearest(caps.main), a2ee2a=nearest(caps.a2ee2a),
-        qint=qint_knn.select(touches_tag))
+        qint=qint_knn.select(touches_tag), union=settings.neighbor_policy == "invariant")
 
 
 def assemble_structure_graphs(*, name, atomic_numbers, positions, cell, pbc, tags, fixed,
                               a2a: EdgeArrays, main_knn: EdgeArrays, a2ee2a: EdgeArrays,
-                              qint: EdgeArrays) -> StructureGraphs:
+                              qint: EdgeArrays, union: bool = False) -> StructureGraphs:
     """Symmetrise main (and index its reverse edges) given the four base graphs.
 
     Inputs are already validated numpy arrays (see `build_structure_graphs`); the edge sets are
     receiver-sorted, e.g. JMP's own per-structure graphs loaded with `edges_from_topology`.
+    union: symmetrise as the union of main_knn and its reverse, else JMP's way (`indices.symmetrize`).
     """
     num_atoms = atomic_numbers.shape[0]
-    sym_s, sym_t, sym_off = indices.symmetrize(*main_knn.topology)
+    sym_s, sym_t, sym_off = indices.symmetrize(*main_knn.topology, union=union)
     return StructureGraphs(
         name=name, atomic_numbers=atomic_numbers, positions=positions, cell=cell, pbc=pbc,
         tags=tags, fixed=fixed, a2a=a2a, a2ee2a=a2ee2a, qint=qint, main_knn=main_knn,

@@ -27,18 +27,31 @@ def inner_index(sorted_ids: np.ndarray) -> np.ndarray:
     return np.arange(sorted_ids.shape[0]) - np.searchsorted(sorted_ids, sorted_ids, side="left")
 
 
-def symmetrize(senders: np.ndarray, receivers: np.ndarray, cell_offset: np.ndarray):
-    """Make the graph bidirectional the JMP way.
+def symmetrize(senders: np.ndarray, receivers: np.ndarray, cell_offset: np.ndarray, *, union: bool = False):
+    """Make the graph bidirectional: [edges in canonical direction, their reverses in the same order].
 
-    Keeps edges with s < t, or s == t with a lexicographically negative offset; then appends the
-    reversed copies (s and t swapped, offset negated) after them.
-    Returns the symmetric (senders, receivers, cell_offset), [kept edges in order, their
-    reverses in order], each of length 2 * (number kept).
+    An edge is in canonical direction if s < t, or s == t with a lexicographically negative offset.
+    union False (JMP's): keeps the edges already in canonical direction and appends their reversed copies
+      (s and t swapped, offset negated). A pair whose kNN edge points only the other way is lost, so the
+      graph depends on atom order.
+    union True: turns every edge into canonical direction, removes duplicates, orders them by
+      (t, s, offset) and appends the reverses: the union of the graph and its reverse, whatever the order.
+    Returns the symmetric (senders, receivers, cell_offset), each of length 2 * (number kept).
     """
     ox, oy, oz = cell_offset[:, 0], cell_offset[:, 1], cell_offset[:, 2]
     offset_negative = (ox < 0) | ((ox == 0) & (oy < 0)) | ((ox == 0) & (oy == 0) & (oz < 0))
-    kept = (senders < receivers) | ((senders == receivers) & offset_negative)
-    s, t, off = senders[kept], receivers[kept], cell_offset[kept]
+    canonical = (senders < receivers) | ((senders == receivers) & offset_negative)
+    if union:
+        s = np.where(canonical, senders, receivers)
+        t = np.where(canonical, receivers, senders)
+        off = np.where(canonical[:, None], cell_offset, -cell_offset)
+        order = np.lexsort((off[:, 2], off[:, 1], off[:, 0], s, t))
+        rows = np.column_stack([t, s, off])[order]
+        first = np.ones(rows.shape[0], dtype=bool)
+        first[1:] = np.any(rows[1:] != rows[:-1], axis=1)
+        s, t, off = s[order][first], t[order][first], off[order][first]
+    else:
+        s, t, off = senders[canonical], receivers[canonical], cell_offset[canonical]
     return np.concatenate([s, t]), np.concatenate([t, s]), np.concatenate([off, -off])
 
 

@@ -96,3 +96,23 @@ def neighbour_rank(receivers: np.ndarray, distance: np.ndarray) -> np.ndarray:
     rank = np.empty(num_edges, dtype=np.int64)
     rank[by_target_then_distance] = np.arange(num_edges) - segment_start
     return rank
+
+
+def nearest_k(receivers: np.ndarray, distance: np.ndarray, k: int, num_nodes: int,
+              tie_tolerance: float | None) -> np.ndarray:
+    """(E,) bool: the edges a nearest-k cap per receiver keeps; edge order is unchanged.
+
+    receivers: (E,) sorted ascending; distance: (E,) sort key in Å.
+    tie_tolerance None: exactly the k nearest, exact ties to the earlier edge (the reference's
+      strict cap; which tied edge survives then depends on atom order and image enumeration).
+    tie_tolerance t >= 0: every edge within t of its receiver's k-th nearest distance, so tied
+      neighbours (symmetric shells, an atom's +n / -n periodic images) are kept or dropped together
+      and the graph does not depend on atom order, orientation or cell choice.
+    """
+    rank = neighbour_rank(receivers, distance)
+    if tie_tolerance is None:
+        return rank < k
+    kth = np.full(num_nodes, np.inf)
+    at_k = rank == k - 1
+    kth[receivers[at_k]] = distance[at_k]
+    return distance <= kth[receivers] + tie_tolerance

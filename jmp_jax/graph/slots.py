@@ -83,8 +83,9 @@ def round_width(width: float) -> int:
 def planned_widths(sample_degrees: Mapping[str, int], settings) -> dict[str, int]:
     """Slot widths for a task from the largest in-degrees of its sampled structures (`GraphSettings`).
 
-    The kNN-capped graphs (a2ee2a, qint, a2a) never exceed their caps; the symmetrised main graph can
-    exceed its cap, and periodic structures get headroom, so that the task keeps one slot shape.
+    Under the strict cap the kNN-capped graphs (a2ee2a, qint, a2a) never exceed their caps; tie-keeping
+    caps and the symmetrised main graph can. Periodic structures get headroom, so that the task keeps
+    one slot shape.
     """
     caps = dataclasses.asdict(settings.caps())
     periodic = settings.pbc is None or any(settings.pbc)
@@ -92,7 +93,8 @@ def planned_widths(sample_degrees: Mapping[str, int], settings) -> dict[str, int
     widths = {}
     for name in SLOTTED_GRAPHS:
         width = round_width(sample_degrees[name] * headroom)
-        widths[name] = min(width, caps[name]) if name != "main" else width
+        capped = name != "main" and settings.tie_tolerance is None
+        widths[name] = min(width, caps[name]) if capped else width
     return widths
 
 

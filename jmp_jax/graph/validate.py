@@ -8,7 +8,7 @@ _MIN_CELL_VOLUME = 1e-6  # Å^3; below this the lattice is treated as degenerate
 
 
 class GraphInputError(ValueError):
-    """A structure cannot be turned into a graph (bad atoms, positions, cell or isolated atoms)."""
+    """A structure cannot be turned into a graph (bad atoms, positions or cell, overlapping atoms)."""
 
     def __init__(self, name: str | None, problem: str):
         self.structure = name
@@ -62,16 +62,11 @@ def check_structure(name, atomic_numbers, positions, cell, pbc, tags, fixed):
     return atomic_numbers, positions, cell, pbc, tags, fixed
 
 
-def check_neighbours(name, num_atoms: int, receivers: np.ndarray, overlaps: np.ndarray,
-                     cutoff: float) -> None:
-    """Reject overlapping atoms (d <= 0.01 Å) and atoms with no neighbour within the cutoff."""
+def check_neighbours(name, overlaps: np.ndarray) -> None:
+    """Reject overlapping atoms (d <= 0.01 Å). An atom with no neighbour within the cutoff is fine: as in
+    JMP, it has no edges and keeps its embedding (an isolated adsorbate, a dissociated fragment)."""
     if overlaps.shape[0]:
         first, second = sorted(overlaps[0].tolist())
         what = f"atom {first} overlaps its own periodic image" if first == second \
             else f"atoms {first} and {second} overlap"
         raise GraphInputError(name, f"{what} (distance <= 0.01 Å)")
-    isolated = np.flatnonzero(np.bincount(receivers, minlength=num_atoms) == 0)
-    if isolated.size:
-        raise GraphInputError(
-            name, f"{isolated.size} atom(s) have no neighbour within the {cutoff} Å cutoff "
-                  f"(first: atom {isolated[0]})")

@@ -82,6 +82,23 @@ def angle_between(u: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.arctan2(jnp.maximum(safe_norm(jnp.cross(u, v)), 1e-9), jnp.sum(u * v, axis=-1))
 
 
+# A plane normal shorter than this (the sine of the angle between two unit vectors) is rounding noise: the
+# three atoms are collinear, as in every perfect crystal, and the plane, hence the dihedral, is undefined.
+COLLINEAR_SINE = 1e-4
+
+
+def dihedral_cos(normal_a: jax.Array, normal_b: jax.Array) -> jax.Array:
+    """cos of the angle between two plane normals: (..., 3), (..., 3) -> (...); 0 where either normal is
+    shorter than COLLINEAR_SINE.
+
+    0 is the reference's value at exactly collinear atoms in float64 (its atan2 floor gives pi/2). In
+    float32 the normal of collinear atoms is rounding noise of ~1e-7, and the angle between such normals
+    is arbitrary: it changes with orientation, translation and atom order, by percents of a crystal's energy.
+    """
+    degenerate = (safe_norm(normal_a) < COLLINEAR_SINE) | (safe_norm(normal_b) < COLLINEAR_SINE)
+    return jnp.where(degenerate, 0.0, jnp.cos(angle_between(normal_a, normal_b)))
+
+
 class TripletBasis(NamedTuple):
     """Bases of one triplet interaction c->a <- b: `rad` for mlp_rbf (per input edge b->a), the efficient
     circular basis rad_w1 (per output edge, (E_out, cbf, S)) and `sph` (N, K_out, K_in, S): Y_l(cos of
@@ -180,8 +197,8 @@ def quadruplet_geometry(main: SlotGeometry, qint: SlotGeometry, num_spherical: i
     sph_cab = masked_legendre(jnp.sum(u_ca * u_ba, axis=-1), trip_out, num_spherical)
     normal_out = jnp.cross(u_ca, u_ba)   # (N, Kq, K, 3) plane c-a-b
     normal_in = jnp.cross(u_db, u_ba)    # (N, Kq, K, 3) plane a-b-d
-    dihedral = angle_between(normal_out[:, :, :, None], normal_in[:, :, None])
-    return sph_abd, sph_cab, masked_legendre(jnp.cos(dihedral), quad, num_spherical)
+    cos_dihedral = dihedral_cos(normal_out[:, :, :, None], normal_in[:, :, None])
+    return sph_abd, sph_cab, masked_legendre(cos_dihedral, quad, num_spherical)
 
 
 class BasesOutput(NamedTuple):
