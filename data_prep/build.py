@@ -8,6 +8,8 @@
 --split names the split an OC20/OC22 input holds; for the other sources it restricts the
 output to the listed splits (default: all that the source defines).
 
+--energy-kind (oc20/oc22 LMDB input): which energy the LMDB holds; see data_prep/sources/ocp_lmdb.py.
+
 --fold: matbench: the folds to write (0..4, default all). rmd17: one official fold K (1..5) of
 a full rmd17_<molecule>.npz, read from the release's index_{train,test}_0K.csv in ../splits
 beside the npz's folder (or --splits-dir DIR): train (all but 50) and val (50, by JMP's seed-42
@@ -21,7 +23,7 @@ import json
 import sys
 
 from data_prep import records as records_lib
-from data_prep.metadata import InconsistentSplitError
+from data_prep.metadata import ENERGY_KINDS, InconsistentSplitError
 from data_prep.sources import READERS, InputFormatError, SplitPlan
 
 PRE_SPLIT_SOURCES = ("oc20", "oc22")
@@ -61,7 +63,7 @@ def build(
         records_lib.write_split(
             plan.records(), output_dir, plan.name, plan.split,
             records_per_shard=records_per_shard, units=plan.units,
-            source_files=plan.source_files, extra_metadata=plan.extra_metadata,
+            source_files=plan.source_files, extra_metadata=plan.extra_metadata, energy_kind=plan.energy_kind,
         )
         for plan in plans
     ]
@@ -79,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="matbench: folds to write (default all 5); rmd17: one official fold 1..5")
     parser.add_argument("--splits-dir", help="rmd17 with --fold: folder of index_{train,test}_0K.csv "
                         "(default: ../splits beside the npz's folder)")
+    parser.add_argument("--energy-kind", choices=ENERGY_KINDS,
+                        help="oc20/oc22 LMDB input: which energy its graphs hold (default: oc20 referenced, as "
+                        "OC20's preprocessing makes them; oc22 total)")
     parser.add_argument("--tfds", action="store_true", help="also write TFDS metadata (one source per folder)")
     return parser.parse_args(argv)
 
@@ -89,6 +94,10 @@ def reader_options(args: argparse.Namespace) -> dict:
         raise InputFormatError("--splits-dir applies to --source rmd17 only")
     if args.fold is not None and args.source not in ("matbench", "rmd17"):
         raise InputFormatError("--fold applies to --source matbench and rmd17 only")
+    if args.energy_kind is not None and args.source not in PRE_SPLIT_SOURCES:
+        raise InputFormatError("--energy-kind applies to --source oc20 and oc22 only")
+    if args.source in PRE_SPLIT_SOURCES:
+        return {"energy_kind": args.energy_kind} if args.energy_kind else {}
     if args.source == "matbench":
         return {"folds": args.fold} if args.fold else {}
     if args.source == "rmd17":

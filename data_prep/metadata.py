@@ -5,8 +5,9 @@ atoms_per_element; has_energy / has_forces / target_names; targets {name: {mean,
 linear_reference: (119,) per-element fit E ≈ Σ_Z n_Z c_Z (least squares on element counts,
 as JMP's ani1x/trans1x linear_ref scripts; index = Z; null without energies);
 raw / referenced: {energy_mean, energy_std, forces_mean, forces_std} before / after
-subtracting the linear reference (force components pooled); units; source_files
-[{path, bytes, sha256}].
+subtracting the linear reference (force components pooled); energy_kind: "total" (DFT total energies)
+or "referenced" (the distribution's per-system reference energy subtracted, as OC20 S2EF), null without
+energies; units; source_files [{path, bytes, sha256}].
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 NUM_ELEMENTS = 119  # index = atomic number; 0 unused
 SKIP_REASONS = ("no_atoms", "nan_positions", "nan_labels")
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
+ENERGY_KINDS = ("total", "referenced")
 
 
 class InconsistentSplitError(ValueError):
@@ -44,6 +46,26 @@ def fit_linear_reference(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
     if present.size:
         coef[present] = np.linalg.lstsq(xtx[np.ix_(present, present)], xty[present], rcond=None)[0]
     return coef
+
+
+def split_energy_kind(meta: dict) -> str | None:
+    """Which energy a split's `energy` holds (ENERGY_KINDS), None without energies. Metadata written before
+    the field existed is read as "total": every reader wrote totals then except the OCP LMDB one."""
+    return meta.get("energy_kind", "total") if meta.get("has_energy") else None
+
+
+def check_energy_kinds(task: str, metas: dict[str, dict], expected: str | None = None) -> str | None:
+    """The one energy kind that the splits of `task` hold ({"<source>-<split>": metadata}), None without
+    energies. ValueError naming the splits when they hold different kinds, or not the `expected` one."""
+    kinds = {name: split_energy_kind(meta) for name, meta in metas.items() if split_energy_kind(meta)}
+    if len(set(kinds.values())) > 1:
+        listing = ", ".join(f"{name} ({kind})" for name, kind in kinds.items())
+        raise ValueError(f"task {task}: splits {listing} hold different energies; rebuild them to hold one kind")
+    kind = next(iter(kinds.values()), None)
+    if expected is not None and kind not in (None, expected):
+        raise ValueError(f"task {task} expects {expected} energies (its normalisation is for those), "
+                         f"but splits {', '.join(kinds)} hold {kind} energies")
+    return kind
 
 
 def _mean_std(total: float, total_sq: float, count: int) -> dict:
@@ -138,7 +160,9 @@ class SplitStats:
         res_sq = self.energy_sq - 2 * coef @ self.xty + coef @ self.xtx @ coef
         return _mean_std(self.energy_sum, self.energy_sq, n), coef, _mean_std(res_sum, res_sq, n)
 
-    def finalize(self, *, units: dict, source_files: list[str]) -> dict:
+    def finalize(self, *, units: dict, source_files: list[str], energy_kind: str = "total") -> dict:
+        if energy_kind not in ENERGY_KINDS:
+            raise ValueError(f"energy_kind {energy_kind!r} is not one of {ENERGY_KINDS}")
         has_energy, has_forces, target_names = self.labels or (False, False, ())
         no_stats = {"mean": None, "std": None}
         raw, coef, referenced = self._energy_stats() if has_energy else (no_stats, None, no_stats)
@@ -162,6 +186,7 @@ class SplitStats:
             "linear_reference": None if coef is None else coef.tolist(),
             "raw": spread(raw),
             "referenced": spread(referenced),
+            "energy_kind": energy_kind if has_energy else None,
             "units": dict(units),
             "source_files": describe_source_files(source_files),
         }

@@ -208,6 +208,7 @@ def write_split(
     units: dict,
     source_files: list[str],
     extra_metadata: dict | None = None,
+    energy_kind: str = "total",
 ) -> dict:
     """Writes one split's shards and metadata atomically; returns the metadata dict.
 
@@ -215,6 +216,7 @@ def write_split(
     Shards are written into a temporary folder, then renamed into place (the earlier build's
     metadata and shards removed first); the metadata file is renamed last, so its presence
     marks a complete split. Rebuilding from the same input gives byte-identical files.
+    `energy_kind` ("total" or "referenced") says which energy the records hold (metadata["energy_kind"]).
     """
     if records_per_shard < 1:
         raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
@@ -223,7 +225,7 @@ def write_split(
     tmp_dir = tempfile.mkdtemp(prefix=f".tmp-{source}-{split}-", dir=output_dir)
     try:
         tmp_shards = _write_tmp_shards(records, tmp_dir, stats, records_per_shard)
-        meta = stats.finalize(units=units, source_files=source_files)
+        meta = stats.finalize(units=units, source_files=source_files, energy_kind=energy_kind)
         meta.update({"source": source, "split": split, "num_shards": len(tmp_shards)})
         meta.update(extra_metadata or {})
         # Drop the old metadata first: until the new one lands, the split reads as absent.

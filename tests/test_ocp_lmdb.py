@@ -127,6 +127,19 @@ def test_cli_build_skips_nan_frames_and_keeps_float64_energies(lmdb_folder, tmp_
     assert energies == [a.get_potential_energy() for a in frames[0] + frames[1]]
 
 
+def test_energy_kind_of_lmdb_splits(lmdb_folder, tmp_path):
+    """OC20 S2EF LMDBs hold referenced energies (preprocess_ef.py --ref-energy), OC22's totals, unless told."""
+    folder, _ = lmdb_folder
+    out = str(tmp_path / "out")
+    assert build.main(["--source", "oc20", "--input", str(folder), "--output", out, "--split", "train"]) == 0
+    assert records.load_metadata(out, "oc20", "train")["energy_kind"] == "referenced"
+    assert build.main(["--source", "oc20", "--input", str(folder), "--output", out, "--split", "val",
+                       "--energy-kind", "total"]) == 0
+    assert records.load_metadata(out, "oc20", "val")["energy_kind"] == "total"
+    (plan,) = READERS["oc22"](str(folder), source="oc22", split="train")
+    assert plan.energy_kind == "total"
+
+
 def test_single_lmdb_file_input(lmdb_folder):
     folder, frames = lmdb_folder
     _, recs = _plan_records(folder / "data.0001.lmdb")

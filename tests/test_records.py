@@ -1,11 +1,14 @@
-"""Record schema, TFRecord IO and split metadata (data_prep.records / metadata / splits)."""
+"""Record schema, TFRecord IO and split metadata (data_prep.records / metadata / splits), and the
+pre-training task set-up's check of the splits' energy kinds."""
 import json
 import os
 
 import numpy as np
 import pytest
 
+from configs import pretrain_common
 from data_prep import metadata, records, splits
+from jmp_jax.data import task_data
 
 
 def _molecule(i, energy=-100.0, n=3, **overrides):
@@ -96,6 +99,51 @@ def test_force_and_target_spreads(tmp_path):
     assert meta["targets"]["gap"]["std"] == pytest.approx(np.std(np.arange(6.0)))
     unlabeled = _write(tmp_path, [records.make_record([1], np.zeros((1, 3)), source_id="h")], split="x")
     assert unlabeled["linear_reference"] is None and unlabeled["raw"]["energy_std"] is None
+
+
+def test_metadata_records_the_energy_kind(tmp_path):
+    assert _write(tmp_path, [_molecule(0)])["energy_kind"] == "total"
+    meta = _write(tmp_path, [_molecule(0)], split="val", energy_kind="referenced")
+    assert records.load_metadata(str(tmp_path), "toy", "val")["energy_kind"] == "referenced"
+    assert metadata.split_energy_kind(meta) == "referenced"
+    unlabeled = _write(tmp_path, [records.make_record([1], np.zeros((1, 3)), source_id="h")], split="x")
+    assert unlabeled["energy_kind"] is None and metadata.split_energy_kind(unlabeled) is None
+    with pytest.raises(ValueError, match="energy_kind 'adsorption'"):
+        _write(tmp_path, [_molecule(0)], split="y", energy_kind="adsorption")
+    older = {k: v for k, v in meta.items() if k != "energy_kind"}
+    assert metadata.split_energy_kind(older) == "total"  # written before the field: totals
+
+
+def test_one_task_never_mixes_total_and_referenced_energies():
+    total, referenced = {"has_energy": True, "energy_kind": "total"}, {"has_energy": True, "energy_kind": "referenced"}
+    no_energy = {"has_energy": False, "energy_kind": None}
+    assert metadata.check_energy_kinds("oc20", {"oc20-train": referenced, "oc20-val": referenced}) == "referenced"
+    assert metadata.check_energy_kinds("oc20", {"oc20-train": total, "oc20-test": no_energy}, "total") == "total"
+    with pytest.raises(ValueError, match=r"^task oc20: splits oc20-train \(referenced\), oc20-val \(total\) hold "
+                       r"different energies"):
+        metadata.check_energy_kinds("oc20", {"oc20-train": referenced, "oc20-val": total})
+    with pytest.raises(ValueError, match=r"^task oc20 expects referenced energies .* splits oc20-train, oc20-val "
+                       r"hold total energies"):
+        metadata.check_energy_kinds("oc20", {"oc20-train": total, "oc20-val": total}, "referenced")
+
+
+def test_task_setup_refuses_splits_of_another_energy_kind(tmp_path):
+    """Pre-training set-up stops, naming the splits, when a task's train and val hold different energies
+    or not the energy its normalisation is for (JMP's oc20 energy_std is for referenced energies)."""
+    config = pretrain_common.pretrain_config("demo")
+    pretrain_common.use_jmp_data(config, str(tmp_path))
+    oc20 = config.data.tasks[0]
+    assert (oc20["name"], oc20["energy_kind"]) == ("oc20", "referenced")
+    _write(tmp_path, [_molecule(0)], name="oc20", split="train", energy_kind="referenced")
+    _write(tmp_path, [_molecule(1)], name="oc20", split="val", energy_kind="referenced")
+    task_data.check_energy_kind(config, str(tmp_path), oc20)
+    _write(tmp_path, [_molecule(1)], name="oc20", split="val", energy_kind="total")
+    with pytest.raises(ValueError, match=r"task oc20: splits oc20-train \(referenced\), oc20-val \(total\)"):
+        task_data.load_tasks(config)
+    _write(tmp_path, [_molecule(0)], name="oc20", split="train", energy_kind="total")
+    with pytest.raises(ValueError, match="task oc20 expects referenced energies"):
+        task_data.load_tasks(config)
+    task_data.check_energy_kind(config, str(tmp_path), dict(oc20, energy_kind=None))  # no expectation
 
 
 def test_natoms_histogram_and_percentiles(tmp_path):

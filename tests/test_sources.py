@@ -308,8 +308,8 @@ def test_qmof_json(tmp_path):
     assert np.isnan(missing["targets"]["bandgap"])  # write_split counts it as a NaN label
 
 
-def test_oc20_extxyz_with_frame_metadata(tmp_path):
-    rng = np.random.default_rng(5)
+def _oc20_frames(seed: int = 5) -> list:
+    rng = np.random.default_rng(seed)
     frames = []
     for k in range(3):
         atoms = Atoms("Cu4CO", positions=rng.normal(size=(6, 3)) + 5, cell=np.eye(3) * 10, pbc=True)
@@ -317,25 +317,64 @@ def test_oc20_extxyz_with_frame_metadata(tmp_path):
         atoms.set_constraint(FixAtoms(indices=[0, 1]))
         atoms.calc = SinglePointCalculator(atoms, energy=-50.0 - k, forces=rng.normal(size=(6, 3)))
         frames.append(atoms)
+    return frames
+
+
+def test_oc20_extxyz_with_frame_metadata(tmp_path):
+    """OC20's S2EF release: `<n>.txt` beside `<n>.extxyz` holds system_id,frame_number,reference_energy per
+    frame; the energy becomes E - reference, as the LMDBs of preprocess_ef.py --ref-energy hold it."""
+    frames = _oc20_frames()
     ase.io.write(tmp_path / "0.extxyz", frames, format="extxyz")
     (tmp_path / "0.txt").write_text("".join(f"random123,frame{k},{-10.0 - k}\n" for k in range(3)))
     ase.io.write(tmp_path / "1.extxyz", frames[:1], format="extxyz")
     (tmp_path / "1.txt").write_text("random9,frame0,-3.5\n")
     (plan,) = READERS["oc20"](str(tmp_path), source="oc20", split="train")
+    assert plan.energy_kind == "referenced" and plan.units["reference_energy"] == "eV"
     recs = _records(plan)
     assert [r["source_id"] for r in recs] == [
         "random123,frame0", "random123,frame1", "random123,frame2", "random9,frame0"]
+    assert [r["energy"] for r in recs] == [-40.0, -40.0, -40.0, -46.5]  # total - reference
     rec = recs[1]
-    assert rec["energy"] == -51.0 and rec["targets"] == {"reference_energy": -11.0}
+    assert rec["energy"] + rec["targets"]["reference_energy"] == -51.0  # the total stays recoverable
+    assert rec["targets"] == {"reference_energy": -11.0}
     np.testing.assert_array_equal(rec["tags"], [0, 0, 1, 1, 2, 2])
     np.testing.assert_array_equal(rec["fixed"], [1, 1, 0, 0, 0, 0])
     np.testing.assert_allclose(rec["forces"], frames[1].calc.results["forces"])  # constraints not applied
     assert rec["pbc"].all() and rec["cell"][2, 2] == 10
 
 
+def test_oc20_energy_kind_of_a_split(tmp_path):
+    """Without reference energies the split holds totals; a split mixing both kinds is refused."""
+    frames = _oc20_frames()
+    ase.io.write(tmp_path / "0.extxyz", frames, format="extxyz")
+    (plan,) = READERS["oc20"](str(tmp_path), source="oc20", split="train")
+    assert plan.energy_kind == "total" and "reference_energy" not in plan.units
+    assert [r["energy"] for r in _records(plan)] == [-50.0, -51.0, -52.0]
+    assert all("targets" not in r or not r["targets"] for r in _records(plan))
+    with pytest.raises(InputFormatError, match="--energy-kind applies to OCP LMDB input only"):
+        READERS["oc20"](str(tmp_path), source="oc20", split="train", energy_kind="referenced")
+    ase.io.write(tmp_path / "1.extxyz", frames[:1], format="extxyz")
+    (tmp_path / "1.txt").write_text("random9,frame0,-3.5\n")
+    with pytest.raises(InputFormatError, match=r"0\.extxyz: has no OC20 reference energies .* but .*1\.extxyz has"):
+        READERS["oc20"](str(tmp_path), source="oc20", split="train")
+
+
+def test_oc20_build_records_the_energy_kind(tmp_path):
+    data = tmp_path / "in"
+    data.mkdir()
+    ase.io.write(data / "0.extxyz", _oc20_frames(), format="extxyz")
+    (data / "0.txt").write_text("".join(f"random1,frame{k},-10.0\n" for k in range(3)))
+    (meta,) = build.build("oc20", str(data), str(tmp_path / "out"), splits=["train"])
+    assert meta["energy_kind"] == "referenced"
+    assert records.load_metadata(str(tmp_path / "out"), "oc20", "train")["energy_kind"] == "referenced"
+    assert meta["raw"]["energy_mean"] == pytest.approx(-41.0)
+    assert build.main(["--source", "qm9", "--output", str(tmp_path), "--energy-kind", "total"]) == 2
+
+
 def test_oc20_real_samples():
     (plan,) = READERS["oc20"](_shared("oc20", "fairchem_tests_core_models_atoms.json"), source="oc20", split="s")
     (rec,) = _records(plan)
+    assert plan.energy_kind == "total"  # an ASE database of DFT total energies
     assert rec["energy"] == -135.66393572 and rec["atomic_numbers"].shape == (34,)
     assert rec["fixed"].sum() == 24 and set(rec["tags"]) <= {0, 1, 2} and rec["pbc"].all()
     assert np.abs(rec["forces"][~rec["fixed"]]).max() > 0.01

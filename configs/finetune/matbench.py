@@ -1,5 +1,5 @@
-r"""MatBench: the 8 regression tasks (mean reduction; phonons max) and mp_is_metal
-(2-class weighted cross-entropy, input dropout 0.5), on the official folds.
+r"""MatBench: the 8 regression tasks (mean reduction; phonons max) and mp_is_metal (sum-reduced logits,
+2-class weighted cross-entropy, input dropout 0.5), on the official folds.
 
   python -m experiments.finetune --config=configs/finetune/matbench.py:mp_gap,fold0,jmp_s --config.data.dir=DATA \
       --init=CHECKPOINT --workdir=workdir/matbench

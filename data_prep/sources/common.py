@@ -28,6 +28,7 @@ class SplitPlan:
     units: dict
     source_files: list[str]
     extra_metadata: dict = dataclasses.field(default_factory=dict)
+    energy_kind: str = "total"  # or "referenced": the distribution's per-system reference energy subtracted
 
 
 def require_file(path: str, what: str) -> str:

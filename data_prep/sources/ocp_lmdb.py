@@ -8,10 +8,13 @@ Layout (as written by the OCP/fairchem preprocessing): each `*.lmdb` is one LMDB
 keys are the ascii integers "0".."N-1", plus an optional "length" key holding the pickled
 int N; without it the integer keys are read in numeric order. Each value is a pickled
 `Data` with pos (N, 3) Å, atomic_numbers (N,) (stored as floats), cell (1, 3, 3) Å,
-tags (N,), fixed (N,), energy in `energy` or `y` (eV, as stored: OC20's S2EF LMDBs hold
-y = total energy - the system's reference energy), forces in `forces` or `force` (eV/Å),
-and sid / fid. Objects pickled by PyG 1.x keep their fields directly in `__dict__`,
-those of PyG >= 2 under `_store`; both are read.
+tags (N,), fixed (N,), energy in `energy` or `y` (eV, as stored), forces in `forces` or
+`force` (eV/Å), and sid / fid. The LMDBs do not say which energy they hold: OC20's S2EF LMDBs
+as OC20's docs make them (fairchem's preprocess_ef.py --ref-energy, what JMP trains on) hold
+y = total energy - the system's reference energy, OC22's S2EF-Total LMDBs the total energy;
+`DEFAULT_ENERGY_KIND` records that in the split metadata unless the caller says otherwise.
+Objects pickled by PyG 1.x keep their fields directly in `__dict__`, those of PyG >= 2 under
+`_store`; both are read.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ INSTALL_HINT = "pip install -e .[ocp-lmdb]"
 LENGTH_KEY = b"length"
 ENERGY_FIELDS = ("energy", "y")  # fairchem renamed OCP's `y` / `force`
 FORCE_FIELDS = ("forces", "force")
+DEFAULT_ENERGY_KIND = {"oc20": "referenced", "oc22": "total"}
 
 
 def import_lmdb(path: str):
@@ -146,10 +150,12 @@ def _records(lmdb, files: list[str]):
         yield from _file_records(lmdb, path)
 
 
-def split_plan(files: list[str], *, source: str, split: str) -> SplitPlan:
-    """One split of every frame of the LMDB `files`, file by file, in key order.
+def split_plan(files: list[str], *, source: str, split: str, energy_kind: str | None = None) -> SplitPlan:
+    """One split of every frame of the LMDB `files`, file by file, in key order; `energy_kind` says which
+    energy they hold (default: `DEFAULT_ENERGY_KIND` of the source).
 
     Checks the optional dependencies now, so that a missing one fails before any output.
     """
     lmdb = import_lmdb(files[0])
-    return SplitPlan(source, split, lambda: _records(lmdb, files), dict(ENERGY_FORCE_UNITS), files)
+    return SplitPlan(source, split, lambda: _records(lmdb, files), dict(ENERGY_FORCE_UNITS), files,
+                     energy_kind=energy_kind or DEFAULT_ENERGY_KIND.get(source, "total"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from typing import Any, Sequence
 
@@ -230,11 +231,22 @@ def plan_buckets(source, settings: GraphSettings, structures_per_batch: int, see
     return tuple(pair)
 
 
+def check_energy_kind(config: ml_collections.ConfigDict, data_dir: str, task) -> None:
+    """A task's train and val splits hold one energy kind (total or referenced), the task's `energy_kind`
+    where it names one; otherwise a one-line ValueError naming the splits."""
+    from data_prep import metadata, records
+    splits = dict.fromkeys(s for s in (config.data.train_split, config.data.get("val_split")) if s)
+    metas = {f"{task['source']}-{split}": records.load_metadata(data_dir, task["source"], split) for split in splits
+             if os.path.exists(records.metadata_path(data_dir, task["source"], split))}
+    metadata.check_energy_kinds(task["name"], metas, task.get("energy_kind"))
+
+
 def load_tasks(config: ml_collections.ConfigDict) -> list[Task]:
     from data_prep import records
     data_dir = data_dir_of(config)
     tasks = []
     for t in config.data.tasks:
+        check_energy_kind(config, data_dir, t)
         meta = records.load_metadata(data_dir, t["source"], config.data.train_split)
         settings = GraphSettings(cutoff=t["cutoff"], max_neighbors=t["max_neighbors"], pbc=(bool(t["pbc"]),) * 3)
         linref = np.asarray(meta["linear_reference"], np.float64) if t["linear_reference"] else None

@@ -21,14 +21,15 @@ import optax
 from jmp_jax.training.optim import scale_by_tree, shared_basis_gradient_scales, warmup_cosine_schedule
 
 EMBEDDING_LR_MULTIPLIER = 0.3
-# JMP-L's per-block multipliers (config/all-jmp-l-configs.py); other depths resample this profile.
+# JMP-L's per-block multipliers (config/all-jmp-l-configs.py:121-132), the only profile JMP released; other
+# depths resample it. JMP-S's 4 values are therefore not JMP's (configs/finetune/common.py says so and why).
 JMP_L_BLOCK_LR_MULTIPLIERS = (0.55, 0.40, 0.30, 0.40, 0.55, 0.625)
 REST = "rest"
 
 
 def block_lr_multipliers(num_blocks: int) -> tuple[float, ...]:
-    """JMP-L's 6-block profile linearly resampled to `num_blocks` (exact for 6; JMP-S has 4 blocks,
-    for which JMP released no values)."""
+    """JMP-L's 6-block profile linearly resampled to `num_blocks` (exact for 6). JMP-S has 4 blocks, for
+    which JMP released no values: (0.55, 0.333333, 0.45, 0.625) here, our choice, not JMP's."""
     profile = np.asarray(JMP_L_BLOCK_LR_MULTIPLIERS)
     if num_blocks == len(profile):
         return tuple(float(v) for v in profile)
