@@ -42,6 +42,8 @@ setup(
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "nbclient==0.11.0",
                  "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2", "torch==2.13.0", "lmdb==3.0.0",
                  "torch_geometric==2.8.1"],
+        # NVIDIA GPUs: the CUDA 12 plugin (with its CUDA libraries from pip) at the pinned jax version.
+        "cuda12": ["jax[cuda12]==0.10.2"],
         # Only to cross-check the numpy .pt reader against torch; the converter itself never needs torch.
         "torch": ["torch==2.13.0"],
         # Only for OC20/OC22 input given as the OCP code's LMDBs of pickled torch_geometric graphs.

@@ -20,16 +20,22 @@ INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 
 
 def fusion_barrier(x: jax.Array) -> jax.Array:
-    """x, computed into its own buffer that every consumer reads (CPU only; identity elsewhere).
+    """x, computed into its own buffer that every consumer reads (in programs compiled for CPU; identity
+    elsewhere).
 
     XLA's CPU fusion duplicates cheap elementwise producers into each consumer without limit, and it
     expands optimization_barrier before fusing. A conditional is a fusion boundary XLA keeps; both branches
     compute the identity (written differently, or the conditional is dropped as trivial), so it only
     costs a branch on one element. On GPU a conditional would sync with the host, and GPU fusion bounds
-    its inputs anyway.
+    its inputs anyway. The choice follows the platform the program is lowered for, not the host's
+    default backend, so a step exported or compiled for GPU/TPU from a CPU host carries no conditional.
     """
-    if jax.default_backend() != "cpu" or x.size == 0:
+    if x.size == 0:
         return x
+    return jax.lax.platform_dependent(x, cpu=_conditional_identity, default=lambda y: y)
+
+
+def _conditional_identity(x: jax.Array) -> jax.Array:
     return jax.lax.cond(jnp.isfinite(x.reshape(-1)[0]), lambda y: y, lambda y: y * 1.0, x)
 
 
