@@ -102,7 +102,8 @@ def test_inferred_config_and_hparams(raw_dir):
 
 
 def test_wrong_config_restore_is_refused(raw_dir):
-    with pytest.raises(orbax_io.CheckpointMismatchError, match="another config(.|\n)*num_blocks: checkpoint 2, expected 4"):
+    with pytest.raises(orbax_io.CheckpointMismatchError,
+                       match="another config(.|\n)*num_blocks: checkpoint 2, expected 4"):
         orbax_io.load_variables(raw_dir, config=jmp_s())
     variables, _ = orbax_io.load_variables(raw_dir)
     target = {"params": dict(variables["params"]), "constants": variables["constants"]}

@@ -76,7 +76,8 @@ def test_fixture_weights_convert_exactly():
 @pytest.mark.parametrize("edit,message", [
     (lambda sd: sd.update({"backbone.bases.not_a_layer.linear.weight": np.zeros((2, 2))}), "unknown"),
     (lambda sd: sd.pop("backbone.int_blocks.1.dense_ca.linear.weight"), "missing: backbone.int_blocks.1.dense_ca"),
-    (lambda sd: sd.update({"output.out_forces.0.2.bias": np.zeros(3, np.float32)}), "shape: output.out_forces.0.2.bias"),
+    (lambda sd: sd.update({"output.out_forces.0.2.bias": np.zeros(3, np.float32)}),
+     "shape: output.out_forces.0.2.bias"),
     (lambda sd: sd.update({"backbone.bases.radial_basis.rbf.temps": np.ones(16, np.float32)}), "rbf.temps"),
     (lambda sd: sd.update({"backbone.out_blocks.0.seq_energy_pre.0.dense_mlp.0.linear.weight":
                            np.zeros((64, 64), np.float32)}), "alias differs"),
