@@ -10,7 +10,8 @@ from jmp_jax.checkpoint import lightning, names, orbax_io
 from jmp_jax.models.config import BackboneConfig, jmp_s
 
 def _reference_digests() -> dict[str, dict[str, str]]:
-    """{"weights" | "ema_weights": {torch key: array_digest}} of the reference's own npz files."""
+    """{"weights": the reference's weights.npz, "ema_weights": the checkpoint's EMA per parameter key}, each as
+    {torch key: array_digest} (tests/fixtures/README.md)."""
     with open(reference_path("reference_digests.json")) as f:
         return json.load(f)
 
@@ -27,7 +28,8 @@ def _as_torch_state_dict(variables):
 
 
 def _assert_reproduces(restored, ema: bool):
-    """The restored variables are exactly the reference's weights.npz, EMA parameters from ema_weights.npz."""
+    """The restored variables are exactly the reference's weights, with the EMA arrays in place of the
+    parameters when `ema`."""
     digests = _reference_digests()
     expected = {**digests["weights"], **(digests["ema_weights"] if ema else {})}
     got = {key: array_digest(array) for key, array in _as_torch_state_dict(restored).items()}
