@@ -38,10 +38,10 @@ setup(
         # nbclient .. matplotlib: tests/test_notebooks.py executes notebooks/*.ipynb. torch, lmdb and
         # torch_geometric let the tests run the optional paths (the .pt reader's cross-check against torch,
         # the OCP LMDB reader); the package itself never needs them. pytest-xdist runs the test files on
-        # two processes: the suite is mostly single-threaded XLA compiles.
+        # two processes: the suite is mostly single-threaded XLA compiles. ruff: tests/test_lint.py (ruff.toml).
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "nbclient==0.11.0",
                  "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2", "torch==2.13.0", "lmdb==3.0.0",
-                 "torch_geometric==2.8.1"],
+                 "torch_geometric==2.8.1", "ruff==0.17.6"],
         # NVIDIA GPUs: the CUDA 12 plugin (with its CUDA libraries from pip) at the pinned jax version.
         "cuda12": ["jax[cuda12]==0.10.2"],
         # Only to cross-check the numpy .pt reader against torch; the converter itself never needs torch.

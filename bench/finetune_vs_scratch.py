@@ -6,7 +6,7 @@ r"""Real-data check of pre-training: fine-tune from a pre-trained checkpoint vs 
 
 1. pre-trains the narrow `demo` model on the embedded (small) default dataset with experiments.pretrain
    (a finished pre-training in the workdir is reused);
-2. prepares rMD17 ethanol from the official split files in ../shared/data/rmd17 with data_prep.build
+2. prepares rMD17 ethanol from the official split files in tests/fixtures/data/rmd17 with data_prep.build
    (train file -> 950 train / 50 val, test file -> test) and a QM9 subset from qm9pack (the first n
    molecules of each seed-42 split, through data_prep's QM9 reader and record writer);
 3. fine-tunes `demo` models with experiments.finetune from the pre-training's EMA weights and from
@@ -33,7 +33,7 @@ sys.path.insert(0, REPO)
 
 from bench import common  # noqa: E402
 
-RMD17_DIR = os.path.join("..", "shared", "data", "rmd17")
+RMD17_DIR = os.path.join("tests", "fixtures", "data", "rmd17")  # the official split 01 files, all frames
 RMD17_FILES = {"train": "rmd17_ethanol_train_01.npz", "test": "rmd17_ethanol_test_01.npz"}
 PLOT = os.path.join("bench", "finetune_vs_scratch.png")
 INITS = ("pretrained", "scratch")
@@ -199,10 +199,10 @@ def main():
     shown = [shlex.join(["python", *c[1:]]) for c in [pretrain_cmd, *build_cmds, *commands]]
     text = (f"{table}\n\n![learning curves]({PLOT})\n\n" + "\n".join(f"- {s}" for s in sentences) + "\n\n"
             f"Pre-training: `demo` backbone, {args.pretrain_steps} steps of 4 structures on the {args.pretrain_data} "
-            f"embedded default dataset ({pretrain_note}). rMD17: official split 01 (950 train / 50 val from the train file, all 1,000 test "
-            f"frames), forces-only loss, batch {args.rmd17_batch_size}. QM9 {args.qm9_target}: {args.qm9_train} "
-            f"train / {args.qm9_val} val / {args.qm9_test} test molecules (the first of each seed-42 split, "
-            f"written with `data_prep.sources.qm9.plans` + `data_prep.records.write_split`), batch "
+            f"embedded default dataset ({pretrain_note}). rMD17: official split 01 (950 train / 50 val from the train "
+            f"file, all 1,000 test frames), forces-only loss, batch {args.rmd17_batch_size}. QM9 {args.qm9_target}: "
+            f"{args.qm9_train} train / {args.qm9_val} val / {args.qm9_test} test molecules (the first of each "
+            f"seed-42 split, written with `data_prep.sources.qm9.plans` + `data_prep.records.write_split`), batch "
             f"{args.qm9_batch_size}. Both inits use the same config, seed, epochs and schedule (1 warm-up epoch, "
             f"cosine over all epochs); the test MAE uses the weights of the best validation epoch. Wall times "
             f"include compilation, data loading and the test pass, and grow when other jobs share the CPUs; "

@@ -97,7 +97,8 @@ def _adsorbate(name: str, rng: np.random.Generator) -> Atoms:
 
 
 def _random_adslab(rng: np.random.Generator) -> tuple[Atoms, str]:
-    """A small fcc slab (ase lattice constant) with one adsorbate near a random site; ase tags 0 = adsorbate, 1.. = layer."""
+    """A small fcc slab (ase lattice constant) with one adsorbate near a random site; ase tags 0 = adsorbate,
+    1.. = layer."""
     metal, facet = rng.choice(METALS), rng.choice(tuple(SITES))
     width, layers = int(rng.choice([2, 3])), int(rng.choice([3, 4]))
     slab = (fcc111 if facet == "fcc111" else fcc100)(metal, size=(width, width, layers), vacuum=VACUUM)

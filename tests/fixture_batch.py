@@ -1,4 +1,5 @@
-"""Test utility: the GemNet-OC reference fixture as a padded GraphBatch and Flax variables.
+"""Test utility: the GemNet-OC reference fixture (tests/fixtures/gemnet_oc_reference) as a padded
+GraphBatch and Flax variables.
 
 The batch is built from the reference's own batched graphs (`graphs.npz` `model.*`), so the model tests
 do not depend on the graph builder. Every array gets exactly one padding slot: one padding structure
@@ -9,32 +10,21 @@ are exactly the listed ones).
 from __future__ import annotations
 
 import json
-import os
 
 import jax.numpy as jnp
 import jraph
 import numpy as np
 
+from fixture_files import reference_path
+from jmp_jax.checkpoint import torch_pickle
 from jmp_jax.checkpoint.names import state_dict_to_variables
 from jmp_jax.graph.slots import slot_layouts
 from jmp_jax.graph.types import EdgeSet, GraphBatch
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.jmp import variable_shapes
 
-FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "gemnet_oc_reference")
-
-
-def fixture_path(name: str) -> str:
-    return os.path.join(FIXTURE_DIR, name)
-
-
-def fixture_available() -> bool:
-    return all(os.path.exists(fixture_path(n)) for n in ("inputs.npz", "graphs.npz", "weights.npz",
-                                                            "outputs.npz", "config.json"))
-
-
 def load_config() -> BackboneConfig:
-    return BackboneConfig.from_json(fixture_path("config.json"))
+    return BackboneConfig.from_json(reference_path("config.json"))
 
 
 def _pad(a: np.ndarray, value) -> np.ndarray:
@@ -58,7 +48,7 @@ def load_batch(float_dtype=jnp.float32) -> GraphBatch:
 
     Positions are the float32-rounded inputs (what the reference model saw), cast to `float_dtype`.
     """
-    inputs, g = dict(np.load(fixture_path("inputs.npz"))), dict(np.load(fixture_path("graphs.npz")))
+    inputs, g = dict(np.load(reference_path("inputs.npz"))), dict(np.load(reference_path("graphs.npz")))
     num_structures = len(inputs["natoms"])
     per = [{k: inputs[f"s{i}.{k}"] for k in ("atomic_numbers", "positions", "cell", "tags", "fixed")}
            for i in range(num_structures)]
@@ -92,18 +82,19 @@ def load_batch(float_dtype=jnp.float32) -> GraphBatch:
 
 
 def load_state_dict() -> dict[str, np.ndarray]:
-    return dict(np.load(fixture_path("weights.npz")))
+    """The checkpoint's state dict (test_torch_pickle checks it against the reference's weights.npz digests)."""
+    return dict(torch_pickle.load(reference_path("jmp_style_checkpoint.pt"))["state_dict"])
 
 
 def load_variables(dtype=np.float32) -> dict:
-    """weights.npz -> Flax {'params', 'constants'} of JMPModel(config, num_tasks=1) via checkpoint.names."""
+    """The state dict -> Flax {'params', 'constants'} of JMPModel(config, num_tasks=1) via checkpoint.names."""
     return state_dict_to_variables(load_state_dict(), variable_shapes(load_config(), 1), dtype=dtype)
 
 
 def load_outputs() -> dict[str, np.ndarray]:
-    return dict(np.load(fixture_path("outputs.npz")))
+    return dict(np.load(reference_path("outputs.npz")))
 
 
 def load_stats() -> dict:
-    with open(fixture_path("stats.json")) as f:
+    with open(reference_path("stats.json")) as f:
         return json.load(f)

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from data_prep import build, records
-
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+from fixture_files import data_path
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +59,7 @@ def test_cli_errors_name_the_input(tmp_path, capsys):
 
 
 def test_cli_oc22_stand_in_with_tfds_metadata(tmp_path):
-    oxides = os.path.join(SHARED_DATA, "oxides", "fairchem_docs_oxides.db")
-    if not os.path.exists(oxides):
-        pytest.skip("shared oxides sample not present")
+    oxides = data_path("oxides", "fairchem_docs_oxides.db")
     out = str(tmp_path / "oc22")
     assert build.main(["--source", "oc22", "--input", oxides, "--output", out, "--split", "train", "--tfds"]) == 0
     meta = records.load_metadata(out, "oc22", "train")

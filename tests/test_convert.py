@@ -1,20 +1,19 @@
-import os
+import json
 
 import numpy as np
 import pytest
 
+import fixture_batch as fb
+from fixture_files import array_digest, reference_path
 from jmp_jax import convert
 from jmp_jax.checkpoint import lightning, names, orbax_io
 from jmp_jax.models.config import BackboneConfig, jmp_s
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "gemnet_oc_reference")
-
-
-def _fixture(name):
-    path = os.path.join(FIXTURES, name)
-    if not os.path.exists(path):
-        pytest.skip("shared fixtures absent")
-    return path
+def _reference_digests() -> dict[str, dict[str, str]]:
+    """{"weights": the reference's weights.npz, "ema_weights": the checkpoint's EMA per parameter key}, each as
+    {torch key: array_digest} (tests/fixtures/README.md)."""
+    with open(reference_path("reference_digests.json")) as f:
+        return json.load(f)
 
 
 def _as_torch_state_dict(variables):
@@ -28,58 +27,52 @@ def _as_torch_state_dict(variables):
     return out
 
 
-def _assert_reproduces(restored, expected_npz, overrides=None):
-    overrides = overrides or {}
-    with np.load(_fixture(expected_npz)) as npz:
-        expected = {k: overrides.get(k, npz[k]) for k in npz.files}
-    expected.update({k: v for k, v in overrides.items() if k not in expected})
-    got = _as_torch_state_dict(restored)
-    assert set(got) == {k for k in expected if not names.dropped_reason(k)}
-    for key, array in got.items():
-        assert array.shape == expected[key].shape, key
-        np.testing.assert_array_equal(array, expected[key], err_msg=key)
+def _assert_reproduces(restored, ema: bool):
+    """The restored variables are exactly the reference's weights, with the EMA arrays in place of the
+    parameters when `ema`."""
+    digests = _reference_digests()
+    expected = {**digests["weights"], **(digests["ema_weights"] if ema else {})}
+    got = {key: array_digest(array) for key, array in _as_torch_state_dict(restored).items()}
+    assert got == {k: v for k, v in expected.items() if not names.dropped_reason(k)}
 
 
 @pytest.fixture(scope="module")
 def raw_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("raw") / "ckpt")
-    assert convert.main(["--checkpoint", _fixture("jmp_style_checkpoint.pt"), "--output", out]) == 0
+    assert convert.main(["--checkpoint", reference_path("jmp_style_checkpoint.pt"), "--output", out]) == 0
     return out
 
 
 def test_raw_conversion_reproduces_weights(raw_dir, capsys):
     variables, metadata = orbax_io.load_variables(raw_dir)
-    _assert_reproduces(variables, "weights.npz")
+    _assert_reproduces(variables, ema=False)
     assert metadata["ema"] is False and metadata["num_tasks"] == 1
     assert orbax_io.read_metadata(raw_dir) == metadata and metadata["source"].endswith("jmp_style_checkpoint.pt")
-    assert BackboneConfig.from_jmp_dict(metadata["config"]) == BackboneConfig.from_json(_fixture("config.json"))
+    assert BackboneConfig.from_jmp_dict(metadata["config"]) == BackboneConfig.from_json(reference_path("config.json"))
 
 
 def test_ema_conversion_reproduces_ema_weights(tmp_path):
     out = str(tmp_path / "ema")
-    summary = convert.convert(_fixture("jmp_style_checkpoint.pt"), out, ema=True,
-                              config=convert.resolve_config(_fixture("config.json")))
+    summary = convert.convert(reference_path("jmp_style_checkpoint.pt"), out, ema=True,
+                              config=convert.resolve_config(reference_path("config.json")))
     assert summary["weights"] == "ema" and summary["notes"] == [] and summary["num_tasks"] == 1
-    variables, metadata = orbax_io.load_variables(out, config=BackboneConfig.from_json(_fixture("config.json")),
+    variables, metadata = orbax_io.load_variables(out, config=BackboneConfig.from_json(reference_path("config.json")),
                                                   num_tasks=1)
     assert metadata["ema"] is True
     # EMA replaces parameters only: buffers (scale factors) are the raw state dict's.
-    with np.load(_fixture("ema_weights.npz")) as ema:
-        overrides = {k: ema[k] for k in ema.files}
-    _assert_reproduces(variables, "weights.npz", overrides)
+    _assert_reproduces(variables, ema=True)
 
 
-def test_ema_state_dict_matches_fixture():
-    ckpt = lightning.load_checkpoint(_fixture("jmp_style_checkpoint.pt"))
+def test_ema_state_dict_matchesreference_path():
+    ckpt = lightning.load_checkpoint(reference_path("jmp_style_checkpoint.pt"))
     got = lightning.ema_state_dict(ckpt)
-    with np.load(_fixture("ema_weights.npz")) as ema:
-        assert list(got) == list(ema.files)
-        for key in ema.files:
-            np.testing.assert_array_equal(got[key], ema[key], err_msg=key)
+    expected = _reference_digests()["ema_weights"]
+    assert list(got) == list(expected)
+    assert {key: array_digest(array) for key, array in got.items()} == expected
 
 
 def test_ema_alias_follows_target_or_jmp_load_order():
-    ckpt = lightning.load_checkpoint(_fixture("jmp_style_checkpoint.pt"))
+    ckpt = lightning.load_checkpoint(reference_path("jmp_style_checkpoint.pt"))
     raw, ema = lightning.state_dict(ckpt), lightning.ema_state_dict(ckpt)
     alias = "backbone.out_blocks.1.seq_energy_pre.2.dense_mlp.0.linear.weight"
     target = alias.replace("seq_energy_pre", "layers")
@@ -94,16 +87,16 @@ def test_ema_alias_follows_target_or_jmp_load_order():
 
 
 def test_ema_count_mismatch_is_an_error():
-    ckpt = lightning.load_checkpoint(_fixture("jmp_style_checkpoint.pt"))
+    ckpt = lightning.load_checkpoint(reference_path("jmp_style_checkpoint.pt"))
     ckpt["optimizer_states"][0]["ema"] = ckpt["optimizer_states"][0]["ema"][:-1]
     with pytest.raises(lightning.LightningCheckpointError, match="201 tensors but the state dict has 202"):
         lightning.ema_state_dict(ckpt)
 
 
 def test_inferred_config_and_hparams(raw_dir):
-    ckpt = lightning.load_checkpoint(_fixture("jmp_style_checkpoint.pt"))
+    ckpt = lightning.load_checkpoint(reference_path("jmp_style_checkpoint.pt"))
     config, notes = lightning.backbone_config(ckpt, lightning.state_dict(ckpt))
-    assert config == BackboneConfig.from_json(_fixture("config.json")) and notes == []
+    assert config == BackboneConfig.from_json(reference_path("config.json")) and notes == []
     # Shapes win over a stale hparams config (JMP-L's pre-training config still names base() sizes).
     ckpt["hyper_parameters"] = {"hparams": {"backbone": jmp_s().to_dict()}}
     config, notes = lightning.backbone_config(ckpt, lightning.state_dict(ckpt))
@@ -111,7 +104,8 @@ def test_inferred_config_and_hparams(raw_dir):
 
 
 def test_wrong_config_restore_is_refused(raw_dir):
-    with pytest.raises(orbax_io.CheckpointMismatchError, match="another config(.|\n)*num_blocks: checkpoint 2, expected 4"):
+    with pytest.raises(orbax_io.CheckpointMismatchError,
+                       match="another config(.|\n)*num_blocks: checkpoint 2, expected 4"):
         orbax_io.load_variables(raw_dir, config=jmp_s())
     variables, _ = orbax_io.load_variables(raw_dir)
     target = {"params": dict(variables["params"]), "constants": variables["constants"]}
@@ -141,15 +135,14 @@ def test_training_checkpoint_latest_step_ema_by_default(tmp_path):
 
 
 def test_bad_state_dict_lists_every_problem(tmp_path, capsys):
-    with np.load(_fixture("weights.npz")) as npz:
-        state = {k: npz[k] for k in npz.files}
+    state = fb.load_state_dict()
     del state["backbone.int_blocks.0.dense_ca.linear.weight"]
     state["backbone.int_blocks.0.not_a_layer.linear.weight"] = np.zeros((4, 4), np.float32)
     state["backbone.bases.mlp_rbf_h.linear.weight"] = np.zeros((3, 3), np.float32)
     path = tmp_path / "bad.npz"
     np.savez(path, **state)
     rc = convert.main(["--checkpoint", str(path), "--output", str(tmp_path / "out"),
-                       "--config", _fixture("config.json")])
+                       "--config", reference_path("config.json")])
     err = capsys.readouterr().err
     assert rc == 2
     assert "missing: backbone.int_blocks.0.dense_ca.linear.weight" in err
@@ -158,8 +151,10 @@ def test_bad_state_dict_lists_every_problem(tmp_path, capsys):
 
 
 def test_npz_without_ema_and_bad_config_are_clear(tmp_path, capsys):
-    assert convert.main(["--checkpoint", _fixture("weights.npz"), "--output", str(tmp_path / "o"), "--ema"]) == 2
+    weights = str(tmp_path / "weights.npz")
+    np.savez(weights, **fb.load_state_dict())
+    assert convert.main(["--checkpoint", weights, "--output", str(tmp_path / "o"), "--ema"]) == 2
     assert "no optimizer_states[0]['ema']" in capsys.readouterr().err
-    assert convert.main(["--checkpoint", _fixture("weights.npz"), "--output", str(tmp_path / "o"),
+    assert convert.main(["--checkpoint", weights, "--output", str(tmp_path / "o"),
                          "--config", "jmp_xl"]) == 2
     assert "--config 'jmp_xl'" in capsys.readouterr().err

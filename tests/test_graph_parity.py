@@ -14,29 +14,25 @@ Exactness notes (what is compared how):
 """
 import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest
 
+from fixture_files import reference_path
 from jmp_jax.graph import indices, radius
 from jmp_jax.graph.batching import budgets_for, collate
 from jmp_jax.graph.build import (TIE_TOLERANCE, GraphSettings, assemble_structure_graphs,
                                  build_structure_graphs, edges_from_topology)
 from jmp_jax.graph.validate import check_structure
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures",
-                        "gemnet_oc_reference")
 GRAPH_KINDS = ("main", "a2a", "a2ee2a", "qint")
 
 
 @pytest.fixture(scope="module")
 def reference():
-    if not os.path.exists(os.path.join(FIXTURES, "graphs.npz")):
-        pytest.skip("shared fixtures absent")
-    with open(os.path.join(FIXTURES, "stats.json")) as f:
+    with open(reference_path("stats.json")) as f:
         ties = json.load(f)["max_neighbor_boundary_ties"]
-    return np.load(os.path.join(FIXTURES, "inputs.npz")), np.load(os.path.join(FIXTURES, "graphs.npz")), ties
+    return np.load(reference_path("inputs.npz")), np.load(reference_path("graphs.npz")), ties
 
 
 def _settings(kind: str, neighbor_policy: str) -> GraphSettings:

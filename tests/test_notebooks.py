@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from fixture_files import data_path
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -20,7 +22,7 @@ pytest.importorskip("tblite")  # labels the embedded default dataset used for th
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
-RMD17_SAMPLE = os.path.join(REPO, "..", "shared", "data", "rmd17")
+RMD17_SAMPLE = data_path("rmd17")
 TIMEOUT_S = 300  # per cell
 
 
@@ -83,9 +85,8 @@ def downstream_runs(env, qm9_run):
     (each kernel mostly compiles on one core)."""
     pretrained = str(qm9_run[1] / "pretrain")
     clients = {"load_checkpoint": client_for("load_checkpoint", env, WORKDIR="runs/load", CHECKPOINT=pretrained)}
-    if os.path.isdir(RMD17_SAMPLE):
-        clients["finetune_rmd17"] = client_for("finetune_rmd17", env, WORKDIR="runs/rmd17", RMD17_DIR=RMD17_SAMPLE,
-                                               PRETRAINED=pretrained)
+    clients["finetune_rmd17"] = client_for("finetune_rmd17", env, WORKDIR="runs/rmd17", RMD17_DIR=RMD17_SAMPLE,
+                                           PRETRAINED=pretrained)
 
     async def run_all():
         return await asyncio.gather(*(c.async_execute() for c in clients.values()))
@@ -106,8 +107,6 @@ def test_finetune_qm9_notebook(qm9_run):
 
 
 def test_finetune_rmd17_notebook(env, downstream_runs):
-    if not os.path.isdir(RMD17_SAMPLE):
-        pytest.skip(f"rMD17 sample files absent ({RMD17_SAMPLE})")
     notebooks, pretrained = downstream_runs
     nb = notebooks["finetune_rmd17"]
     result = finite_test_metrics(env / "runs" / "rmd17" / "finetune" / "results.json")

@@ -41,7 +41,8 @@ def test_division_happens_before_clipping():
                      optax.clip_by_global_norm(1.0))
     updates, _ = tx.update(grads, tx.init(params), params)
     assert float(optax.tree.norm(updates)) == pytest.approx(1.0, rel=1e-5)
-    ratio = updates["backbone"]["bases"]["mlp_rbf_tint"]["kernel"] / updates["backbone"]["bases"]["edge_emb"]["kernel"][0, 0]
+    bases = updates["backbone"]["bases"]
+    ratio = bases["mlp_rbf_tint"]["kernel"] / bases["edge_emb"]["kernel"][0, 0]
     np.testing.assert_allclose(ratio, 0.25, rtol=1e-6)
 
 

@@ -17,12 +17,8 @@ MANIFESTS = {"jmp_s": ("params_manifest_jmp_s.json", jmp_s, 44_131_328),
 
 
 def _manifest(file_name: str) -> dict:
-    path = fb.fixture_path(file_name)
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        pytest.skip(f"{path} absent")
+    with open(fb.reference_path(file_name)) as f:
+        return json.load(f)
 
 
 @pytest.fixture(scope="module", params=sorted(MANIFESTS))
@@ -64,8 +60,6 @@ def test_dropped_keys_are_only_buffers_and_aliases(model_and_manifest):
 
 
 def test_fixture_weights_convert_exactly():
-    if not fb.fixture_available():
-        pytest.skip("shared reference fixtures absent")
     state_dict = fb.load_state_dict()
     variables = fb.load_variables()
     kernel = variables["params"]["backbone"]["int_blocks_0"]["trip_interaction"]["mlp_cbf"]["bilinear"]["kernel"]
@@ -82,14 +76,13 @@ def test_fixture_weights_convert_exactly():
 @pytest.mark.parametrize("edit,message", [
     (lambda sd: sd.update({"backbone.bases.not_a_layer.linear.weight": np.zeros((2, 2))}), "unknown"),
     (lambda sd: sd.pop("backbone.int_blocks.1.dense_ca.linear.weight"), "missing: backbone.int_blocks.1.dense_ca"),
-    (lambda sd: sd.update({"output.out_forces.0.2.bias": np.zeros(3, np.float32)}), "shape: output.out_forces.0.2.bias"),
+    (lambda sd: sd.update({"output.out_forces.0.2.bias": np.zeros(3, np.float32)}),
+     "shape: output.out_forces.0.2.bias"),
     (lambda sd: sd.update({"backbone.bases.radial_basis.rbf.temps": np.ones(16, np.float32)}), "rbf.temps"),
     (lambda sd: sd.update({"backbone.out_blocks.0.seq_energy_pre.0.dense_mlp.0.linear.weight":
                            np.zeros((64, 64), np.float32)}), "alias differs"),
 ])
 def test_bad_state_dict_is_rejected_with_the_key(edit, message):
-    if not fb.fixture_available():
-        pytest.skip("shared reference fixtures absent")
     state_dict = fb.load_state_dict()
     edit(state_dict)
     with pytest.raises(names.CheckpointMismatchError, match=message.replace(".", r"\.")):

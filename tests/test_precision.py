@@ -14,9 +14,6 @@ import fixture_batch as fb
 from jmp_jax.models.jmp import JMPModel
 from jmp_jax.models.layers import Dense, batched_matmul, bf16_matmul, matmul
 
-pytestmark = pytest.mark.skipif(not fb.fixture_available(), reason="shared reference fixtures absent")
-
-
 def rounded(x: jax.Array) -> jax.Array:
     return x.astype(jnp.bfloat16).astype(jnp.float32)
 
@@ -106,7 +103,7 @@ def test_model_with_bf16_products_stays_close_to_the_float32_reference(fixture_m
     """Measured on the fixture: energy and forces 6% of max off the reference (bf16 keeps 8 mantissa bits;
     full bf16 activations are ~10% off); the float32 run is within 3e-6."""
     model, variables, batch = fixture_model
-    reference = dict(np.load(fb.fixture_path("outputs.npz")))
+    reference = fb.load_outputs()
     with jax.default_matmul_precision("bfloat16"):
         out = jax.jit(model.apply)(variables, batch)
     for name in ("energy", "forces"):

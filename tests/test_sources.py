@@ -1,5 +1,5 @@
 """Dataset readers on tiny files written here in the distributed layouts, and on the real
-samples in shared/data when present."""
+public samples in tests/fixtures/data."""
 import csv
 import gzip
 import json
@@ -14,10 +14,10 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 
 from data_prep import build, records
+from fixture_files import data_path
 from data_prep.metadata import sha256_file
 from data_prep.sources import READERS, InputFormatError, common, qm9
 
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 KCAL = common.KCAL_MOL_EV
 HARTREE = common.HARTREE_EV
 BOHR = common.BOHR_ANGSTROM
@@ -29,13 +29,6 @@ def _plans(source, path, **kw):
 
 def _records(plan):
     return list(plan.records())
-
-
-def _shared(*parts):
-    path = os.path.join(SHARED_DATA, *parts)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not present")
-    return path
 
 
 def test_kcal_per_mol_factor():
@@ -138,7 +131,7 @@ def test_rmd17_full_file_split(tmp_path):
 
 
 def test_rmd17_real_official_split_files():
-    train_path = _shared("rmd17", "rmd17_ethanol_train_01.npz")
+    train_path = data_path("rmd17", "rmd17_ethanol_train_01.npz")
     data = np.load(train_path)
     plans = _plans("rmd17", train_path)
     assert set(plans) == {("rmd17_ethanol", "train"), ("rmd17_ethanol", "val")}
@@ -152,7 +145,7 @@ def test_rmd17_real_official_split_files():
         np.testing.assert_allclose(rec["forces"], data["forces"][i] * KCAL, rtol=1e-12)
         np.testing.assert_array_equal(rec["positions"], data["coords"][i])
         np.testing.assert_array_equal(rec["atomic_numbers"], [6, 6, 8, 1, 1, 1, 1, 1, 1])
-    test = _records(_plans("rmd17", _shared("rmd17", "rmd17_ethanol_test_01.npz"))[("rmd17_ethanol", "test")])
+    test = _records(_plans("rmd17", data_path("rmd17", "rmd17_ethanol_test_01.npz"))[("rmd17_ethanol", "test")])
     assert len(test) == 1000
     assert -4300 < test[0]["energy"] < -4100  # ethanol ≈ -97,080 kcal/mol ≈ -4,210 eV
 
@@ -372,20 +365,20 @@ def test_oc20_build_records_the_energy_kind(tmp_path):
 
 
 def test_oc20_real_samples():
-    (plan,) = READERS["oc20"](_shared("oc20", "fairchem_tests_core_models_atoms.json"), source="oc20", split="s")
+    (plan,) = READERS["oc20"](data_path("oc20", "fairchem_tests_core_models_atoms.json"), source="oc20", split="s")
     (rec,) = _records(plan)
     assert plan.energy_kind == "total"  # an ASE database of DFT total energies
     assert rec["energy"] == -135.66393572 and rec["atomic_numbers"].shape == (34,)
     assert rec["fixed"].sum() == 24 and set(rec["tags"]) <= {0, 1, 2} and rec["pbc"].all()
     assert np.abs(rec["forces"][~rec["fixed"]]).max() > 0.01
-    (plan,) = READERS["oc20"](_shared("oc20", "oc_27998_vasprun.xml"), source="oc20", split="s")
+    (plan,) = READERS["oc20"](data_path("oc20", "oc_27998_vasprun.xml"), source="oc20", split="s")
     (rec,) = _records(plan)
     assert rec["energy"] == pytest.approx(-140.07469344) and rec["atomic_numbers"].shape == (16,)
     assert rec["fixed"].sum() == 8
 
 
 def test_oxides_db_as_oc22_stand_in():
-    (plan,) = READERS["oc22"](_shared("oxides"), source="oc22", split="train")
+    (plan,) = READERS["oc22"](data_path("oxides"), source="oc22", split="train")
     recs = _records(plan)
     assert len(recs) == 295
     assert recs[0]["energy"] == pytest.approx(-41.358821) and recs[0]["pbc"].all()
@@ -527,8 +520,8 @@ def test_rmd17_fold_errors_name_the_file(tmp_path, case, match):
 
 def test_rmd17_fold_matches_real_split_files(tmp_path):
     """A full file assembled from the real fold-01 train and test files, with index files
-    pointing at them, splits exactly as the per-split files do; shared/data is left untouched."""
-    folder = _shared("rmd17")
+    pointing at them, splits exactly as the per-split files do; the sample folder is left untouched."""
+    folder = data_path("rmd17")
     before = {n: sha256_file(os.path.join(folder, n)) for n in sorted(os.listdir(folder))}
     split_files = {role: os.path.join(folder, f"rmd17_ethanol_{role}_01.npz") for role in ("train", "test")}
     loaded = {role: np.load(p) for role, p in split_files.items()}

@@ -8,30 +8,20 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from fixture_files import array_digest, reference_path
 from jmp_jax.checkpoint import torch_pickle
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "gemnet_oc_reference")
-
-
-def _fixture(name):
-    path = os.path.join(FIXTURES, name)
-    if not os.path.exists(path):
-        pytest.skip("shared fixtures absent")
-    return path
 
 
 @pytest.fixture(scope="module")
 def checkpoint():
-    return torch_pickle.load(_fixture("jmp_style_checkpoint.pt"))
+    return torch_pickle.load(reference_path("jmp_style_checkpoint.pt"))
 
 
 def test_state_dict_equals_weights_npz(checkpoint):
-    with np.load(_fixture("weights.npz")) as weights:
-        assert list(checkpoint["state_dict"]) == list(weights.files)
-        for key in weights.files:
-            got = checkpoint["state_dict"][key]
-            assert got.dtype == weights[key].dtype and got.shape == weights[key].shape, key
-            np.testing.assert_array_equal(got, weights[key], err_msg=key)
+    with open(reference_path("reference_digests.json")) as f:
+        weights = json.load(f)["weights"]  # the reference's weights.npz: dtype, shape and bytes of each array
+    assert list(checkpoint["state_dict"]) == list(weights)
+    assert {k: array_digest(v) for k, v in checkpoint["state_dict"].items()} == weights
 
 
 def test_ema_tuple_and_lightning_fields(checkpoint):
@@ -45,7 +35,7 @@ def test_hparams_stand_in_exposes_config_fields(checkpoint):
     hparams = checkpoint["hyper_parameters"]["hparams"]
     assert isinstance(hparams, torch_pickle.StandIn)
     assert (hparams.module, hparams.qualname) == ("jmp.models.gemnet.config", "BackboneConfig")
-    with open(_fixture("config.json")) as f:
+    with open(reference_path("config.json")) as f:
         assert hparams.fields == json.load(f)
     assert hparams.num_blocks == 2 and hparams.envelope == {"name": "polynomial", "exponent": 5}
     with pytest.raises(AttributeError):
@@ -53,7 +43,7 @@ def test_hparams_stand_in_exposes_config_fields(checkpoint):
 
 
 def test_truncated_and_non_zip_files_name_the_file(tmp_path):
-    with open(_fixture("jmp_style_checkpoint.pt"), "rb") as f:
+    with open(reference_path("jmp_style_checkpoint.pt"), "rb") as f:
         data = f.read()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
@@ -66,7 +56,7 @@ def test_truncated_and_non_zip_files_name_the_file(tmp_path):
 
 
 def test_storage_shorter_than_tensor_is_an_error(tmp_path):
-    src = _fixture("jmp_style_checkpoint.pt")
+    src = reference_path("jmp_style_checkpoint.pt")
     bad = tmp_path / "short_storage.pt"
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w") as zout:
         for info in zin.infolist():

@@ -59,7 +59,8 @@ def data_dir_of(config: ml_collections.ConfigDict) -> str:
     from data_prep import default_dataset  # builds the embedded dataset once, then reuses the cache
     sizes = {"full": default_dataset.DEFAULT_SIZES, "small": default_dataset.SMALL_SIZES}
     if config.data.default_dataset_size not in sizes:
-        raise ValueError(f"data.default_dataset_size {config.data.default_dataset_size!r} is not one of {sorted(sizes)}")
+        raise ValueError(f"data.default_dataset_size {config.data.default_dataset_size!r} "
+                         f"is not one of {sorted(sizes)}")
     return default_dataset.ensure_default_dataset(sizes=sizes[config.data.default_dataset_size])
 
 

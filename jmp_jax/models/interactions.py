@@ -108,7 +108,7 @@ class PairInteraction(nn.Module):
     def __call__(self, h: jax.Array, rad: jax.Array, a2a: EdgeSet, slots: EdgeSlots) -> jax.Array:
         cfg = self.config
         x = Dense(cfg.emb_size_aint_in, activation=True, dtype=self.dtype, name="down_projection")(h)
-        x = slot_ops.take_rows(x, slot_ops.slot_sources(a2a.senders, slots))                                   # (N, K, in)
+        x = slot_ops.take_rows(x, slot_ops.slot_sources(a2a.senders, slots))                    # (N, K, in)
         agg = contract("akr,aki->ari", slot_ops.edges_to_slots(rad, slots).astype(x.dtype), x)  # (N, rbf, in)
         y = Dense(cfg.emb_size_aint_out, dtype=self.dtype, name="bilinear")(agg.reshape(h.shape[0], -1))
         y = ScaleFactor(name="scale_rbf_sum")(y)

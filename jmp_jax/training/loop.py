@@ -134,7 +134,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     window: list[tuple[int, dict]] = []
     structures = atoms = 0
     window_start = time.time()
-    last_loss = float("nan")
+    last_loss = None  # until the first logged window
     step = int(state.step)
     if step == 0:  # the baseline that later validations are compared with
         log.write(0, validate(config, tasks, state, eval_fn, mesh))

@@ -37,18 +37,21 @@ class MetricsLog:
                         tf.summary.scalar(k, v)
             self._tb.flush()
 
-    def progress(self, step: int, loss: float) -> None:
+    def progress(self, step: int, loss: float | None) -> None:
+        """Redraws the console line; `loss` is None until the first logged window (shown as a dash)."""
         if self._start_step is None:
             self._start_step, self._start = step, time.time()
-            rate = eta = float("nan")
+            rate = eta = None
         else:
             rate = (step - self._start_step) / max(time.time() - self._start, 1e-9)
-            eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+            eta = (self.total_steps - step) / rate if rate > 0 else None
         width = 30
         filled = int(width * step / max(self.total_steps, 1))
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--:--:--"
-        print(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total_steps} loss {loss:.4f} "
-              f"{rate:.2f} steps/s ETA {eta_text}", end="", file=sys.stderr, flush=True)
+        eta_text = "--:--:--" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta))
+        loss_text = "-" if loss is None else f"{loss:.4f}"
+        rate_text = "-" if rate is None else f"{rate:.2f}"
+        print(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total_steps} loss {loss_text} "
+              f"{rate_text} steps/s ETA {eta_text}", end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         print(file=sys.stderr)
