@@ -242,10 +242,13 @@ def test_default_caps_equal_strict_caps_without_near_ties(own_graphs, default_gr
     caps = GraphSettings.pretrain_periodic().caps()
     k = caps.main if kind == "main" else getattr(caps, kind)
     near_ties = 0
+
+    def by_target(sg) -> list[set]:
+        edges = sg.main_knn if kind == "main" else getattr(sg, kind)
+        return [set(_keys(*edges.select(edges.receivers == t).topology)) for t in range(sg.num_atoms)]
+
     for strict, default in zip(own_graphs, default_graphs):
-        by_target = lambda g: {t: set(_keys(*g.select(g.receivers == t).topology)) for t in range(strict.num_atoms)}
-        mine = by_target(default.main_knn if kind == "main" else getattr(default, kind))
-        ref = by_target(strict.main_knn if kind == "main" else getattr(strict, kind))
+        mine, ref = by_target(default), by_target(strict)
         for t in range(strict.num_atoms):
             distances = np.sort(strict.a2a.distance[strict.a2a.receivers == t])
             tied = distances.size > k and distances[k] - distances[k - 1] <= TIE_TOLERANCE
