@@ -273,22 +273,39 @@ def load_metadata(output_dir: str, source: str, split: str) -> dict:
         return json.load(f)
 
 
-def _serialized_batches(output_dir: str, source: str, split: str, batch_size: int = 256) -> Iterator[np.ndarray]:
-    """(<= batch_size,) arrays of serialized examples, shard by shard; batching keeps the
-    per-record Python overhead low while each shard is still read on its own, so that a
-    checksum failure can be reported with the shard's file name."""
+def split_shards(output_dir: str, source: str, split: str) -> tuple[list[str], dict]:
+    """Shard files and metadata of a split; raises CorruptShardError when shards are missing or extra."""
     meta = load_metadata(output_dir, source, split)
     paths = shard_paths(output_dir, source, split)
     if len(paths) != meta["num_shards"]:
         raise CorruptShardError(
             f"{source}-{split}: metadata lists {meta['num_shards']} shards, found {len(paths)} in {output_dir}"
         )
+    return paths, meta
+
+
+def check_record_count(meta: dict, found: int, output_dir: str) -> None:
+    """Raises CorruptShardError unless the shards hold the metadata's number of records."""
+    if found != meta["num_records"]:
+        raise CorruptShardError(f"{meta['source']}-{meta['split']}: metadata lists {meta['num_records']} records, "
+                                f"the shards in {output_dir} hold {found}")
+
+
+def _serialized_batches(output_dir: str, source: str, split: str, batch_size: int = 256) -> Iterator[np.ndarray]:
+    """(<= batch_size,) arrays of serialized examples, shard by shard; batching keeps the
+    per-record Python overhead low while each shard is still read on its own, so that a
+    checksum failure can be reported with the shard's file name."""
+    paths, meta = split_shards(output_dir, source, split)
+    found = 0
     for path in paths:
         try:
             for batch in tf.data.TFRecordDataset(path).batch(batch_size):
+                found += len(batch)
                 yield batch.numpy()
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
-            raise CorruptShardError(f"corrupt TFRecord shard {path}: {err.message}") from err
+            raise CorruptShardError(f"corrupt TFRecord shard {path} (after record {found} of the split): "
+                                    f"{err.message}") from err
+    check_record_count(meta, found, output_dir)
 
 
 def iterate_records(output_dir: str, source: str, split: str) -> Iterator[dict]:
