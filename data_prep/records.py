@@ -30,6 +30,9 @@ from data_prep import metadata as metadata_lib
 
 DEFAULT_RECORDS_PER_SHARD = 10_000
 FLOAT64_LE = np.dtype("<f8")
+# Å: graph building refuses larger coordinates (jmp_jax.graph.validate.MAX_ABS_COORDINATE; not imported,
+# as importing jmp_jax changes the process's malloc settings).
+MAX_ABS_COORDINATE = 1e4
 
 # Feature name -> (on-disk type, description); scalar targets are added under their own names.
 FEATURE_DOC = {
@@ -107,11 +110,14 @@ def _check_shapes(record: dict) -> None:
 
 
 def skip_reason(record: dict) -> str | None:
-    """Why a record must not be written (None if it is fine): no atoms, NaN positions/labels."""
+    """Why a record must not be written (None if it is fine): no atoms, NaN positions/labels, coordinates
+    or lattice vectors beyond MAX_ABS_COORDINATE."""
     if record["atomic_numbers"].shape[0] == 0:
         return "no_atoms"
     if not np.all(np.isfinite(record["positions"])) or not np.all(np.isfinite(record["cell"])):
         return "nan_positions"
+    if max(np.abs(record["positions"]).max(), np.abs(record["cell"]).max()) > MAX_ABS_COORDINATE:
+        return "far_positions"
     labels = [record.get("energy", 0.0), *record.get("targets", {}).values()]
     if not np.all(np.isfinite(labels)) or ("forces" in record and not np.all(np.isfinite(record["forces"]))):
         return "nan_labels"

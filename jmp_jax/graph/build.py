@@ -142,7 +142,7 @@ def build_structure_graphs(atomic_numbers, positions, cell, pbc, tags, settings:
             raise GraphInputError(name, "pbc not given and settings.pbc is None")
         pbc = settings.pbc
     atomic_numbers, positions, cell, pbc, tags, fixed = check_structure(
-        name, atomic_numbers, positions, cell, pbc, tags, fixed)
+        name, atomic_numbers, positions, cell, pbc, tags, fixed, cutoff=settings.cutoff)
     caps = settings.caps()
 
     senders, receivers, cell_offset, overlaps = radius.radius_graph(
