@@ -161,7 +161,8 @@ def encode_example(record: dict) -> bytes:
         if name in features:
             raise RecordError(f"record {record['source_id']!r}: target name {name!r} clashes with a feature")
         features[name] = _bytes(float64_bytes(value))
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # Deterministic: the feature map is otherwise serialised in a per-process hash order.
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 def decode_example(serialized: bytes) -> dict:
@@ -217,18 +218,30 @@ def write_split(
 ) -> dict:
     """Writes one split's shards and metadata atomically; returns the metadata dict.
 
-    Records that `skip_reason` rejects are counted in metadata["skipped"], never written.
-    Shards are written into a temporary folder, then renamed into place (the earlier build's
-    metadata and shards removed first); the metadata file is renamed last, so its presence
-    marks a complete split. Rebuilding from the same input gives byte-identical files.
+    Records that `skip_reason` rejects are counted in metadata["skipped"], never written; a split
+    left with no records is an error (RecordError). Shards are written into a temporary folder
+    (one a killed build left behind is removed first), then renamed into place (the earlier build's
+    metadata and shards removed first); the metadata file is renamed last, so its presence marks a
+    complete split. Rebuilding from the same input gives byte-identical files.
     """
     if records_per_shard < 1:
         raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
-    os.makedirs(output_dir, exist_ok=True)
+    tmp_prefix = f".tmp-{source}-{split}-"
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        # mkdtemp appends 8 characters: this matches no other split's folder.
+        for stale in glob.glob(os.path.join(glob.escape(output_dir), glob.escape(tmp_prefix) + "?" * 8)):
+            shutil.rmtree(stale)
+        tmp_dir = tempfile.mkdtemp(prefix=tmp_prefix, dir=output_dir)
+    except OSError as err:
+        raise OSError(f"cannot write the split {source}-{split} to {output_dir}: {err.strerror or err}") from None
     stats = metadata_lib.SplitStats()
-    tmp_dir = tempfile.mkdtemp(prefix=f".tmp-{source}-{split}-", dir=output_dir)
     try:
         tmp_shards = _write_tmp_shards(records, tmp_dir, stats, records_per_shard)
+        if not tmp_shards:
+            skipped = {reason: n for reason, n in stats.skipped.items() if n}
+            raise RecordError(f"{source}-{split}: no records to write "
+                              f"({f'every one skipped: {skipped}' if skipped else 'the input holds none'})")
         meta = stats.finalize(units=units, source_files=source_files)
         meta.update({"source": source, "split": split, "num_shards": len(tmp_shards)})
         meta.update(extra_metadata or {})
