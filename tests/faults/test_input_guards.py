@@ -74,6 +74,17 @@ def test_huge_coordinate_in_a_pipeline_record_is_a_clear_error():
     assert "structure 'water record 0 (far-water)': atom 0 has a coordinate of 1e+06 Å" in line
 
 
+def test_huge_coordinate_in_a_fine_tuning_record_is_a_clear_error():
+    line = _last_error_line("""
+        import numpy as np
+        from jmp_jax.finetune.data import DataSpec, build_graphs
+        record = dict(atomic_numbers=np.array([6, 8]), positions=np.array([[0.0, 0.0, 0.0], [1.1, 2e6, 0.0]]),
+                      cell=np.zeros((3, 3)), tags=np.full(2, 2), fixed=np.zeros(2, bool), source_id="far-co")
+        build_graphs(record, DataSpec("qm9", cutoff=8.0, max_neighbors=30, pbc=False, batch_size=4), 5)
+    """)
+    assert "structure 'qm9 record 5 (far-co)': atom 1 has a coordinate of 2e+06 Å" in line
+
+
 def test_spread_beyond_the_search_limit_at_a_small_cutoff_is_a_clear_error():
     line = _last_error_line("""
         import numpy as np
