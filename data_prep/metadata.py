@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 NUM_ELEMENTS = 119  # index = atomic number; 0 unused
-SKIP_REASONS = ("no_atoms", "nan_positions", "nan_labels")
+SKIP_REASONS = ("no_atoms", "nan_positions", "far_positions", "nan_labels")
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 ENERGY_KINDS = ("total", "referenced")
 

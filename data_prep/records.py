@@ -30,6 +30,9 @@ from data_prep import metadata as metadata_lib
 
 DEFAULT_RECORDS_PER_SHARD = 10_000
 FLOAT64_LE = np.dtype("<f8")
+# Å: graph building refuses larger coordinates (jmp_jax.graph.validate.MAX_ABS_COORDINATE; not imported,
+# as importing jmp_jax changes the process's malloc settings).
+MAX_ABS_COORDINATE = 1e4
 
 # Feature name -> (on-disk type, description); scalar targets are added under their own names.
 FEATURE_DOC = {
@@ -107,11 +110,14 @@ def _check_shapes(record: dict) -> None:
 
 
 def skip_reason(record: dict) -> str | None:
-    """Why a record must not be written (None if it is fine): no atoms, NaN positions/labels."""
+    """Why a record must not be written (None if it is fine): no atoms, NaN positions/labels, coordinates
+    or lattice vectors beyond MAX_ABS_COORDINATE."""
     if record["atomic_numbers"].shape[0] == 0:
         return "no_atoms"
     if not np.all(np.isfinite(record["positions"])) or not np.all(np.isfinite(record["cell"])):
         return "nan_positions"
+    if max(np.abs(record["positions"]).max(), np.abs(record["cell"]).max()) > MAX_ABS_COORDINATE:
+        return "far_positions"
     labels = [record.get("energy", 0.0), *record.get("targets", {}).values()]
     if not np.all(np.isfinite(labels)) or ("forces" in record and not np.all(np.isfinite(record["forces"]))):
         return "nan_labels"
@@ -155,7 +161,8 @@ def encode_example(record: dict) -> bytes:
         if name in features:
             raise RecordError(f"record {record['source_id']!r}: target name {name!r} clashes with a feature")
         features[name] = _bytes(float64_bytes(value))
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # Deterministic: the feature map is otherwise serialised in a per-process hash order.
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 def decode_example(serialized: bytes) -> dict:
@@ -212,19 +219,31 @@ def write_split(
 ) -> dict:
     """Writes one split's shards and metadata atomically; returns the metadata dict.
 
-    Records that `skip_reason` rejects are counted in metadata["skipped"], never written.
-    Shards are written into a temporary folder, then renamed into place (the earlier build's
-    metadata and shards removed first); the metadata file is renamed last, so its presence
-    marks a complete split. Rebuilding from the same input gives byte-identical files.
+    Records that `skip_reason` rejects are counted in metadata["skipped"], never written; a split
+    left with no records is an error (RecordError). Shards are written into a temporary folder
+    (one a killed build left behind is removed first), then renamed into place (the earlier build's
+    metadata and shards removed first); the metadata file is renamed last, so its presence marks a
+    complete split. Rebuilding from the same input gives byte-identical files.
     `energy_kind` ("total" or "referenced") says which energy the records hold (metadata["energy_kind"]).
     """
     if records_per_shard < 1:
         raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
-    os.makedirs(output_dir, exist_ok=True)
+    tmp_prefix = f".tmp-{source}-{split}-"
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        # mkdtemp appends 8 characters: this matches no other split's folder.
+        for stale in glob.glob(os.path.join(glob.escape(output_dir), glob.escape(tmp_prefix) + "?" * 8)):
+            shutil.rmtree(stale)
+        tmp_dir = tempfile.mkdtemp(prefix=tmp_prefix, dir=output_dir)
+    except OSError as err:
+        raise OSError(f"cannot write the split {source}-{split} to {output_dir}: {err.strerror or err}") from None
     stats = metadata_lib.SplitStats()
-    tmp_dir = tempfile.mkdtemp(prefix=f".tmp-{source}-{split}-", dir=output_dir)
     try:
         tmp_shards = _write_tmp_shards(records, tmp_dir, stats, records_per_shard)
+        if not tmp_shards:
+            skipped = {reason: n for reason, n in stats.skipped.items() if n}
+            raise RecordError(f"{source}-{split}: no records to write "
+                              f"({f'every one skipped: {skipped}' if skipped else 'the input holds none'})")
         meta = stats.finalize(units=units, source_files=source_files, energy_kind=energy_kind)
         meta.update({"source": source, "split": split, "num_shards": len(tmp_shards)})
         meta.update(extra_metadata or {})
@@ -275,22 +294,39 @@ def load_metadata(output_dir: str, source: str, split: str) -> dict:
         return json.load(f)
 
 
-def _serialized_batches(output_dir: str, source: str, split: str, batch_size: int = 256) -> Iterator[np.ndarray]:
-    """(<= batch_size,) arrays of serialized examples, shard by shard; batching keeps the
-    per-record Python overhead low while each shard is still read on its own, so that a
-    checksum failure can be reported with the shard's file name."""
+def split_shards(output_dir: str, source: str, split: str) -> tuple[list[str], dict]:
+    """Shard files and metadata of a split; raises CorruptShardError when shards are missing or extra."""
     meta = load_metadata(output_dir, source, split)
     paths = shard_paths(output_dir, source, split)
     if len(paths) != meta["num_shards"]:
         raise CorruptShardError(
             f"{source}-{split}: metadata lists {meta['num_shards']} shards, found {len(paths)} in {output_dir}"
         )
+    return paths, meta
+
+
+def check_record_count(meta: dict, found: int, output_dir: str) -> None:
+    """Raises CorruptShardError unless the shards hold the metadata's number of records."""
+    if found != meta["num_records"]:
+        raise CorruptShardError(f"{meta['source']}-{meta['split']}: metadata lists {meta['num_records']} records, "
+                                f"the shards in {output_dir} hold {found}")
+
+
+def _serialized_batches(output_dir: str, source: str, split: str, batch_size: int = 256) -> Iterator[np.ndarray]:
+    """(<= batch_size,) arrays of serialized examples, shard by shard; batching keeps the
+    per-record Python overhead low while each shard is still read on its own, so that a
+    checksum failure can be reported with the shard's file name."""
+    paths, meta = split_shards(output_dir, source, split)
+    found = 0
     for path in paths:
         try:
             for batch in tf.data.TFRecordDataset(path).batch(batch_size):
+                found += len(batch)
                 yield batch.numpy()
         except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
-            raise CorruptShardError(f"corrupt TFRecord shard {path}: {err.message}") from err
+            raise CorruptShardError(f"corrupt TFRecord shard {path} (after record {found} of the split): "
+                                    f"{err.message}") from err
+    check_record_count(meta, found, output_dir)
 
 
 def iterate_records(output_dir: str, source: str, split: str) -> Iterator[dict]:

@@ -40,19 +40,12 @@ def parse_dataset_spec(spec: str) -> tuple[str, str, str]:
 
 
 def sample_records(data: str, source: str, split: str, count: int, rng: np.random.Generator) -> list[dict]:
-    """count records drawn without replacement (stored order kept), reading the split only up to the last one."""
-    from data_prep import records as records_lib  # TensorFlow import; only needed for reading
-    total = int(records_lib.load_metadata(data, source, split)["num_records"])
-    if total < count:
-        raise DatasetSpecError(f"{source}-{split} in {data} has {total} records; --per-dataset asks for {count}")
-    wanted = set(rng.choice(total, size=count, replace=False).tolist())
-    chosen = []
-    for index, record in enumerate(records_lib.iterate_records(data, source, split)):
-        if index in wanted:
-            chosen.append(record)
-            if len(chosen) == count:
-                break
-    return chosen
+    """count records drawn without replacement, in stored order, from the split (its shards checked)."""
+    from jmp_jax.data import task_data  # TensorFlow import; only needed for reading
+    opened = task_data.open_source(data, source, split)
+    if len(opened) < count:
+        raise DatasetSpecError(f"{source}-{split} in {data} has {len(opened)} records; --per-dataset asks for {count}")
+    return [opened[int(i)] for i in sorted(rng.choice(len(opened), size=count, replace=False))]
 
 
 def tsne_inputs(per_structure: Sequence[dict[str, np.ndarray]], dataset_ids: np.ndarray,

@@ -40,16 +40,11 @@ def record_to_atoms(record: dict) -> Atoms:
 
 
 def read_records(data: str, source: str, split: str, max_structures: int | None = None) -> list[dict]:
-    """The first max_structures records of a split (all when None), in stored order."""
-    from data_prep import records as records_lib  # TensorFlow import; only the CLIs need it
-    result = []
-    for record in records_lib.iterate_records(data, source, split):
-        if max_structures is not None and len(result) >= max_structures:
-            break
-        result.append(record)
-    if not result:
-        raise evaluation.EvaluationInputError(f"split {source}-{split} in {data} holds no records")
-    return result
+    """The first max_structures records of a split (all when None), in stored order, its shards checked."""
+    from jmp_jax.data import task_data  # TensorFlow import; only the CLIs need it
+    opened = task_data.open_source(data, source, split)
+    count = len(opened) if max_structures is None else min(max_structures, len(opened))
+    return [opened[i] for i in range(count)]
 
 
 def truth_from_records(records: Sequence[dict], target: str | None = None, classes: bool = False) -> dict:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from ase import Atoms
+from ase.data import chemical_symbols
 
 from jmp_jax.graph import batching
 from jmp_jax.graph.build import GraphSettings, StructureGraphs, build_from_atoms
@@ -27,6 +28,7 @@ from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.jmp import JMPModel
 
 FORCE_MODES = ("direct", "gradient")
+KNOWN_ELEMENTS = len(chemical_symbols) - 1  # Z = 1..118: the elements ase (and the training data) know
 PERIODIC_CUTOFF, MOLECULE_CUTOFF, DEFAULT_MAX_NEIGHBORS = 12.0, 8.0, 30
 
 
@@ -139,6 +141,11 @@ def build_graphs(atoms_list, *, cutoff=None, max_neighbors=None, pbc=None) -> li
     bad = [i for i, a in enumerate(atoms_list) if not isinstance(a, Atoms)]
     if bad:
         raise PretrainedInputError(f"atoms_list[{bad[0]}] is a {type(atoms_list[bad[0]]).__name__}, not an ase.Atoms")
+    for i, atoms in enumerate(atoms_list):
+        unknown = np.flatnonzero((atoms.numbers < 1) | (atoms.numbers > KNOWN_ELEMENTS))
+        if unknown.size:
+            raise PretrainedInputError(f"atoms_list[{i}]: unknown element Z={atoms.numbers[unknown[0]]} at atom "
+                                       f"{unknown[0]} (valid: 1..{KNOWN_ELEMENTS})")
     return [build_from_atoms(atoms, default_settings(atoms, cutoff, max_neighbors, pbc),
                              name=f"atoms_list[{i}] ({atoms.get_chemical_formula()})")
             for i, atoms in enumerate(atoms_list)]
@@ -287,6 +294,10 @@ def load_pretrained(path: str | os.PathLike, *, ema: bool = True, tasks: Sequenc
       needed for checkpoints whose metadata describes no tasks (except JMP's own 4-head checkpoints).
     dtype: compute dtype (jnp.float64 needs `jax.enable_x64`).
     """
+    if tasks is not None and (isinstance(tasks, (str, bytes, Mapping)) or not isinstance(tasks, Sequence)
+                              or not all(isinstance(t, Mapping) for t in tasks)):
+        raise PretrainedInputError(f"tasks must be a list of dicts, one per head ({{'name', 'energy_std', "
+                                   f"'force_std'}}), got {type(tasks).__name__} {str(tasks)[:80]}")
     from jmp_jax.checkpoint import orbax_io  # orbax is heavy; only loading needs it
     path = os.fspath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):  # a training run's workdir

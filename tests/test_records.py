@@ -57,7 +57,7 @@ def test_nan_and_empty_records_are_skipped_and_counted(tmp_path):
     ]
     meta = _write(tmp_path, recs)
     assert meta["num_records"] == 2
-    assert meta["skipped"] == {"no_atoms": 1, "nan_positions": 1, "nan_labels": 2}
+    assert meta["skipped"] == {"no_atoms": 1, "nan_positions": 1, "far_positions": 0, "nan_labels": 2}
     on_disk = json.load(open(records.metadata_path(str(tmp_path), "toy", "train")))
     assert on_disk["skipped"] == meta["skipped"]
     assert [r["source_id"] for r in records.iterate_records(str(tmp_path), "toy", "train")] == ["mol0", "mol4"]

@@ -255,11 +255,16 @@ class _Unpickler(pickle.Unpickler):
         if self._raw is not None and info.compress_type == zipfile.ZIP_STORED:
             # torch stores members uncompressed: map them instead of reading (optimizer states can be GBs).
             start = info.header_offset + _local_header_size(self._raw, info)
-            if start + nbytes > len(self._raw):
+            if start + info.file_size > len(self._raw):
                 raise TorchCheckpointError(f"storage {name} runs past the end of the file")
+            with memoryview(self._raw)[start:start + info.file_size] as member:
+                crc = zlib.crc32(member)
+            if crc != info.CRC:
+                raise TorchCheckpointError(f"storage {name} fails its zip CRC-32 check (stored {info.CRC:08x}, "
+                                           f"computed {crc:08x}): the file is damaged")
             data = np.frombuffer(self._raw, dtype=file_dtype, count=numel, offset=start)
         else:
-            data = np.frombuffer(self._archive.read(name)[:nbytes], dtype=file_dtype)
+            data = np.frombuffer(self._archive.read(name)[:nbytes], dtype=file_dtype)  # read() checks the CRC
         return data.astype(dtype) if self._swap else data
 
 

@@ -65,8 +65,14 @@ def data_dir_of(config: ml_collections.ConfigDict) -> str:
 
 
 def open_source(data_dir: str, source: str, split: str) -> TFRecordSource:
+    """A prepared split as random-access records, its shards checked against its metadata and checksums."""
     from data_prep import records
-    return TFRecordSource(records.shard_paths(data_dir, source, split), records.decode_example)
+    paths, meta = records.split_shards(data_dir, source, split)
+    if not meta["num_records"]:
+        raise ValueError(f"split {source}-{split} in {data_dir} holds no records")
+    opened = TFRecordSource(paths, records.decode_example)
+    records.check_record_count(meta, len(opened), data_dir)
+    return opened
 
 
 def largest_structures(source) -> np.ndarray:

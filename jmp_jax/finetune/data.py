@@ -70,8 +70,6 @@ class SplitData:
                  seed: int = 0, num_workers: int = 2):
         self.spec, self.split = spec, split
         self.source = task_data.open_source(data_dir, spec.source, split)
-        if len(self.source) == 0:
-            raise ValueError(f"split {spec.source}-{split} in {data_dir} has no records")
         self.budgets = budgets or task_data.plan_budgets(self.source, spec.settings(0), spec.batch_size, seed)
         self.num_workers = max(num_workers, 1)
 

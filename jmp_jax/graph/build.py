@@ -165,7 +165,7 @@ def build_structure_graphs(atomic_numbers, positions, cell, pbc, tags, settings:
             raise GraphInputError(name, "pbc not given and settings.pbc is None")
         pbc = settings.pbc
     atomic_numbers, positions, cell, pbc, tags, fixed = check_structure(
-        name, atomic_numbers, positions, cell, pbc, tags, fixed)
+        name, atomic_numbers, positions, cell, pbc, tags, fixed, cutoff=settings.cutoff)
     caps, tolerance, num_atoms = settings.caps(), settings.tie_tolerance, atomic_numbers.shape[0]
 
     senders, receivers, cell_offset, overlaps = radius.radius_graph(

@@ -1,0 +1,90 @@
+"""Fault injection into prepared splits: every read path (training set-up, pipelines, evaluation) refuses a
+damaged or incomplete split with an error naming the shard, the record and its source id."""
+import os
+import struct
+
+import numpy as np
+import pytest
+from ase.build import molecule
+
+from configs import pretrain_common
+from data_prep import records
+from experiments import evaluate
+from jmp_jax.data import task_data, tfrecord_index
+
+NAMES = ("H2O", "NH3", "CH4", "C2H6", "CH3OH", "HCN", "C2H4")
+
+
+def _split(tmp_path, n=7, records_per_shard=3) -> str:
+    recs = []
+    for i in range(n):
+        atoms = molecule(NAMES[i % len(NAMES)])
+        recs.append(records.make_record(atoms.numbers, atoms.positions, source_id=f"mol{i}", energy=-float(i),
+                                        forces=np.zeros((len(atoms), 3))))
+    records.write_split(recs, str(tmp_path), "toy", "train", records_per_shard=records_per_shard,
+                        units={"energy": "eV"}, source_files=[])
+    return str(tmp_path)
+
+
+def _payload(path: str, record: int) -> tuple[int, int]:
+    offsets, lengths = tfrecord_index.index_shard(path)
+    return int(offsets[record]), int(lengths[record])
+
+
+def _edit(path: str, edit) -> None:
+    data = bytearray(open(path, "rb").read())
+    edit(data)
+    open(path, "wb").write(bytes(data))
+
+
+def _training_config(data_dir: str):
+    config = pretrain_common.pretrain_config("jmp_s")
+    config.data.dir = data_dir
+    config.data.tasks = [dict(pretrain_common.DEFAULT_TASKS[1], name="toy", source="toy", linear_reference=False)]
+    return config
+
+
+def test_flipped_coordinate_byte_is_caught_naming_shard_record_and_source_id(tmp_path):
+    data_dir = _split(tmp_path)
+    shard = records.shard_paths(data_dir, "toy", "train")[1]  # records mol3, mol4, mol5
+    offset, length = _payload(shard, 1)
+    stored = records.decode_example(open(shard, "rb").read()[offset:offset + length])["positions"]
+    coordinate = struct.pack("<f", np.float32(stored[1, 0]))  # a coordinate of atom 1 of mol4, as stored
+
+    def flip(data):
+        at = data.index(coordinate, offset)
+        data[at + 2] ^= 0x10  # one bit of the float32's mantissa: the structure stays plausible
+
+    _edit(shard, flip)
+    expected = rf"{os.path.basename(shard)}: record 1 \(source id 'mol4' as stored\) fails its checksum"
+    with pytest.raises(tfrecord_index.CorruptShardError, match=expected):
+        task_data.open_source(data_dir, "toy", "train")
+    with pytest.raises(tfrecord_index.CorruptShardError, match=expected):
+        evaluate.read_records(data_dir, "toy", "train", max_structures=1)
+
+
+def test_flipped_length_header_byte_is_caught(tmp_path):
+    data_dir = _split(tmp_path)
+    shard = records.shard_paths(data_dir, "toy", "train")[0]
+    offset, _ = _payload(shard, 2)
+    _edit(shard, lambda data: data.__setitem__(offset - 12, data[offset - 12] ^ 0x01))
+    with pytest.raises(tfrecord_index.CorruptShardError, match=rf"{os.path.basename(shard)}: record 2 .*checksum"):
+        task_data.open_source(data_dir, "toy", "train")
+
+
+def test_deleted_shard_stops_training_set_up(tmp_path):
+    data_dir = _split(tmp_path)
+    os.remove(records.shard_paths(data_dir, "toy", "train")[1])
+    with pytest.raises(records.CorruptShardError, match="toy-train: metadata lists 3 shards, found 2"):
+        task_data.load_tasks(_training_config(data_dir))
+
+
+def test_shard_cut_at_a_record_boundary_is_caught_by_the_record_count(tmp_path):
+    data_dir = _split(tmp_path)
+    cut = records.shard_paths(data_dir, "toy", "train")[0]
+    first_two = sum(12 + n + 4 for n in tfrecord_index.index_shard(cut)[1][:2])
+    _edit(cut, lambda data: data.__delitem__(slice(first_two, None)))  # drop mol2; the checksums still pass
+    with pytest.raises(records.CorruptShardError, match="toy-train: metadata lists 7 records, the shards .* hold 6"):
+        task_data.open_source(data_dir, "toy", "train")
+    with pytest.raises(records.CorruptShardError, match="metadata lists 7 records"):
+        list(records.iterate_records(data_dir, "toy", "train"))
