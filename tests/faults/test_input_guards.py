@@ -90,8 +90,8 @@ def test_spread_beyond_the_search_limit_at_a_small_cutoff_is_a_clear_error():
         import numpy as np
         from jmp_jax.graph.build import GraphSettings, build_structure_graphs
         positions = np.array([[0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 9e3]])
-        build_structure_graphs([1, 1, 1], positions, None, None, None, GraphSettings(cutoff=0.6, max_neighbors=4, pbc=(False,) * 3),
-                               name="needle")
+        settings = GraphSettings(cutoff=0.6, max_neighbors=4, pbc=(False,) * 3)
+        build_structure_graphs([1, 1, 1], positions, None, None, None, settings, name="needle")
     """)
     assert "structure 'needle': atom 2 lies 9e+03 Å from the others along an axis" in line
 
