@@ -31,7 +31,7 @@ setup(
     version="0.1.0",
     description="JAX/Flax GemNet-OC and JMP multi-domain pre-training",
     packages=find_packages(include=["jmp_jax*", "experiments*", "data_prep*", "configs*"]),
-    package_data={"jmp_jax.models": ["*.json"]},
+    package_data={"jmp_jax.checkpoint": ["*.json"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -90,7 +90,7 @@ def test_bad_state_dict_is_rejected_with_the_key(edit, message):
 
 
 def test_packaged_scale_factors_fill_every_scale_factor(model_and_manifest):
-    from jmp_jax.models.scale_factors import load_scale_factors, scale_factor_constants
+    from jmp_jax.checkpoint.scale_factors import load_scale_factors, scale_factor_constants
 
     shapes, manifest, _ = model_and_manifest
     set_name = "jmp_s" if manifest["num_parameters_total"] == MANIFESTS["jmp_s"][2] else "jmp_l"

@@ -17,7 +17,7 @@ from flax import traverse_util
 
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.jmp import placeholder_batch
-from jmp_jax.models.scale_factors import load_scale_factors, scale_factor_constants
+from jmp_jax.checkpoint.scale_factors import load_scale_factors, scale_factor_constants
 
 TRANSFERRED = ("embedding", "backbone")
 # Backbone parts that exist only with direct forces (JMP ignores them when loading a scalar model).

@@ -16,7 +16,7 @@ from jmp_jax.checkpoint import orbax_io
 from jmp_jax.data import task_data
 from jmp_jax.models import config as config_lib
 from jmp_jax.models.jmp import JMPModel
-from jmp_jax.models.scale_factors import load_scale_factors, scale_factor_constants
+from jmp_jax.checkpoint.scale_factors import load_scale_factors, scale_factor_constants
 from jmp_jax.training import checkpointing, optim, sharding
 from jmp_jax.training.metrics_log import MetricsLog
 from jmp_jax.training.train_step import LabeledBatch, TrainState, eval_step, init_train_state, train_step

@@ -23,7 +23,7 @@ class ScaleFactorMismatchError(ValueError):
 def load_scale_factors(name: str) -> dict[str, float]:
     """Fitted values for 'jmp_s' / 'jmp_l' (or the file names 'small' / 'large'): {module path: value}."""
     set_name = SCALE_SETS.get(name, name)
-    with resources.files("jmp_jax.models").joinpath("jmp_scale_factors.json").open() as f:
+    with resources.files("jmp_jax.checkpoint").joinpath("jmp_scale_factors.json").open() as f:
         table = json.load(f)
     if set_name not in table:
         raise ScaleFactorMismatchError(f"unknown scale factor set {name!r}; known: {sorted(SCALE_SETS)}")
