@@ -26,6 +26,7 @@ from jmp_jax.graph.types import GraphBatch
 from jmp_jax.graph.validate import MAX_ATOMIC_NUMBER
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.jmp import JMPModel
+from jmp_jax.tasks import JMP_TASKS
 
 FORCE_MODES = ("direct", "gradient")
 KNOWN_ELEMENTS = len(chemical_symbols) - 1  # Z = 1..118: the elements ase (and the training data) know
@@ -80,7 +81,6 @@ def jmp_pretrain_tasks() -> list[TaskInfo]:
     The released checkpoints carry no linear references, so ani1x / transition1x energies come out
     referenced (relative to JMP's per-element fit), not as total energies.
     """
-    from configs.pretrain_common import JMP_TASKS
     # There `linear_reference` is only a flag (the coefficients come from the data); drop it.
     return [TaskInfo.from_dict(dict(t, linear_reference=None)) for t in JMP_TASKS]
 
