@@ -6,7 +6,7 @@ r"""Real-data check of pre-training: fine-tune from a pre-trained checkpoint vs 
 
 1. pre-trains the narrow `demo` model on the embedded (small) default dataset with experiments.pretrain
    (a finished pre-training in the workdir is reused);
-2. prepares rMD17 ethanol from the official split files in tests/fixtures/data/rmd17 with data_prep.build
+2. prepares rMD17 ethanol from the official split files in ../shared/data/rmd17 with data_prep.build
    (train file -> 950 train / 50 val, test file -> test) and a QM9 subset from qm9pack (the first n
    molecules of each seed-42 split, through data_prep's QM9 reader and record writer);
 3. fine-tunes `demo` models with experiments.finetune from the pre-training's EMA weights and from
@@ -33,7 +33,7 @@ sys.path.insert(0, REPO)
 
 from bench import common  # noqa: E402
 
-RMD17_DIR = os.path.join("tests", "fixtures", "data", "rmd17")  # the official split 01 files, all frames
+RMD17_DIR = os.path.join("..", "shared", "data", "rmd17")  # the official split 01 files, all frames
 RMD17_FILES = {"train": "rmd17_ethanol_train_01.npz", "test": "rmd17_ethanol_test_01.npz"}
 PLOT = os.path.join("bench", "finetune_vs_scratch.png")
 INITS = ("pretrained", "scratch")

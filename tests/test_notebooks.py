@@ -22,7 +22,6 @@ pytest.importorskip("tblite")  # labels the embedded default dataset used for th
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, "notebooks")
-RMD17_SAMPLE = data_path("rmd17")
 TIMEOUT_S = 300  # per cell
 
 
@@ -85,7 +84,7 @@ def downstream_runs(env, qm9_run):
     (each kernel mostly compiles on one core)."""
     pretrained = str(qm9_run[1] / "pretrain")
     clients = {"load_checkpoint": client_for("load_checkpoint", env, WORKDIR="runs/load", CHECKPOINT=pretrained)}
-    clients["finetune_rmd17"] = client_for("finetune_rmd17", env, WORKDIR="runs/rmd17", RMD17_DIR=RMD17_SAMPLE,
+    clients["finetune_rmd17"] = client_for("finetune_rmd17", env, WORKDIR="runs/rmd17", RMD17_DIR=data_path("rmd17"),
                                            PRETRAINED=pretrained)
 
     async def run_all():

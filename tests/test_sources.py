@@ -1,5 +1,5 @@
 """Dataset readers on tiny files written here in the distributed layouts, and on the real
-public samples in tests/fixtures/data."""
+public samples in ../shared/data (fixture_files.data_path)."""
 import csv
 import gzip
 import json
