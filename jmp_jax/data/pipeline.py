@@ -187,7 +187,8 @@ class Pipeline:
             raise ValueError(f"task_mixing {task_mixing!r} is not one of {TASK_MIXING}")
         self.tasks = list(tasks)
         if task_mixing == "batch" and len({(t.buckets, str(t.slot_widths)) for t in self.tasks}) > 1:
-            raise ValueError(f"task_mixing 'batch': tasks {[t.name for t in self.tasks]} must share buckets and slot widths")
+            raise ValueError(f"task_mixing 'batch': tasks {[t.name for t in self.tasks]} must share buckets "
+                             "and slot widths")
         self.mixed = task_mixing == "batch"
         self.seed, self.num_batch_shards = seed, num_batch_shards
         self.probabilities = (np.asarray(task_probabilities, np.float64) if task_probabilities is not None

@@ -304,14 +304,14 @@ def make_pipeline(config: ml_collections.ConfigDict, tasks: Sequence[Task], *, s
                     task_probabilities=probabilities, task_mixing=config.data.task_mixing)
 
 
-def fill_ratios(batch: Any, name: str) -> dict[str, float]:
+def fill_ratios(batch: Any, label: str) -> dict[str, float]:
     """Real entries / budget for every padded array of a (stacked) batch, and real edges / slots of every
-    per-atom slot grid (`<graph>_slots`)."""
+    per-atom slot grid (`<graph>_slots`), as `fill/<label>/<kind>` (label: the task, or "mixed")."""
     g = batch.graphs
     masks = {"nodes": g.graph.nodes["mask"], "edges": g.graph.edges["mask"], "a2ee2a": g.a2ee2a.mask,
              "qint": g.qint.mask, "a2a": g.a2a.mask, "graphs": g.graph.globals["mask"]}
     # The per-atom slot grids: real edges / (atoms x slots).
     masks.update({f"{name}_slots": getattr(g, f"{name}_slots").mask for name in slots.SLOTTED_GRAPHS})
-    return {f"fill/{name}/{k}": float(np.mean(np.asarray(m))) for k, m in masks.items()}
+    return {f"fill/{label}/{k}": float(np.mean(np.asarray(m))) for k, m in masks.items()}
 
 

@@ -92,7 +92,8 @@ class JMPModel(nn.Module):
     __call__(batch, task) -> {"energy": (G,), "forces": (N, 3), "energy_features": (N, A),
     "force_features": (E, E_dim), "V_st": (E, 3), "D_st": (E,)}; padding structures/atoms give 0.
     `task` is a static Python int, or a (G,) int array of each structure's task (mixed-task batches);
-    `train` (static) enables the edge-dropout compensation. `dtype` is the compute dtype (params, geometry, bases stay float32).
+    `train` (static) enables the edge-dropout compensation. `dtype` is the compute dtype (params, geometry,
+    bases stay float32).
     Sows `h_embedding` and the backbone's per-layer intermediates into `intermediates`.
     """
 

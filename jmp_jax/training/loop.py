@@ -197,9 +197,9 @@ def window_scalars(window: list[tuple[int | None, dict]], tasks: list[task_data.
         sums = {k: np.sum([m[k] for m in mixed], axis=0) for k in mixed[0] if k.endswith(("_sum", "_count"))}
         for t, task in enumerate(tasks):
             if sums["task_loss_count"][t]:
-                scalars.update({f"loss/{task.name}": sums["task_loss_sum"][t] / sums["task_loss_count"][t],
-                                **{f"{kind}_mae/{task.name}": sums[f"{kind}_abs_sum"][t] / max(sums[f"{kind}_count"][t], 1)
-                                   for kind in ("energy", "forces")}})
+                scalars[f"loss/{task.name}"] = sums["task_loss_sum"][t] / sums["task_loss_count"][t]
+                for kind in ("energy", "forces"):
+                    scalars[f"{kind}_mae/{task.name}"] = sums[f"{kind}_abs_sum"][t] / max(sums[f"{kind}_count"][t], 1)
     for t, task in enumerate(tasks):
         per_task = [m for k, m in window if k == t]
         if per_task:
@@ -217,7 +217,8 @@ def validate(config, tasks, state: TrainState, eval_fn, mesh) -> dict[str, float
         metrics = []
         for _ in range(config.log.eval_batches):
             batch_task, host_batch = next(pipe)
-            metrics.append(eval_fn(None if batch_task is None else t)(state.ema_params, state.constants, sharding.global_batch(host_batch, mesh)))
+            step = eval_fn(None if batch_task is None else t)
+            metrics.append(step(state.ema_params, state.constants, sharding.global_batch(host_batch, mesh)))
         pipe.close()
         summary = _summarise(jax.device_get(metrics))
         out.update({f"val/loss/{task.name}": summary["loss"], f"val/energy_mae/{task.name}": summary["energy_mae"],

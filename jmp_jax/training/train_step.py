@@ -129,7 +129,8 @@ def train_step(state: TrainState, batch: LabeledBatch, *, model: nn.Module, tx: 
 
 
 def eval_step(params, constants, batch: LabeledBatch, *, model: nn.Module, task: int | None,
-              norm: loss_lib.TaskNormalization | tuple[loss_lib.TaskNormalization, ...], mesh: Mesh | None = None) -> dict[str, jax.Array]:
+              norm: loss_lib.TaskNormalization | tuple[loss_lib.TaskNormalization, ...],
+              mesh: Mesh | None = None) -> dict[str, jax.Array]:
     """Loss and error sums with the given (usually EMA) parameters, no edge dropout."""
     fn = functools.partial(shard_loss_and_errors, model=model, task=task, norm=norm, training=False)
     loss, aux = _mean_over_shards(fn, params, constants, batch, mesh)
