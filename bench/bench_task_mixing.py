@@ -79,7 +79,7 @@ def train_and_validate(config, steps: int) -> dict:
 
     fills = np.array([[task_data.fill_ratios(b, "x")[f"fill/x/{k}"] for k in PADDED_KINDS] for _, b in batches])
     return {"tasks": tasks, "compiled": len(compiled), "compile_s": compile_s,
-            "step_ms": 1e3 * float(np.median(times)) if times else float("nan"),
+            "median_ms": 1e3 * float(np.median(times)), "mean_ms": 1e3 * float(np.mean(times)),
             "structures": float(np.mean([b.graphs.graph.globals["mask"].sum() for _, b in batches])),
             "atoms": float(np.mean([b.graphs.graph.nodes["mask"].sum() for _, b in batches])),
             "fill": fills.mean(axis=0), "validation": loop.validate(config, tasks, state, eval_fn, mesh)}
@@ -102,10 +102,12 @@ def main():
         results[mode] = train_and_validate(config, args.steps)
 
     header = ["task_mixing", "compiled step shapes", "structures / batch", "atoms / batch",
-              *(f"fill {k}" for k in PADDED_KINDS), "compile s", "median step ms", "atoms / s"]
+              *(f"fill {k}" for k in PADDED_KINDS), "compile s", "median step ms", "mean step ms",
+              "structures / s", "atoms / s"]
     rows = [[mode, r["compiled"], f"{r['structures']:.1f}", f"{r['atoms']:.0f}",
-             *(f"{100 * f:.0f}%" for f in r["fill"]), f"{r['compile_s']:.0f}", f"{r['step_ms']:.0f}",
-             f"{r['atoms'] / r['step_ms'] * 1e3:.0f}"] for mode, r in results.items()]
+             *(f"{100 * f:.0f}%" for f in r["fill"]), f"{r['compile_s']:.0f}", f"{r['median_ms']:.0f}",
+             f"{r['mean_ms']:.0f}", f"{r['structures'] / r['mean_ms'] * 1e3:.2f}",
+             f"{r['atoms'] / r['mean_ms'] * 1e3:.0f}"] for mode, r in results.items()]
     val_header = ["task", *(f"{mode}: val {kind}" for mode in results for kind in ("loss", "E MAE eV", "F MAE eV/Å"))]
     val_rows = [[task.name, *(f"{results[mode]['validation'][f'val/{key}/{task.name}']:.4g}"
                               for mode in results for key in ("loss", "energy_mae", "forces_mae"))]
@@ -115,7 +117,8 @@ def main():
              f"{config.data.default_dataset_size} default dataset, {config.data.structures_per_batch} structures "
              f"per batch planned, {config.data.num_batch_shards} batch shard(s) per step), {args.steps} training "
              f"steps per mode from the same seed, then validation of the EMA parameters on {args.eval_batches} "
-             f"batches per task. Step times exclude the steps that compiled a new shape. The machine was shared "
+             f"batches per task. Step times exclude the steps that compiled a new shape; structures/s and atoms/s use
+the mean step time. The machine was shared "
              f"with other jobs (2 cores, load average above), so times are indicative only. "
              f"Peak RSS: {common.peak_rss_mib():.0f} MiB.")
     common.report("bench_task_mixing: mixed-task batches against one task per step, at equal steps",
