@@ -118,7 +118,8 @@ def main():
              f"per batch planned, {config.data.num_batch_shards} batch shard(s) per step), {args.steps} training "
              f"steps per mode from the same seed, then validation of the EMA parameters on {args.eval_batches} "
              f"batches per task. Step times exclude the steps that compiled a new shape; structures/s and "
-             f"atoms/s use the mean step time. The machine was shared with other jobs (2 cores, load average above), so times are indicative only. "
+             f"atoms/s use the mean step time. The machine was shared with other jobs (2 cores, load average "
+             f"above), so times are indicative only. "
              f"Peak RSS: {common.peak_rss_mib():.0f} MiB.")
     common.report("bench_task_mixing: mixed-task batches against one task per step, at equal steps",
                   common.table(header, rows) + "\n\n" + common.table(val_header, val_rows), notes=notes)
