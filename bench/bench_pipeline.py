@@ -76,7 +76,7 @@ def fill_table(config: ml_collections.ConfigDict, batches: int) -> list:
             pipe = task_data.make_pipeline(config, planned, split="train", training=True, only_task=t)
             stacked = [next(pipe)[1] for _ in range(batches)]
             pipe.close()
-            fills = [task_data.fill_ratios(b, task) for b in stacked]
+            fills = [task_data.fill_ratios(b, task.name) for b in stacked]
             shapes = {tuple(x.shape for x in jax.tree.leaves(b)) for b in stacked}
             mean = {k: np.mean([f[f"fill/{task.name}/{k}"] for f in fills]) for k in FILL_KINDS}
             structures = np.mean([b.graphs.graph.globals["mask"].sum(axis=-1).mean() for b in stacked])

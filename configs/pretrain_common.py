@@ -22,6 +22,10 @@ def pretrain_config(model: str) -> ml_collections.ConfigDict:
     c.data.train_split = "train"
     c.data.val_split = "val"
     c.data.temperature = 2.0             # task mixing p_i ∝ n_i^(1/T)
+    # "batch" (JMP's): every batch packs structures drawn from the temperature-mixed union of the tasks,
+    # each with its own task's head and loss scales, in shapes planned on the mixture.
+    # "step": one task per step, each task in its own shapes (one compiled step per task and shape).
+    c.data.task_mixing = "batch"
     c.data.edge_dropout = 0.1            # a2a edges dropped before sub-selecting main/a2ee2a/qint (training only)
     c.data.structures_per_batch = 4      # per batch shard: JMP trains with 4 structures per GPU
     c.data.num_batch_shards = 1          # batches per step (a multiple of the device count)

@@ -72,6 +72,7 @@ def test_training_lowers_every_task_loss_and_writes_outputs(reference):
     train = [r for r in records if "loss" in r]
     assert {"step", "loss", "lr"} <= set(train[0]) and len(train) == NUM_STEPS
     assert all(any(f"loss/{task}" in r for r in train) for task in TASKS)
+    assert "fill/mixed/a2a" in train[0]  # the default: mixed-task batches
     validations = [r for r in records if "val/loss/catalysis" in r]
     assert [r["step"] for r in validations] == [0, NUM_STEPS]
     for task in TASKS:  # the same validation batches, before and after training
@@ -79,6 +80,20 @@ def test_training_lowers_every_task_loss_and_writes_outputs(reference):
     assert os.listdir(workdir / "tensorboard")
     steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     assert steps[-1] == NUM_STEPS
+
+
+def test_training_lowers_every_task_loss_and_writes_outputs_with_one_task_per_step(env):
+    """The `data.task_mixing="step"` option: every step one task's batches, each task its own shapes."""
+    workdir = env["root"] / "one_task_per_step"
+    run(env, workdir, "--config.data.task_mixing=step")
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    train = [r for r in records if "loss" in r]
+    assert len(train) == NUM_STEPS
+    assert all(sum(f"loss/{task}" in r for task in TASKS) == 1 for r in train)  # one task per step
+    assert {f"fill/{task}/a2a" for task in TASKS} <= set().union(*train)
+    validations = [r for r in records if "val/loss/catalysis" in r]
+    for task in TASKS:
+        assert validations[1][f"val/loss/{task}"] < validations[0][f"val/loss/{task}"], task
 
 
 def test_rerun_of_a_finished_workdir_resumes_and_stops(env, reference):

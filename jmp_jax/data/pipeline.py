@@ -1,10 +1,14 @@
 """Mixed-task input pipeline: deterministic task streams, temperature sampling, packing into padded batches.
 
-Every step draws one task (p_i ∝ n_i^(1/T)), then packs that task's next structures into
-`num_batch_shards` padded batches of one of the task's static budget shapes ("buckets", at most a few:
-each is one compiled step), the one the step's first batch fills best. The whole state is a few integers
-(step and per-task cursors), so a resumed run sees exactly the batches of an uninterrupted one.
-Graphs are built ahead on worker threads; batches are prefetched on a background thread.
+Two ways to mix the tasks (p_i ∝ n_i^(1/T)), `task_mixing`:
+- "batch" (JMP's): every structure in line is drawn from the temperature-mixed union of the tasks, so each
+  batch packs structures of several tasks; all tasks share the budget shapes planned on the mixture.
+- "step": every step draws one task and packs that task's next structures, in the task's own shapes.
+Either way a step packs `num_batch_shards` padded batches of one static budget shape ("bucket", at most a
+few: each is one compiled step), the one the step's first batch fills best. The whole state is a few
+integers (step, draws, per-task cursors and deferred positions), so a resumed run sees exactly the batches
+of an uninterrupted one. Graphs are built ahead on worker threads; batches are prefetched on a background
+thread.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ RecordSource = Any  # len() and [i] -> record dict (see data_prep.records for th
 
 # Structures examined per batch, per graph slot of the budget, when packing.
 PACKING_WINDOW_PER_GRAPH = 2
+TASK_MIXING = ("batch", "step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,11 +115,15 @@ class TaskStream:
         """Positions a batch may take, in order: structures deferred by earlier batches, then new ones."""
         return self.deferred + list(range(self.cursor, self.cursor + max(window - len(self.deferred), 0)))
 
+    def release(self, taken: Sequence[int]):
+        """Forget the graphs of positions that went into a batch."""
+        for p in taken:
+            self._futures.pop(p, None)
+
     def commit(self, examined: Sequence[int], taken: Sequence[int]):
         """Examined positions that were not taken wait, first in line, for the next batch."""
         taken = set(taken)
-        for p in taken:
-            self._futures.pop(p, None)
+        self.release(taken)
         self.deferred = [p for p in examined if p not in taken]
         self.cursor = max([self.cursor - 1, *examined]) + 1
 
@@ -126,15 +135,19 @@ class TaskStream:
 
 
 def label_arrays(records: Sequence[dict], budgets: batching.Budgets,
-                 linear_reference: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Padded energy (G,) and forces (N, 3) in the node/graph order `batching.collate` uses."""
+                 linear_reference: np.ndarray | None | list) -> tuple[np.ndarray, np.ndarray]:
+    """Padded energy (G,) and forces (N, 3) in the node/graph order `batching.collate` uses.
+
+    linear_reference: one for every record, or a list of one per record (mixed-task batches).
+    """
+    references = linear_reference if isinstance(linear_reference, list) else [linear_reference] * len(records)
     energy = np.zeros(budgets.graphs, np.float32)
     forces = np.zeros((budgets.nodes, 3), np.float32)
     start = 0
-    for i, r in enumerate(records):
+    for i, (r, reference) in enumerate(zip(records, references)):
         e = float(r["energy"])
-        if linear_reference is not None:
-            e -= float(linear_reference[np.asarray(r["atomic_numbers"])].sum())
+        if reference is not None:
+            e -= float(reference[np.asarray(r["atomic_numbers"])].sum())
         energy[i] = e
         n = len(r["atomic_numbers"])
         forces[start:start + n] = r["forces"]
@@ -155,15 +168,28 @@ def target_array(records: Sequence[dict], budgets: batching.Budgets, name: str) 
 
 
 class Pipeline:
-    """Iterator of (task_index, stacked LabeledBatch of numpy arrays); `state()` / `restore()` for resume."""
+    """Iterator of (task_index, stacked LabeledBatch of numpy arrays); `state()` / `restore()` for resume.
+
+    task_mixing "batch" (the run configs' default, `data.task_mixing`): task_index is None and
+    `LabeledBatch.task` holds each structure's task; every TaskSpec must carry the same buckets and slot
+    widths (planned on the mixture, `task_data.load_tasks`). "step" (this constructor's default): one task
+    per step, task_index its index.
+    """
 
     def __init__(self, tasks: Sequence[TaskSpec], sources: Sequence[RecordSource], *, seed: int,
                  temperature: float, num_batch_shards: int, edge_dropout: float = 0.0, shuffle: bool = True,
                  num_workers: int = 2, prefetch: int = 2, process_index: int | None = None,
-                 process_count: int | None = None, task_probabilities: Sequence[float] | None = None):
+                 process_count: int | None = None, task_probabilities: Sequence[float] | None = None,
+                 task_mixing: str = "step"):
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
+        if task_mixing not in TASK_MIXING:
+            raise ValueError(f"task_mixing {task_mixing!r} is not one of {TASK_MIXING}")
         self.tasks = list(tasks)
+        if task_mixing == "batch" and len({(t.buckets, str(t.slot_widths)) for t in self.tasks}) > 1:
+            raise ValueError(f"task_mixing 'batch': tasks {[t.name for t in self.tasks]} must share buckets "
+                             "and slot widths")
+        self.mixed = task_mixing == "batch"
         self.seed, self.num_batch_shards = seed, num_batch_shards
         self.probabilities = (np.asarray(task_probabilities, np.float64) if task_probabilities is not None
                               else temperature_probabilities([len(s) for s in sources], temperature))
@@ -174,6 +200,10 @@ class Pipeline:
                                    process_count=process_count, executor=self._executor, lookahead=lookahead)
                         for i, (spec, src) in enumerate(zip(self.tasks, sources))]
         self.step = 0
+        # "batch" mixing: structures drawn so far from the mixed union, and drawn (task, position) pairs
+        # that were examined but not taken, first in line for the next batch.
+        self.draws = 0
+        self.deferred: list[tuple[int, int]] = []
         self._prefetch = prefetch
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
@@ -183,33 +213,66 @@ class Pipeline:
     def task_of_step(self, step: int) -> int:
         return int(np.random.default_rng([self.seed, step, 2]).choice(len(self.tasks), p=self.probabilities))
 
-    def _pack_one(self, task: int, bucket: int | None) -> tuple[LabeledBatch, int]:
-        """First-fit packing over a short window of the task's stream; what does not fit waits in line.
+    def task_of_draw(self, draw: int) -> int:
+        """Task of the `draw`-th structure of the mixed union ("batch" mixing)."""
+        return int(np.random.default_rng([self.seed, draw, 4]).choice(len(self.tasks), p=self.probabilities))
+
+    def _candidates(self, task: int | None) -> list[tuple[int, int]]:
+        """(task, position) pairs a batch may take, in order: deferred ones first, then new ones."""
+        if task is not None:
+            return [(task, p) for p in self.streams[task].candidates(self.tasks[task].window)]
+        next_position = [stream.cursor for stream in self.streams]
+        out = list(self.deferred)
+        for draw in range(self.draws, self.draws + max(self.tasks[0].window - len(self.deferred), 0)):
+            t = self.task_of_draw(draw)
+            out.append((t, next_position[t]))
+            next_position[t] += 1
+        return out
+
+    def _commit(self, task: int | None, examined: list[tuple[int, int]], picked: Sequence[int]):
+        """Advance past the examined candidates; those not taken wait, first in line, for the next batch."""
+        if task is not None:
+            self.streams[task].commit([p for _, p in examined], [examined[i][1] for i in picked])
+            return
+        for t, p in examined[len(self.deferred):]:  # the new draws, in order
+            self.streams[t].cursor = p + 1
+        self.draws += len(examined) - len(self.deferred)
+        for i in picked:
+            self.streams[examined[i][0]].release([examined[i][1]])
+        taken = set(picked)
+        self.deferred = [c for i, c in enumerate(examined) if i not in taken]
+
+    def _pack_one(self, task: int | None, bucket: int | None) -> tuple[LabeledBatch, int]:
+        """First-fit packing over a short window of the stream (one task's, or the mixed union's for task
+        None); what does not fit waits in line.
 
         Looking a few structures ahead fills the budgets far better than stopping at the first overflow,
         and the deferred positions are part of the saved state, so resuming stays exact.
         bucket None: the bucket this batch fills best (`batching.pack_window`); returns it with the batch.
         """
-        spec, stream = self.tasks[task], self.streams[task]
-        examined = stream.candidates(spec.window)
-        built = [stream.get(p) for p in examined]
+        spec = self.tasks[0 if task is None else task]
+        examined = self._candidates(task)
+        built = [self.streams[t].get(p) for t, p in examined]
         needs = [batching.structure_sizes(graphs) for _, graphs in built]
         bucket, picked = batching.pack_window(needs, spec.buckets, bucket)
         if not picked:  # the first in line does not fit an empty batch of any usable bucket: it never will
-            what = (f"task {spec.name!r} structure {built[0][0].get('source_id')}, "
+            what = (f"task {self.tasks[examined[0][0]].name!r} structure {built[0][0].get('source_id')}, "
                     f"budget shape {bucket + 1} of {len(spec.buckets)}")
             needs[0].check_fits(spec.buckets[bucket], what=what)
         records = [built[i][0] for i in picked]
         chosen = [built[i][1] for i in picked]
-        taken = [examined[i] for i in picked]
-        stream.commit(examined, taken)
+        structure_tasks = [examined[i][0] for i in picked]
+        self._commit(task, examined, picked)
         budgets = spec.buckets[bucket]
         graph_batch = batching.collate(chosen, budgets, slot_widths=spec.slot_widths)
-        energy, forces = label_arrays(records, budgets, spec.linear_reference)
-        return LabeledBatch(graphs=graph_batch, energy=energy, forces=forces), bucket
+        energy, forces = label_arrays(records, budgets, [self.tasks[t].linear_reference for t in structure_tasks])
+        graph_task = np.zeros(budgets.graphs, np.int32)
+        graph_task[:len(structure_tasks)] = structure_tasks
+        return LabeledBatch(graphs=graph_batch, energy=energy, forces=forces,
+                            task=graph_task if task is None else None), bucket
 
     def _produce(self):
-        task = self.task_of_step(self.step)
+        task = None if self.mixed else self.task_of_step(self.step)
         # The first shard picks the step's bucket; the others keep it, so the shards stack into one array.
         first, bucket = self._pack_one(task, None)
         shards = [first] + [self._pack_one(task, bucket)[0] for _ in range(self.num_batch_shards - 1)]
@@ -222,7 +285,7 @@ class Pipeline:
         return task, batch, self._state_now()
 
     def _state_now(self) -> dict:
-        return {"step": self.step,
+        return {"step": self.step, "draws": self.draws, "deferred": [list(c) for c in self.deferred],
                 "cursors": {t.name: {"cursor": s.cursor, "deferred": list(s.deferred)}
                             for t, s in zip(self.tasks, self.streams)}}
 
@@ -243,7 +306,7 @@ class Pipeline:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[int, LabeledBatch]:
+    def __next__(self) -> tuple[int | None, LabeledBatch]:
         if self._queue is None:
             self._queue = queue.Queue(maxsize=self._prefetch)
             self._stop.clear()
@@ -263,6 +326,8 @@ class Pipeline:
     def restore(self, state: dict):
         self.close()
         self.step = int(state["step"])
+        self.draws = int(state.get("draws", 0))
+        self.deferred = [(int(t), int(p)) for t, p in state.get("deferred", [])]
         for spec, stream in zip(self.tasks, self.streams):
             position = state["cursors"][spec.name]
             stream.seek(int(position["cursor"]), [int(p) for p in position["deferred"]])

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from jmp_jax.data.pipeline import PACKING_WINDOW_PER_GRAPH, Pipeline, TaskSpec
+from jmp_jax.data.pipeline import PACKING_WINDOW_PER_GRAPH, Pipeline, TaskSpec, temperature_probabilities
 from jmp_jax.data.tfrecord_index import TFRecordSource
 from jmp_jax.graph import batching, slots
 from jmp_jax.graph.build import GraphSettings, build_structure_graphs
@@ -123,6 +123,22 @@ def sample_needs(source, settings: GraphSettings, seed: int, edge_dropout: float
                         mean=np.maximum(sampled.mean(0), 1.0), floor=floor, slot_widths=widths)
 
 
+def mixture_sample(samples: Sequence[BudgetSample], probabilities: Sequence[float], seed: int) -> BudgetSample:
+    """The needs of the tasks' mixed union ("batch" task mixing), from each task's sample: the replay draws
+    every structure's task with `probabilities` (then the task's next replayed structure), as the pipeline
+    draws them; the floor and slot widths hold every task's structures."""
+    rng = np.random.default_rng([seed, 6])
+    draws = rng.choice(len(samples), size=sum(len(s.replay) for s in samples), p=probabilities)
+    taken = [0] * len(samples)
+    replay = []
+    for t in draws:
+        replay.append(samples[t].replay[taken[t] % len(samples[t].replay)])
+        taken[t] += 1
+    return BudgetSample(replay=replay, mean=np.sum([p * s.mean for p, s in zip(probabilities, samples)], axis=0),
+                        floor=np.max([s.floor for s in samples], axis=0),
+                        slot_widths={name: max(s.slot_widths[name] for s in samples) for name in slots.SLOTTED_GRAPHS})
+
+
 def _replay(sample: BudgetSample, buckets, shards_per_step: int) -> tuple[np.ndarray, np.ndarray]:
     """((B, 6) totals, (B,) bucket) of the sample's replayed batches, packed as the pipeline packs."""
     window = PACKING_WINDOW_PER_GRAPH * max(b.graphs for b in buckets)
@@ -219,13 +235,14 @@ def plan_budgets(source, settings: GraphSettings, structures_per_batch: int, see
     return _single_plan(sample_needs(source, settings, seed, edge_dropout), structures_per_batch, 1)
 
 
-def plan_buckets(source, settings: GraphSettings, structures_per_batch: int, seed: int, *,
+def plan_buckets(source, settings: GraphSettings | None, structures_per_batch: int, seed: int, *,
                  edge_dropout: float = 0.0, shards_per_step: int = 1,
                  sample: BudgetSample | None = None) -> tuple[batching.Budgets, ...]:
     """Up to two static budget shapes for a task: a light one for batches of many small structures and a
     heavy one (last) for batches of fewer, neighbour-dense ones (`_split`, then `_search`).
     Kept only if the replayed packing, which picks per step the shape it fills best, fills better than
-    with one shape. Pipelines must run them with `shards_per_step` batches per step (`_bucket_floors`)."""
+    with one shape. Pipelines must run them with `shards_per_step` batches per step (`_bucket_floors`).
+    A given `sample` (e.g. `mixture_sample`) replaces sampling `source`."""
     sample = sample or sample_needs(source, settings, seed, edge_dropout)
     single = _single_plan(sample, structures_per_batch, shards_per_step)
     split = _split(sample, single, shards_per_step)
@@ -249,9 +266,12 @@ def check_energy_kind(config: ml_collections.ConfigDict, data_dir: str, task) ->
 
 
 def load_tasks(config: ml_collections.ConfigDict) -> list[Task]:
+    """The configured tasks, with budget shapes planned per task (task_mixing "step") or on the
+    temperature-mixed union of the tasks, shared by all (task_mixing "batch")."""
     from data_prep import records
     data_dir = data_dir_of(config)
-    tasks = []
+    mixed = config.data.task_mixing == "batch"
+    planned = []
     for t in config.data.tasks:
         check_energy_kind(config, data_dir, t)
         meta = records.load_metadata(data_dir, t["source"], config.data.train_split)
@@ -264,9 +284,17 @@ def load_tasks(config: ml_collections.ConfigDict) -> list[Task]:
             energy_coefficient=float(t["energy_coefficient"]), force_coefficient=float(t["force_coefficient"]))
         source = open_source(data_dir, t["source"], config.data.train_split)
         sample = sample_needs(source, settings, config.seed, config.data.edge_dropout)
-        buckets = plan_buckets(source, settings, config.data.structures_per_batch, config.seed,
-                               edge_dropout=config.data.edge_dropout,
-                               shards_per_step=config.data.num_batch_shards, sample=sample)
+        planned.append((t, settings, linref, norm, len(source), sample))
+    samples = [p[-1] for p in planned]
+    if mixed:
+        probabilities = temperature_probabilities([p[4] for p in planned], config.data.temperature)
+        samples = [mixture_sample(samples, probabilities, config.seed)]
+    shapes = [plan_buckets(None, None, config.data.structures_per_batch, config.seed,
+                           shards_per_step=config.data.num_batch_shards, sample=sample) for sample in samples]
+    if mixed:
+        samples, shapes = samples * len(planned), shapes * len(planned)
+    tasks = []
+    for (t, settings, linref, norm, _, _), sample, buckets in zip(planned, samples, shapes):
         tasks.append(Task(name=t["name"], data_dir=data_dir, source=t["source"],
                           spec=TaskSpec(t["name"], settings, buckets, linref, sample.slot_widths),
                           normalization=norm))
@@ -275,27 +303,34 @@ def load_tasks(config: ml_collections.ConfigDict) -> list[Task]:
 
 def make_pipeline(config: ml_collections.ConfigDict, tasks: Sequence[Task], *, split: str, training: bool,
                   only_task: int | None = None) -> Pipeline:
-    """Training: shuffled, temperature-mixed, with edge dropout. Otherwise: in order, no dropout."""
-    chosen = list(range(len(tasks))) if only_task is None else [only_task]
+    """Training: shuffled, temperature-mixed, with edge dropout. Otherwise: in order, no dropout.
+
+    only_task: that task's structures alone, in the run's batch shapes (with "batch" task mixing, every
+    task stays in the pipeline with probability 0 but this one's, so structures keep their task index).
+    """
+    mixed = config.data.task_mixing == "batch"
+    chosen = list(range(len(tasks))) if only_task is None or mixed else [only_task]
     sources = [open_source(tasks[i].data_dir, tasks[i].source, split) for i in chosen]
-    probabilities = None if training else [len(s) for s in sources] if only_task is None else [1.0]
+    probabilities = None if training else [len(s) for s in sources]
+    if only_task is not None:
+        probabilities = np.eye(len(chosen))[chosen.index(only_task)]
     if probabilities is not None:
         probabilities = np.asarray(probabilities, np.float64) / np.sum(probabilities)
     return Pipeline([tasks[i].spec for i in chosen], sources, seed=config.seed,
                     temperature=config.data.temperature, num_batch_shards=config.data.num_batch_shards,
                     edge_dropout=config.data.edge_dropout if training else 0.0, shuffle=training,
                     num_workers=config.data.num_workers, prefetch=config.data.prefetch,
-                    task_probabilities=probabilities)
+                    task_probabilities=probabilities, task_mixing=config.data.task_mixing)
 
 
-def fill_ratios(batch: Any, task: Task) -> dict[str, float]:
+def fill_ratios(batch: Any, label: str) -> dict[str, float]:
     """Real entries / budget for every padded array of a (stacked) batch, and real edges / slots of every
-    per-atom slot grid (`<graph>_slots`)."""
+    per-atom slot grid (`<graph>_slots`), as `fill/<label>/<kind>` (label: the task, or "mixed")."""
     g = batch.graphs
     masks = {"nodes": g.graph.nodes["mask"], "edges": g.graph.edges["mask"], "a2ee2a": g.a2ee2a.mask,
              "qint": g.qint.mask, "a2a": g.a2a.mask, "graphs": g.graph.globals["mask"]}
     # The per-atom slot grids: real edges / (atoms x slots).
     masks.update({f"{name}_slots": getattr(g, f"{name}_slots").mask for name in slots.SLOTTED_GRAPHS})
-    return {f"fill/{task.name}/{k}": float(np.mean(np.asarray(m))) for k, m in masks.items()}
+    return {f"fill/{label}/{k}": float(np.mean(np.asarray(m))) for k, m in masks.items()}
 
 

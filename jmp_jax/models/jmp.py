@@ -54,25 +54,36 @@ class HeadMLP(nn.Module):
 
 
 class PretrainOutput(nn.Module):
-    """Per-task heads (`output/...`): energy summed per structure, forces F_t = sum_{s->t} f_st V_st."""
+    """Per-task heads (`output/...`): energy summed per structure, forces F_t = sum_{s->t} f_st V_st.
+
+    `task`: a static int (every structure's head), or a (G,) int array (each structure's own head, for
+    mixed-task batches: every head runs on every atom and edge, as JMP's taskified outputs do, and each
+    atom and edge keeps its structure's).
+    """
 
     num_tasks: int
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, energy_features: jax.Array, force_features: jax.Array, V_st: jax.Array,
-                 batch: GraphBatch, task: int) -> tuple[jax.Array, jax.Array]:
-        # Only the requested task's heads run, except at init, which must create every task's heads.
-        tasks = range(self.num_tasks) if self.is_initializing() else (task,)
-        results = {}
-        for t in tasks:
-            e_atom = HeadMLP(self.dtype, name=f"out_energy_{t}")(energy_features)        # (N,)
-            f_edge = HeadMLP(self.dtype, name=f"out_forces_{t}")(force_features)         # (E,)
-            energy = jax.ops.segment_sum(e_atom, batch.node_graph_index, num_segments=batch.num_graphs)
-            forces = jax.ops.segment_sum(f_edge[:, None] * V_st.astype(f_edge.dtype), batch.graph.receivers,
-                                         num_segments=batch.num_nodes)
-            results[t] = (energy, forces)
-        return results[task]
+                 batch: GraphBatch, task: int | jax.Array) -> tuple[jax.Array, jax.Array]:
+        per_structure = jnp.ndim(task) == 1
+        # Only the requested task's heads run, except at init or per structure, which need every task's.
+        tasks = range(self.num_tasks) if self.is_initializing() or per_structure else (task,)
+        heads = {t: (HeadMLP(self.dtype, name=f"out_energy_{t}")(energy_features),   # (N,)
+                     HeadMLP(self.dtype, name=f"out_forces_{t}")(force_features))    # (E,)
+                 for t in tasks}
+        if per_structure:
+            node_task = task[batch.node_graph_index]
+            e_atom = jnp.stack([heads[t][0] for t in tasks], -1)[jnp.arange(node_task.shape[0]), node_task]
+            edge_task = node_task[batch.graph.receivers]
+            f_edge = jnp.stack([heads[t][1] for t in tasks], -1)[jnp.arange(edge_task.shape[0]), edge_task]
+        else:
+            e_atom, f_edge = heads[task]
+        energy = jax.ops.segment_sum(e_atom, batch.node_graph_index, num_segments=batch.num_graphs)
+        forces = jax.ops.segment_sum(f_edge[:, None] * V_st.astype(f_edge.dtype), batch.graph.receivers,
+                                     num_segments=batch.num_nodes)
+        return energy, forces
 
 
 class JMPModel(nn.Module):
@@ -80,8 +91,9 @@ class JMPModel(nn.Module):
 
     __call__(batch, task) -> {"energy": (G,), "forces": (N, 3), "energy_features": (N, A),
     "force_features": (E, E_dim), "V_st": (E, 3), "D_st": (E,)}; padding structures/atoms give 0.
-    `task` is a static Python int; `train` (static) enables the edge-dropout compensation. `dtype` is the compute
-    dtype (params, geometry, bases stay float32).
+    `task` is a static Python int, or a (G,) int array of each structure's task (mixed-task batches);
+    `train` (static) enables the edge-dropout compensation. `dtype` is the compute dtype (params, geometry,
+    bases stay float32).
     Sows `h_embedding` and the backbone's per-layer intermediates into `intermediates`.
     """
 
@@ -90,8 +102,8 @@ class JMPModel(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, batch: GraphBatch, task: int = 0, train: bool = False) -> dict[str, jax.Array]:
-        if not 0 <= task < self.num_tasks:
+    def __call__(self, batch: GraphBatch, task: int | jax.Array = 0, train: bool = False) -> dict[str, jax.Array]:
+        if jnp.ndim(task) == 0 and not 0 <= task < self.num_tasks:
             raise ValueError(f"task {task} out of range for a model with {self.num_tasks} tasks")
         if not self.config.direct_forces:
             raise ValueError("the pre-training model needs the direct-force branch (config.direct_forces=True)")

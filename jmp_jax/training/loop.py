@@ -1,4 +1,5 @@
-"""The pre-training run: set-up, the jit-compiled sharded step per task, validation, checkpoints, metrics."""
+"""The pre-training run: set-up, the jit-compiled sharded step (one for mixed-task batches, or one per task),
+validation, checkpoints, metrics."""
 from __future__ import annotations
 
 import functools
@@ -116,17 +117,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     steps: dict[int, Any] = {}
     evals: dict[int, Any] = {}
 
-    def step_fn(task: int):
+    def norm_of(task: int | None):
+        """One task's scales, or every task's for mixed-task batches (task None)."""
+        return tasks[task].normalization if task is not None else tuple(t.normalization for t in tasks)
+
+    def step_fn(task: int | None):
         if task not in steps:
             fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule, task=task,
-                                   norm=tasks[task].normalization, ema_decay=config.train.ema_decay, mesh=mesh)
+                                   norm=norm_of(task), ema_decay=config.train.ema_decay, mesh=mesh)
             steps[task] = jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
                                   out_shardings=(state_shardings, None), donate_argnums=0)
         return steps[task]
 
-    def eval_fn(task: int):
+    def eval_fn(task: int | None):
         if task not in evals:
-            fn = functools.partial(eval_step, model=model, task=task, norm=tasks[task].normalization, mesh=mesh)
+            fn = functools.partial(eval_step, model=model, task=task, norm=norm_of(task), mesh=mesh)
             evals[task] = jax.jit(fn)
         return evals[task]
 
@@ -148,13 +153,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if int(state.nonfinite_in_a_row) >= config.train.max_nonfinite_in_a_row:
                 raise NonFiniteLossError(
                     f"stopped at step {int(state.step)}: {int(state.nonfinite_in_a_row)} consecutive updates had "
-                    f"a non-finite loss or gradient (last task {tasks[task].name!r}); see {log.path}")
+                    f"a non-finite loss or gradient (last task {batch_name(task, tasks)!r}); see {log.path}")
             step = int(state.step)
             if len(window) >= config.log.every:
                 elapsed = time.time() - window_start
                 scalars = window_scalars(window, tasks)
                 scalars.update(structures_per_s=structures / elapsed, atoms_per_s=atoms / elapsed,
-                               **task_data.fill_ratios(host_batch, tasks[task]))
+                               **task_data.fill_ratios(host_batch, batch_name(task, tasks)))
                 log.write(step, scalars)
                 last_loss = scalars["loss"]
                 window, structures, atoms, window_start = [], 0, 0, time.time()
@@ -175,30 +180,45 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "checkpoints": str(manager.directory)}
 
 
-def window_scalars(window: list[tuple[int, dict]], tasks: list[task_data.Task]) -> dict[str, float]:
-    """Loss, learning rate, gradient norm and skipped updates over the window; loss and MAEs per task."""
+def batch_name(task: int | None, tasks: list[task_data.Task]) -> str:
+    """The task of a single-task batch, or "mixed"."""
+    return "mixed" if task is None else tasks[task].name
+
+
+def window_scalars(window: list[tuple[int | None, dict]], tasks: list[task_data.Task]) -> dict[str, float]:
+    """Loss, learning rate, gradient norm and skipped updates over the window; loss and MAEs per task
+    (from the per-task sums of mixed-task batches, or the single-task batches of each task)."""
     window = jax.device_get(window)
     summary = _summarise([m for _, m in window])
     scalars = {k: summary[k] for k in ("loss", "lr", "grad_norm")}
     scalars["nonfinite_skipped"] = float(sum(1 - float(m["finite"]) for _, m in window))
+    mixed = [m for k, m in window if k is None]
+    if mixed:
+        sums = {k: np.sum([m[k] for m in mixed], axis=0) for k in mixed[0] if k.endswith(("_sum", "_count"))}
+        for t, task in enumerate(tasks):
+            if sums["task_loss_count"][t]:
+                scalars[f"loss/{task.name}"] = sums["task_loss_sum"][t] / sums["task_loss_count"][t]
+                for kind in ("energy", "forces"):
+                    scalars[f"{kind}_mae/{task.name}"] = sums[f"{kind}_abs_sum"][t] / max(sums[f"{kind}_count"][t], 1)
     for t, task in enumerate(tasks):
         per_task = [m for k, m in window if k == t]
         if per_task:
             s = _summarise(per_task)
             scalars.update({f"loss/{task.name}": s["loss"], f"energy_mae/{task.name}": s["energy_mae"],
                             f"forces_mae/{task.name}": s["forces_mae"]})
-    return scalars
+    return {k: float(v) for k, v in scalars.items()}
 
 
 def validate(config, tasks, state: TrainState, eval_fn, mesh) -> dict[str, float]:
-    """Loss and MAEs of the EMA parameters on each task's validation split."""
+    """Loss and MAEs of the EMA parameters on each task's validation split (in the training batch shapes)."""
     out = {}
     for t, task in enumerate(tasks):
         pipe = task_data.make_pipeline(config, tasks, split=config.data.val_split, training=False, only_task=t)
         metrics = []
         for _ in range(config.log.eval_batches):
-            _, host_batch = next(pipe)
-            metrics.append(eval_fn(t)(state.ema_params, state.constants, sharding.global_batch(host_batch, mesh)))
+            batch_task, host_batch = next(pipe)
+            step = eval_fn(None if batch_task is None else t)
+            metrics.append(step(state.ema_params, state.constants, sharding.global_batch(host_batch, mesh)))
         pipe.close()
         summary = _summarise(jax.device_get(metrics))
         out.update({f"val/loss/{task.name}": summary["loss"], f"val/energy_mae/{task.name}": summary["energy_mae"],

@@ -25,6 +25,7 @@ class LabeledBatch:
     energy: jax.Array   # (G,)
     forces: jax.Array   # (N, 3)
     targets: jax.Array | None = None  # (G,) one scalar target per graph (fine-tuning); pre-training: None
+    task: jax.Array | None = None  # (G,) int32 task of each graph (mixed-task batches; padding graphs 0)
 
 
 @flax.struct.dataclass
@@ -44,21 +45,39 @@ def init_train_state(variables: dict, tx: optax.GradientTransformation) -> Train
                       nonfinite_in_a_row=jnp.zeros((), jnp.int32))
 
 
-def shard_loss_and_errors(params, constants, batch: LabeledBatch, *, model: nn.Module, task: int,
-                          norm: loss_lib.TaskNormalization, training: bool):
-    """Loss and error sums of one batch shard (no leading axis)."""
-    out = model.apply({"params": params, "constants": constants}, batch.graphs, task=task, train=training)
-    # Heads predict normalised targets (mean 0, std 1); losses and metrics use physical units.
-    energy = out["energy"].astype(jnp.float32) * norm.energy_std
-    forces = out["forces"].astype(jnp.float32) * norm.force_std
+def shard_loss_and_errors(params, constants, batch: LabeledBatch, *, model: nn.Module, task: int | None,
+                          norm: loss_lib.TaskNormalization | tuple[loss_lib.TaskNormalization, ...],
+                          training: bool):
+    """Loss and error sums of one batch shard (no leading axis).
+
+    task int: every structure is that task's, `norm` its scales. task None: a mixed-task batch, each
+    structure with the head and scales (`norm`: one per task) of its own task (`batch.task`); the error
+    sums and the per-task loss sums (`task_loss_sum` / `task_loss_count`) are then (T,), one per task.
+    """
     g = batch.graphs
     nodes = g.graph.nodes
     node_graph = g.node_graph_index
+    graph_mask = g.graph.globals["mask"]
+    scales = norm if task is not None else loss_lib.structure_normalization(norm, batch.task)
+    out = model.apply({"params": params, "constants": constants}, g, task=batch.task if task is None else task,
+                      train=training)
+    # Heads predict normalised targets (mean 0, std 1); losses and metrics use physical units.
+    energy = out["energy"].astype(jnp.float32) * loss_lib.per_graph(scales.energy_std, g.num_graphs)
+    forces = out["forces"].astype(jnp.float32) * loss_lib.per_graph(scales.force_std, g.num_graphs)[node_graph, None]
     total, parts = loss_lib.energy_force_loss(energy, forces, batch.energy, batch.forces, node_graph,
-                                              nodes["mask"], g.graph.globals["mask"], norm)
-    errors = loss_lib.energy_force_errors(energy, forces, batch.energy, batch.forces, nodes["mask"],
-                                          ~nodes["fixed"], g.graph.globals["mask"])
-    return total, {**parts, **errors}
+                                              nodes["mask"], graph_mask, scales)
+    if task is not None:
+        errors = loss_lib.energy_force_errors(energy, forces, batch.energy, batch.forces, nodes["mask"],
+                                              ~nodes["fixed"], graph_mask)
+        return total, {**parts, **errors}
+    errors = loss_lib.errors_by_task(energy, forces, batch.energy, batch.forces, node_graph, nodes["mask"],
+                                     ~nodes["fixed"], graph_mask, batch.task, len(norm))
+    per_structure = sum(loss_lib.structure_loss_terms(energy, forces, batch.energy, batch.forces, node_graph,
+                                                      nodes["mask"], scales))
+    real = graph_mask.astype(jnp.float32)
+    per_task = {"task_loss_sum": jax.ops.segment_sum(per_structure * real, batch.task, len(norm)),
+                "task_loss_count": jax.ops.segment_sum(real, batch.task, len(norm))}
+    return total, {**parts, **errors, **per_task}
 
 
 def _mean_over_shards(fn: Callable, params, constants, batch: LabeledBatch, mesh: Mesh | None):
@@ -71,7 +90,7 @@ def _mean_over_shards(fn: Callable, params, constants, batch: LabeledBatch, mesh
 
     def local(params, constants, local_batch):
         losses, aux = jax.lax.map(lambda b: fn(params, constants, b), local_batch)
-        aux = {k: (jax.lax.psum(v.sum(), sharding.DATA_AXES) if k.endswith(("_sum", "_count"))
+        aux = {k: (jax.lax.psum(v.sum(0), sharding.DATA_AXES) if k.endswith(("_sum", "_count"))
                    else jax.lax.pmean(v.mean(), sharding.DATA_AXES)) for k, v in aux.items()}
         return jax.lax.pmean(losses.mean(), sharding.DATA_AXES), aux
 
@@ -80,10 +99,13 @@ def _mean_over_shards(fn: Callable, params, constants, batch: LabeledBatch, mesh
 
 
 def train_step(state: TrainState, batch: LabeledBatch, *, model: nn.Module, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, task: int, norm: loss_lib.TaskNormalization,
+               schedule: optax.Schedule, task: int | None,
+               norm: loss_lib.TaskNormalization | tuple[loss_lib.TaskNormalization, ...],
                ema_decay: float, mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step. A non-finite loss or gradient leaves the state unchanged and is counted.
 
+    task / norm: one task's batches, or None / every task's scales for mixed-task batches
+    (`shard_loss_and_errors`).
     `batch` has a leading shard axis split over `mesh` (default: every device on the data axis).
     """
     fn = functools.partial(shard_loss_and_errors, model=model, task=task, norm=norm, training=True)
@@ -106,8 +128,9 @@ def train_step(state: TrainState, batch: LabeledBatch, *, model: nn.Module, tx: 
     return new_state, metrics
 
 
-def eval_step(params, constants, batch: LabeledBatch, *, model: nn.Module, task: int,
-              norm: loss_lib.TaskNormalization, mesh: Mesh | None = None) -> dict[str, jax.Array]:
+def eval_step(params, constants, batch: LabeledBatch, *, model: nn.Module, task: int | None,
+              norm: loss_lib.TaskNormalization | tuple[loss_lib.TaskNormalization, ...],
+              mesh: Mesh | None = None) -> dict[str, jax.Array]:
     """Loss and error sums with the given (usually EMA) parameters, no edge dropout."""
     fn = functools.partial(shard_loss_and_errors, model=model, task=task, norm=norm, training=False)
     loss, aux = _mean_over_shards(fn, params, constants, batch, mesh)
