@@ -42,7 +42,8 @@ def _labeled_batch(shard_axis: bool):
     graphs = build_graphs([molecule("CH3CH2OH")])
     budgets = bucketed_budgets(graphs)
     labels = LabeledBatch(graphs=batching.collate(graphs, budgets), energy=np.zeros(budgets.graphs, np.float32),
-                          forces=np.zeros((budgets.nodes, 3), np.float32))
+                          forces=np.zeros((budgets.nodes, 3), np.float32),
+                          task=np.zeros(budgets.graphs, np.int32) if shard_axis else None)
     return _abstract(jax.tree.map(lambda x: np.asarray(x)[None] if shard_axis else np.asarray(x), labels))
 
 
@@ -52,8 +53,9 @@ def _pretrain_step_and_args():
     tx, schedule = optim.pretrain_optimizer(zeros["params"], num_blocks=1, peak_lr=1e-4, warmup_steps=1,
                                             total_steps=10)
     state = jax.eval_shape(lambda: init_train_state(zeros, tx))
-    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, task=0,
-                             norm=TaskNormalization(1.0, 1.0), ema_decay=0.99)
+    # The default pre-training step: mixed-task batches, each structure with its own task's head and scales.
+    step = functools.partial(train_step, model=model, tx=tx, schedule=schedule, task=None,
+                             norm=(TaskNormalization(1.0, 1.0), TaskNormalization(2.0, 0.5)), ema_decay=0.99)
     return step, (state, _labeled_batch(shard_axis=True))
 
 
