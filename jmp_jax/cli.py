@@ -1,0 +1,79 @@
+"""What every command-line entry point shares: a quiet start-up and failures as one line.
+
+    from jmp_jax import cli
+    cli.quiet_startup()  # first: TensorFlow and XLA read their log levels when they load
+    ...
+    if __name__ == "__main__":
+        cli.run(main)                 # argparse entry points
+        app.run(cli.one_line_errors(main))  # absl entry points
+
+A failure prints `error: <cause>` on one line (the project's errors name the file, step or key) and exits
+with status 1; JMP_JAX_TRACEBACK=1 shows the full traceback instead.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import warnings
+from typing import Any, Callable, NoReturn
+
+TRACEBACK_ENV = "JMP_JAX_TRACEBACK"
+
+# Libraries whose start-up banners, deprecation notes and INFO/WARNING logs are noise to a user.
+_QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0", "GRPC_VERBOSITY": "ERROR",
+              "GLOG_minloglevel": "2"}
+_QUIET_WARNINGS = r"(tensorflow|tensorstore|orbax|absl|flax|jax|keras|google|tf_keras)(\.|$)"
+
+
+def quiet_startup() -> None:
+    """Silences TensorFlow / XLA / absl / orbax banners and warnings; the project's own output is untouched.
+
+    Environment settings are defaults (a user's own setting wins); they only act if set before TensorFlow
+    and jaxlib load, so entry points call this before their other imports.
+    """
+    for name, value in _QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    warnings.filterwarnings("ignore", module=_QUIET_WARNINGS)
+    for name in ("absl", "jax", "orbax", "tensorflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line; library errors of no message of their own keep their type name."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = " ".join(lines[:1] + ["; ".join(lines[1:])]).strip() if lines else type(err).__name__
+    if isinstance(err, (KeyError, IndexError, TypeError, AttributeError, AssertionError)) or not lines:
+        message = f"{type(err).__name__}: {message}"
+    return message
+
+
+def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps an entry point: an exception becomes `error: <cause>` on stderr and exit status 1 (Ctrl-C: 130)."""
+
+    @functools.wraps(main)
+    def guarded(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            if os.environ.get(TRACEBACK_ENV):
+                raise
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+        except Exception as err:  # noqa: BLE001 (the whole point: no traceback for a user)
+            if os.environ.get(TRACEBACK_ENV):
+                raise
+            # ValueError / OSError / RuntimeError carry a message for the user; anything else may be a bug.
+            hint = "" if isinstance(err, (ValueError, OSError, RuntimeError)) else f" (set {TRACEBACK_ENV}=1 " \
+                "for the traceback)"
+            print(f"error: {one_line(err)}{hint}", file=sys.stderr)
+            sys.exit(1)
+
+    return guarded
+
+
+def run(main: Callable[[], Any]) -> NoReturn:
+    """Runs an argparse entry point: its int return value is the exit status (anything else: 0)."""
+    result = one_line_errors(main)()
+    sys.exit(result if isinstance(result, int) else 0)
