@@ -38,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(cli.one_line_errors(main))
+    cli.run_absl(main)

@@ -4,8 +4,8 @@
     cli.quiet_startup()  # first: TensorFlow and XLA read their log levels when they load
     ...
     if __name__ == "__main__":
-        cli.run(main)                 # argparse entry points
-        app.run(cli.one_line_errors(main))  # absl entry points
+        cli.run(main)       # argparse entry points
+        cli.run_absl(main)  # absl entry points (flags parsed by absl.app)
 
 A failure prints `error: <cause>` on one line (the project's errors name the file, step or key) and exits
 with status 1; JMP_JAX_TRACEBACK=1 shows the full traceback instead.
@@ -77,3 +77,17 @@ def run(main: Callable[[], Any]) -> NoReturn:
     """Runs an argparse entry point: its int return value is the exit status (anything else: 0)."""
     result = one_line_errors(main)()
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def run_absl(main: Callable[[list[str]], Any]) -> NoReturn:
+    """Runs an absl.app entry point with one-line errors; absl's own log shows errors only unless --verbosity
+    is given (absl.app sets the level from that flag after quiet_startup ran)."""
+    from absl import app, flags
+    from absl import logging as absl_logging
+
+    def quiet_main(argv):
+        if not flags.FLAGS["verbosity"].present:
+            absl_logging.set_verbosity(absl_logging.ERROR)
+        return main(argv)
+
+    app.run(one_line_errors(quiet_main))

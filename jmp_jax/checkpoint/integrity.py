@@ -105,6 +105,8 @@ def verify(step_path: str, items: Iterable[str] | None = None) -> bool:
         item, _, inner = rel.partition(os.sep)
         if wanted is not None and item not in wanted:
             continue
+        if not os.path.isdir(os.path.join(step_path, item)):
+            raise CheckpointDamagedError(f"{describe(step_path)}: item '{item}' is missing")
         where = f"{describe(step_path)}: item '{item}' file '{inner}'"
         path = os.path.join(step_path, rel)
         if not os.path.isfile(path):

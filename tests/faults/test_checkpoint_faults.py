@@ -6,6 +6,7 @@ pre-training run; `test_resume_faults.py` runs the real CLI.
 import glob
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -67,65 +68,68 @@ def test_every_saved_step_gets_a_manifest_of_its_files(tmp_path):
     manager.close()
 
 
-def test_truncated_newest_step_falls_back_to_previous_in_one_line(tmp_path, capsys):
+def resume_after(tmp_path, capsys, damage) -> None:
+    """Saves steps 1 and 2, damages step 2 (`damage(step_path)` returns the cause the skip line must name) and
+    resumes: from step 1, with one line naming step 2 and the cause."""
     manager = save_steps(tmp_path, [1, 2])
-    victim = largest_file(os.path.join(manager.directory, "2"), "params")
-    saved = os.path.getsize(victim)
-    with open(victim, "r+b") as f:
-        f.truncate(saved // 2)
+    cause = damage(os.path.join(manager.directory, "2"))
     capsys.readouterr()
     state, pipeline = resume(manager)
     assert int(state.step) == 1 and pipeline == {"position": 1}
     np.testing.assert_array_equal(state.params["w"], np.ones((4, 3)))
-    inner = os.path.relpath(victim, os.path.join(manager.directory, "2", "params"))
-    assert_one_skip_line(capsys, 2, f"item 'params' file '{inner}' has {saved // 2} bytes, {saved} were saved")
-    # Kept for inspection, out of the manager's reach.
-    assert os.path.getsize(os.path.join(tmp_path, integrity.DAMAGED_DIR, "2", "params", inner)) == saved // 2
+    assert_one_skip_line(capsys, 2, cause)
     assert manager.all_steps() == [1]
     manager.close()
 
 
+def test_truncated_newest_step_falls_back_to_previous_in_one_line(tmp_path, capsys):
+    victim = {}
+
+    def truncate(step_path):
+        path = largest_file(step_path, "params")
+        victim.update(inner=os.path.relpath(path, os.path.join(step_path, "params")), size=os.path.getsize(path))
+        with open(path, "r+b") as f:
+            f.truncate(victim["size"] // 2)
+        return f"item 'params' file '{victim['inner']}' has {victim['size'] // 2} bytes, {victim['size']} were saved"
+
+    resume_after(tmp_path, capsys, truncate)
+    # Kept for inspection, out of the manager's reach.
+    moved = os.path.join(tmp_path, integrity.DAMAGED_DIR, "2", "params", victim["inner"])
+    assert os.path.getsize(moved) == victim["size"] // 2
+
+
 def test_bit_flip_in_optimizer_state_falls_back(tmp_path, capsys):
-    manager = save_steps(tmp_path, [1, 2])
-    victim = largest_file(os.path.join(manager.directory, "2"), "opt_state")
-    with open(victim, "r+b") as f:
-        f.seek(os.path.getsize(victim) // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x10]))
-    capsys.readouterr()
-    state, _ = resume(manager)
-    assert int(state.step) == 1
-    inner = os.path.relpath(victim, os.path.join(manager.directory, "2", "opt_state"))
-    assert_one_skip_line(capsys, 2, f"item 'opt_state' file '{inner}' does not match its saved sha256")
-    manager.close()
+    def flip(step_path):
+        victim = largest_file(step_path, "opt_state")
+        with open(victim, "r+b") as f:
+            f.seek(os.path.getsize(victim) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0x10]))
+        inner = os.path.relpath(victim, os.path.join(step_path, "opt_state"))
+        return f"item 'opt_state' file '{inner}' does not match its saved sha256"
+
+    resume_after(tmp_path, capsys, flip)
 
 
 def test_deleted_metadata_item_falls_back_without_key_error(tmp_path, capsys):
-    manager = save_steps(tmp_path, [1, 2])
-    for path in glob.glob(os.path.join(manager.directory, "2", "metadata", "*")):
-        os.remove(path)
-    os.rmdir(os.path.join(manager.directory, "2", "metadata"))
-    capsys.readouterr()
-    state, _ = resume(manager)
-    assert int(state.step) == 1
-    assert_one_skip_line(capsys, 2, "item 'metadata'")
-    manager.close()
+    def delete_metadata(step_path):
+        shutil.rmtree(os.path.join(step_path, "metadata"))
+        return "item 'metadata' is missing"
+
+    resume_after(tmp_path, capsys, delete_metadata)
 
 
 def test_unsealed_step_that_does_not_restore_falls_back(tmp_path, capsys):
     """A step without a manifest (older code, or killed between orbax's commit and the manifest)."""
-    manager = save_steps(tmp_path, [1, 2])
-    path = os.path.join(manager.directory, "2")
-    os.remove(os.path.join(path, integrity.MANIFEST))
-    victim = largest_file(path, "ema_params")
-    with open(victim, "r+b") as f:
-        f.truncate(os.path.getsize(victim) // 2)
-    capsys.readouterr()
-    state, _ = resume(manager)
-    assert int(state.step) == 1
-    assert_one_skip_line(capsys, 2, "the training state cannot be read")
-    manager.close()
+    def truncate_unsealed(step_path):
+        os.remove(os.path.join(step_path, integrity.MANIFEST))
+        victim = largest_file(step_path, "ema_params")
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) // 2)
+        return "the training state cannot be read"
+
+    resume_after(tmp_path, capsys, truncate_unsealed)
 
 
 def test_retention_after_a_fallback_neither_deletes_nor_trips_on_the_damaged_step(tmp_path, capsys):
