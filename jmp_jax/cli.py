@@ -38,6 +38,14 @@ def quiet_startup() -> None:
     warnings.filterwarnings("ignore", module=_QUIET_WARNINGS)
     for name in ("absl", "jax", "orbax", "tensorflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    sys.unraisablehook = functools.partial(_drop_closed_loop_reports, sys.unraisablehook)
+
+
+def _drop_closed_loop_reports(hook: Callable[[Any], None], unraisable: Any) -> None:
+    """After a failed orbax read, its other pending reads report "Event loop is closed" when collected:
+    noise after an error already reported in one line. Anything else goes to `hook`."""
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        hook(unraisable)
 
 
 def one_line(err: BaseException) -> str:

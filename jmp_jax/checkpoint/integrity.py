@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,6 +23,7 @@ MANIFEST = "checksums.json"
 FORMAT = "jmp_jax.checksums/1"
 DAMAGED_DIR = "damaged_checkpoints"
 _CHUNK = 1 << 22
+_MAX_CAUSE = 400  # characters of a library's error message quoted in ours
 
 
 class CheckpointDamagedError(ValueError):
@@ -47,9 +48,27 @@ def reading(step_path: str, what: str) -> Iterator[None]:
     except CheckpointDamagedError:
         raise
     except Exception as err:
-        lines = str(err).strip().splitlines()
-        raise CheckpointDamagedError(f"{describe(step_path)}: {what} cannot be read: {type(err).__name__}: "
-                                     f"{lines[0] if lines else ''}") from err
+        raise CheckpointDamagedError(f"{describe(step_path)}: {what} cannot be read: {_cause(err)}") from err
+
+
+def _cause(err: Exception) -> str:
+    """The first line of an orbax / tensorstore error without the store spec that follows (kilobytes of JSON)."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    for marker in (" [tensorstore_spec", " See full TensorStore details"):
+        text = text.split(marker)[0]
+    return f"{type(err).__name__}: {text if len(text) <= _MAX_CAUSE else text[:_MAX_CAUSE] + '...'}"
+
+
+def restore_items(manager: ocp.CheckpointManager, step: int, args: Mapping[str, ocp.args.CheckpointArgs]) -> dict:
+    """`manager.restore` of some items of a step; a missing item or a file orbax cannot read is a
+    CheckpointDamagedError naming the step and the items (callers verify the files against the manifest first)."""
+    path = step_dir(manager.directory, step)
+    for item in args:
+        if not os.path.isdir(os.path.join(path, item)):
+            raise CheckpointDamagedError(f"{describe(path)}: item '{item}' is missing")
+    with reading(path, ("items " if len(args) > 1 else "item ") + ", ".join(f"'{i}'" for i in args)):
+        return manager.restore(step, args=ocp.args.Composite(**args))
 
 
 def _sha256(path: str) -> str:

@@ -83,20 +83,9 @@ def _manager(root: str) -> ocp.CheckpointManager:
                                  options=ocp.CheckpointManagerOptions(create=False))
 
 
-def _restore(manager: ocp.CheckpointManager, step: int, args: Mapping[str, ocp.args.CheckpointArgs]) -> dict:
-    """Restores `args` of one step; a missing item or a file orbax cannot read is a CheckpointDamagedError
-    naming the step and the items (callers verify the files against the manifest first)."""
-    path = integrity.step_dir(manager.directory, step)
-    for item in args:
-        if not os.path.isdir(os.path.join(path, item)):
-            raise integrity.CheckpointDamagedError(f"{integrity.describe(path)}: item '{item}' is missing")
-    with integrity.reading(path, ("items " if len(args) > 1 else "item ") + ", ".join(f"'{i}'" for i in args)):
-        return manager.restore(step, args=ocp.args.Composite(**args))
-
-
 def _restore_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     integrity.verify(integrity.step_dir(manager.directory, step), items=[METADATA])
-    return dict(_restore(manager, step, {METADATA: ocp.args.JsonRestore()})[METADATA])
+    return dict(integrity.restore_items(manager, step, {METADATA: ocp.args.JsonRestore()})[METADATA])
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -171,7 +160,7 @@ def load_variables(path: str | os.PathLike, config: BackboneConfig | None = None
                 verify_tree(stored.get(item) or {}, target.get(collection, {}), item)
         restore = {item: ocp.args.StandardRestore(_abstract(stored[item]))
                    for item in items.values() if stored.get(item) is not None}
-        restored = _restore(manager, step, restore)
+        restored = integrity.restore_items(manager, step, restore)
     variables = {collection: restored[item] if item in restore else {} for collection, item in items.items()}
     if params_item == EMA_PARAMS:
         metadata["ema"] = True

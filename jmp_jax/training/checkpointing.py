@@ -57,14 +57,6 @@ def _set_aside(manager: ocp.CheckpointManager, step: int, err: integrity.Checkpo
     print(f"skipped {err}; moved it to {moved}", file=sys.stderr)
 
 
-def _read_metadata(manager: ocp.CheckpointManager, step: int) -> dict:
-    path = _step_path(manager, step)
-    if not os.path.isdir(os.path.join(path, "metadata")):
-        raise integrity.CheckpointDamagedError(f"{integrity.describe(path)}: item 'metadata' is missing")
-    with integrity.reading(path, "item 'metadata'"):
-        return manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
-
-
 def newest_intact(manager: ocp.CheckpointManager) -> tuple[int, dict] | None:
     """(step, metadata) of the newest step whose files match their checksums; None when there is none.
 
@@ -73,7 +65,7 @@ def newest_intact(manager: ocp.CheckpointManager) -> tuple[int, dict] | None:
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             integrity.verify(_step_path(manager, step))
-            return step, _read_metadata(manager, step)
+            return step, integrity.restore_items(manager, step, {"metadata": ocp.args.JsonRestore()})["metadata"]
         except integrity.CheckpointDamagedError as err:
             _set_aside(manager, step, err)
     return None
@@ -124,12 +116,10 @@ def restore(manager: ocp.CheckpointManager, found: tuple[int, dict] | None, temp
     while found is not None:
         step, metadata = found
         check_metadata(manager, step, metadata, expected_metadata)
-        path = _step_path(manager, step)
         try:
-            with integrity.reading(path, "the training state"):
-                got = manager.restore(step, args=ocp.args.Composite(**args))
+            got = integrity.restore_items(manager, step, args)
         except integrity.CheckpointDamagedError as err:
-            if integrity.has_manifest(path):  # verified files: the state's structure changed, not the files
+            if integrity.has_manifest(_step_path(manager, step)):  # verified files: not damage, another structure
                 raise ValueError(f"{err} (its files match their checksums: was it written by another version "
                                  f"of the training state?)") from err.__cause__
             _set_aside(manager, step, err)

@@ -14,9 +14,12 @@ import time
 
 import numpy as np
 import pytest
-from test_pretrain_system import NUM_STEPS, REPO, command, env, run, step_losses  # noqa: F401 (env: fixture)
+import test_pretrain_system as system
+from test_pretrain_system import NUM_STEPS, REPO, command, run, step_losses
 
 from jmp_jax.checkpoint import integrity
+
+env = system.env  # the system tests' fixture: their tiny dataset and XLA cache, built once for this module
 
 
 @pytest.fixture(scope="module")
