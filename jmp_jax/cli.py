@@ -24,6 +24,8 @@ TRACEBACK_ENV = "JMP_JAX_TRACEBACK"
 # Libraries whose start-up banners, deprecation notes and INFO/WARNING logs are noise to a user.
 _QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0", "GRPC_VERBOSITY": "ERROR",
               "GLOG_minloglevel": "2"}
+# Raised with a message meant for the user; anything else may be a bug, worth its traceback.
+_USER_ERRORS = (ValueError, OSError, RuntimeError)
 _QUIET_WARNINGS = r"(tensorflow|tensorstore|orbax|absl|flax|jax|keras|google|tf_keras)(\.|$)"
 
 
@@ -49,21 +51,29 @@ def _drop_closed_loop_reports(hook: Callable[[Any], None], unraisable: Any) -> N
 
 
 def one_line(err: BaseException) -> str:
-    """The error's message on one line; library errors of no message of their own keep their type name."""
+    """The error's message on one line (later lines joined by '; '); errors whose message means little without
+    it (KeyError: 'x') keep their type name."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    message = " ".join(lines[:1] + ["; ".join(lines[1:])]).strip() if lines else type(err).__name__
-    if isinstance(err, (KeyError, IndexError, TypeError, AttributeError, AssertionError)) or not lines:
-        message = f"{type(err).__name__}: {message}"
+    if not lines:
+        return type(err).__name__
+    message = lines[0] if len(lines) == 1 else f"{lines[0]} {'; '.join(lines[1:])}"
+    if isinstance(err, (KeyError, IndexError, TypeError, AttributeError, AssertionError)):
+        return f"{type(err).__name__}: {message}"
     return message
 
 
-def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Wraps an entry point: an exception becomes `error: <cause>` on stderr and exit status 1 (Ctrl-C: 130)."""
+def one_line_errors(main: Callable[..., Any], passthrough: tuple[type[Exception], ...] = ()) -> Callable[..., Any]:
+    """Wraps an entry point: an exception becomes `error: <cause>` on stderr and exit status 1 (Ctrl-C: 130).
+
+    passthrough: exceptions left to the caller (absl.app prints the usage for its UsageError).
+    """
 
     @functools.wraps(main)
     def guarded(*args, **kwargs):
         try:
             return main(*args, **kwargs)
+        except passthrough:
+            raise
         except KeyboardInterrupt:
             if os.environ.get(TRACEBACK_ENV):
                 raise
@@ -72,9 +82,7 @@ def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as err:  # noqa: BLE001 (the whole point: no traceback for a user)
             if os.environ.get(TRACEBACK_ENV):
                 raise
-            # ValueError / OSError / RuntimeError carry a message for the user; anything else may be a bug.
-            hint = "" if isinstance(err, (ValueError, OSError, RuntimeError)) else f" (set {TRACEBACK_ENV}=1 " \
-                "for the traceback)"
+            hint = "" if isinstance(err, _USER_ERRORS) else f" (set {TRACEBACK_ENV}=1 for the traceback)"
             print(f"error: {one_line(err)}{hint}", file=sys.stderr)
             sys.exit(1)
 
@@ -98,4 +106,4 @@ def run_absl(main: Callable[[list[str]], Any]) -> NoReturn:
             absl_logging.set_verbosity(absl_logging.ERROR)
         return main(argv)
 
-    app.run(one_line_errors(quiet_main))
+    app.run(one_line_errors(quiet_main, passthrough=(app.UsageError,)))
