@@ -22,9 +22,13 @@ import argparse
 import json
 import sys
 
-from data_prep import records as records_lib
-from data_prep.metadata import ENERGY_KINDS, InconsistentSplitError
-from data_prep.sources import READERS, InputFormatError, SplitPlan
+from jmp_jax import cli
+
+cli.quiet_startup()  # before TensorFlow loads (data_prep.records)
+
+from data_prep import records as records_lib  # noqa: E402
+from data_prep.metadata import ENERGY_KINDS, InconsistentSplitError  # noqa: E402
+from data_prep.sources import READERS, InputFormatError, SplitPlan  # noqa: E402
 
 PRE_SPLIT_SOURCES = ("oc20", "oc22")
 
@@ -125,4 +129,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

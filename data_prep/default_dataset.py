@@ -474,4 +474,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from jmp_jax import cli
+    cli.quiet_startup()
+    cli.run(main)

@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -183,7 +182,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    from jmp_jax import cli
+    cli.quiet_startup()
+    cli.run(main)

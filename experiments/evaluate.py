@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -299,7 +298,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    from jmp_jax import cli
+    cli.quiet_startup()
+    cli.run(main)

@@ -11,10 +11,14 @@ r"""Fine-tunes JMP on one task and reports its test metrics with the best valida
 workdir / checkpoints dir, or a converted JMP checkpoint (python -m jmp_jax.convert).
 --init.ema (default true): use the checkpoint's EMA weights when it has them.
 """
-from absl import app, flags, logging
-from ml_collections import config_flags
+from jmp_jax import cli
 
-from jmp_jax.finetune import loop
+cli.quiet_startup()
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jmp_jax.finetune import loop  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/finetune/<dataset>.py:<variant>")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/finetune", "metrics.jsonl, best checkpoint, results.json")
@@ -26,7 +30,6 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     result = loop.run(_CONFIG.value, _WORKDIR.value, init=_INIT.value, init_ema=_INIT_EMA.value)
     metrics = ", ".join(f"{k} {v:.6g}" for k, v in result["test"].items())
     print(f"{result['task']}: test {metrics}  (best epoch {result['best_epoch']} of {result['epochs']}, "
@@ -35,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

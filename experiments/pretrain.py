@@ -5,12 +5,11 @@ r"""Multi-task JMP pre-training.
 
 Runs again with the same --workdir resume from its newest checkpoint.
 """
-import os
+from jmp_jax import cli
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only writes TensorBoard events here
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+cli.quiet_startup()
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jmp_jax.training import loop  # noqa: E402
@@ -23,11 +22,10 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     result = loop.run(_CONFIG.value, _WORKDIR.value)
     print(f"finished at step {result['step']}\n  checkpoints: {result['checkpoints']}\n"
           f"  metrics:     {result['metrics']}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

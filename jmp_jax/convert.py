@@ -92,4 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jmp_jax import cli
+    cli.quiet_startup()
+    cli.run(main)

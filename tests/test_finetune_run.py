@@ -14,7 +14,7 @@ from ase.build import bulk, molecule
 
 from configs.finetune import common
 from data_prep import records
-from jmp_jax.checkpoint import orbax_io
+from jmp_jax.checkpoint import integrity, orbax_io
 from jmp_jax.finetune import loop, optim, weights
 from jmp_jax.finetune.data import DataSpec, SplitData
 from jmp_jax.finetune.model import FinetuneModel, backbone_for
@@ -196,6 +196,7 @@ def test_tiny_finetune_run_from_checkpoint(data_dir, pretrain_checkpoint, tmp_pa
     assert np.isfinite(result["test"]["mae"]) and result["primary_metric"] == "mae"
     with open(tmp_path / "results.json") as f:
         assert json.load(f)["test"] == result["test"]
+    assert integrity.verify(result["best_checkpoint"])  # checksummed once written
     best, meta = orbax_io.load_variables(result["best_checkpoint"], use_ema=False)
     assert "head" in best["params"] and meta["finetune"]["task"]["target"] == "U_0"
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()

@@ -6,6 +6,7 @@ Layout: a `CheckpointManager` directory `<root>/<step>/` holding the items
   `constants`   (StandardSave, omitted when empty) non-trainable scale factors;
   `metadata`    (JsonSave) {"format", "config": BackboneConfig.to_dict(), "num_tasks", "source", "ema"}.
 The training loop adds its own items (optimizer state, ...) to the same Composite via `save_args`.
+Saved steps carry a checksum manifest (`jmp_jax.checkpoint.integrity`), verified for the items read here.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jmp_jax.checkpoint import integrity
 from jmp_jax.models.config import BackboneConfig
 
 PARAMS, EMA_PARAMS, CONSTANTS, METADATA = "params", "ema_params", "constants", "metadata"
@@ -56,7 +58,7 @@ def save_variables(directory: str | os.PathLike, variables: Mapping[str, Any], m
     """Writes one step of `variables` + `metadata` under `directory`; returns the step directory."""
     directory = os.path.abspath(os.fspath(directory))
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
-    with ocp.CheckpointManager(directory, options=options) as manager:
+    with integrity.SealingCheckpointManager(directory, options=options) as manager:
         manager.save(step, args=ocp.args.Composite(**save_args(variables, metadata)), force=True)
         manager.wait_until_finished()
     return os.path.join(directory, str(step))
@@ -82,7 +84,8 @@ def _manager(root: str) -> ocp.CheckpointManager:
 
 
 def _restore_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    return dict(manager.restore(step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))[METADATA])
+    integrity.verify(integrity.step_dir(manager.directory, step), items=[METADATA])
+    return dict(integrity.restore_items(manager, step, {METADATA: ocp.args.JsonRestore()})[METADATA])
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -145,7 +148,9 @@ def load_variables(path: str | os.PathLike, config: BackboneConfig | None = None
     with _manager(root) as manager:
         metadata = _restore_metadata(manager, step)
         verify_metadata(metadata, config, num_tasks)
-        stored = manager.item_metadata(step)
+        integrity.verify(integrity.step_dir(root, step), items=[PARAMS, CONSTANTS] + [EMA_PARAMS] * use_ema)
+        with integrity.reading(integrity.step_dir(root, step), "the items' metadata"):
+            stored = manager.item_metadata(step)
         params_item = EMA_PARAMS if use_ema and stored.get(EMA_PARAMS) is not None else PARAMS
         items = {"params": params_item, "constants": CONSTANTS}
         if stored.get(PARAMS) is None:
@@ -155,7 +160,7 @@ def load_variables(path: str | os.PathLike, config: BackboneConfig | None = None
                 verify_tree(stored.get(item) or {}, target.get(collection, {}), item)
         restore = {item: ocp.args.StandardRestore(_abstract(stored[item]))
                    for item in items.values() if stored.get(item) is not None}
-        restored = manager.restore(step, args=ocp.args.Composite(**restore))
+        restored = integrity.restore_items(manager, step, restore)
     variables = {collection: restored[item] if item in restore else {} for collection, item in items.items()}
     if params_item == EMA_PARAMS:
         metadata["ema"] = True

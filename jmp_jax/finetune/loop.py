@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from jmp_jax.checkpoint import orbax_io
+from jmp_jax.checkpoint import integrity, orbax_io
 from jmp_jax.finetune import loss as loss_lib
 from jmp_jax.finetune import optim, weights
 from jmp_jax.finetune.data import DataSpec, SplitData
@@ -167,7 +167,8 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, init: str = "scra
     metadata = {**orbax_io.make_metadata(backbone, 0, source=f"finetune:{init_info['path']}", ema=False),
                 "finetune": {"task": config.task.to_dict(), "normalization": dataclasses.asdict(norm)}}
     best_dir = os.path.join(os.path.abspath(workdir), "best")
-    manager = ocp.CheckpointManager(best_dir, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    manager = integrity.SealingCheckpointManager(best_dir, options=options)  # checksummed best steps
     log = MetricsLog(workdir, config.train.max_epochs * steps_per_epoch)
     rng = jax.random.key(config.seed + 1)
     best_params, best_epoch, best_val, epoch = jax.device_get(state.params), -1, {}, 0

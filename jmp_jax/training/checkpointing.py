@@ -4,23 +4,30 @@ the EMA weights alone.
 Items per step: `params`, `ema_params`, `constants`, `opt_state`, `counters` (step, non-finite streak),
 `pipeline` (input position, JSON) and `metadata` (model config, tasks, normalisation, JSON).
 `jmp_jax.checkpoint.orbax_io` reads the same `params` / `ema_params` / `constants` / `metadata` items.
+Every step gets a checksum manifest once written (`jmp_jax.checkpoint.integrity`); resuming skips and sets
+aside damaged steps, falling back to the newest one that restores completely.
 """
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from jmp_jax.checkpoint import integrity
 from jmp_jax.training.train_step import TrainState
 
 ARRAY_ITEMS = ("params", "ema_params", "constants", "opt_state", "counters")
 
 
-def make_manager(workdir: str, *, save_every: int, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+def make_manager(workdir: str, *, save_every: int, keep: int) -> integrity.SealingCheckpointManager:
+    # cleanup_tmp_directories: a save killed half-way left an uncommitted temporary folder, never a step.
+    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, create=True,
+                                           cleanup_tmp_directories=True)
+    return integrity.SealingCheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                              options=options)
 
 
 def _state_items(state: TrainState) -> dict[str, Any]:
@@ -39,25 +46,87 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, pipeline_
     return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def restore_latest(manager: ocp.CheckpointManager, template: TrainState,
-                   expected_metadata: dict) -> tuple[TrainState, dict] | None:
-    """Restores the newest step into `template`'s structure and shardings; None when there is none.
+def _step_path(manager: ocp.CheckpointManager, step: int) -> str:
+    return integrity.step_dir(manager.directory, step)
 
-    A checkpoint written for another model or task set is refused with the differing keys named.
+
+def _set_aside(manager: ocp.CheckpointManager, step: int, err: integrity.CheckpointDamagedError) -> None:
+    """Moves the damaged step out of the manager's reach and says so in one line."""
+    moved = integrity.set_aside(_step_path(manager, step))
+    manager.reload()
+    print(f"skipped {err}; moved it to {moved}", file=sys.stderr)
+
+
+def newest_intact(manager: ocp.CheckpointManager) -> tuple[int, dict] | None:
+    """(step, metadata) of the newest step whose files match their checksums; None when there is none.
+
+    Damaged steps are moved aside (never deleted) with one line each on stderr.
     """
-    step = manager.latest_step()
-    if step is None:
-        return None
-    meta = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
-    differing = sorted(k for k in set(meta) | set(expected_metadata) if meta.get(k) != expected_metadata.get(k))
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            integrity.verify(_step_path(manager, step))
+            return step, integrity.restore_items(manager, step, {"metadata": ocp.args.JsonRestore()})["metadata"]
+        except integrity.CheckpointDamagedError as err:
+            _set_aside(manager, step, err)
+    return None
+
+
+def _differences(stored: Any, expected: Any, key: str) -> list[str]:
+    """Dotted keys where `stored` differs from `expected` (dicts: only expected's keys are compared)."""
+    if isinstance(expected, dict) and isinstance(stored, dict):
+        return [d for k in expected for d in _differences(stored.get(k), expected[k], f"{key}.{k}" if key else k)]
+    if isinstance(expected, list) and isinstance(stored, list) and len(expected) == len(stored):
+        return [d for i, (s, e) in enumerate(zip(stored, expected)) for d in _differences(s, e, f"{key}[{i}]")]
+    return [] if stored == expected else [key]
+
+
+def check_metadata(manager: ocp.CheckpointManager, step: int, stored: dict, expected: dict) -> None:
+    """Raises a one-line ValueError naming every metadata key (e.g. `config.emb_size_atom`) that differs.
+
+    expected may hold only part of the metadata (what is known before the data set-up).
+    """
+    differing = _differences(stored, expected, "")
     if differing:
-        raise ValueError(f"checkpoint {manager.directory}/{step} was written by another configuration; "
-                         f"differing metadata keys: {differing}")
+        first = differing[0]
+        raise ValueError(
+            f"{integrity.describe(_step_path(manager, step))} was written by another configuration: metadata "
+            f"{', '.join(differing)} differ (e.g. {first}: checkpoint {_lookup(stored, first)!r}, this run "
+            f"{_lookup(expected, first)!r}); use another --workdir")
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.replace("[", ".[").split("."):
+        if tree is None:
+            return None
+        tree = tree[int(part[1:-1])] if part.startswith("[") else tree.get(part)
+    return tree
+
+
+def restore(manager: ocp.CheckpointManager, found: tuple[int, dict] | None, template: TrainState,
+            expected_metadata: dict) -> tuple[TrainState, dict] | None:
+    """Restores `found` (from `newest_intact`) into `template`'s structure and shardings, falling back to
+    older steps while one does not read; None when no step is left.
+
+    A step of another configuration is refused (ValueError naming the keys). A sealed step whose verified
+    files orbax cannot restore is an error too (the files are as saved, so the cause is not damage).
+    """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_items(template))
     args = {k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
     args["pipeline"] = ocp.args.JsonRestore()
-    got = manager.restore(step, args=ocp.args.Composite(**args))
-    state = TrainState(step=got["counters"]["step"], params=got["params"], constants=got["constants"],
-                       opt_state=got["opt_state"], ema_params=got["ema_params"],
-                       nonfinite_in_a_row=got["counters"]["nonfinite_in_a_row"])
-    return state, got["pipeline"]
+    while found is not None:
+        step, metadata = found
+        check_metadata(manager, step, metadata, expected_metadata)
+        try:
+            got = integrity.restore_items(manager, step, args)
+        except integrity.CheckpointDamagedError as err:
+            if integrity.has_manifest(_step_path(manager, step)):  # verified files: not damage, another structure
+                raise ValueError(f"{err} (its files match their checksums: was it written by another version "
+                                 f"of the training state?)") from err.__cause__
+            _set_aside(manager, step, err)
+            found = newest_intact(manager)
+            continue
+        state = TrainState(step=got["counters"]["step"], params=got["params"], constants=got["constants"],
+                           opt_state=got["opt_state"], ema_params=got["ema_params"],
+                           nonfinite_in_a_row=got["counters"]["nonfinite_in_a_row"])
+        return state, got["pipeline"]
+    return None

@@ -2,11 +2,14 @@
 validation, checkpoints, metrics."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +30,28 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive updates were skipped because the loss or gradient was not finite."""
 
 
+class TrainingTerminated(RuntimeError):
+    """SIGTERM stopped the run after it saved a checkpoint of the current step."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[threading.Event]:
+    """An event that SIGTERM (scheduler pre-emption) sets, so that the loop saves its step and stops.
+
+    A handler can only be installed from the main thread; elsewhere SIGTERM keeps its default. The previous
+    handler is back on exit.
+    """
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def backbone_config(name: str) -> config_lib.BackboneConfig:
     if name in config_lib.NAMED_CONFIGS:
         return config_lib.NAMED_CONFIGS[name]()
@@ -35,12 +60,16 @@ def backbone_config(name: str) -> config_lib.BackboneConfig:
     raise ValueError(f"model.backbone {name!r} is neither {sorted(config_lib.NAMED_CONFIGS)} nor a JSON file")
 
 
-def run_metadata(config: ml_collections.ConfigDict, tasks: list[task_data.Task]) -> dict:
+def run_metadata(config: ml_collections.ConfigDict, tasks: list[task_data.Task] | None = None) -> dict:
     """What a checkpoint must agree on to be resumed or loaded (model, tasks, normalisation).
 
-    Same layout as the converter's, so `jmp_jax.load_pretrained` reads training checkpoints too.
+    Same layout as the converter's, so `jmp_jax.load_pretrained` reads training checkpoints too. Without
+    `tasks` (before the data set-up), the part the config alone determines: the model and the task settings.
     """
-    meta = orbax_io.make_metadata(backbone_config(config.model.backbone), len(tasks), source="pretrain", ema=True)
+    meta = orbax_io.make_metadata(backbone_config(config.model.backbone), len(config.data.tasks), source="pretrain",
+                                  ema=True)
+    if tasks is None:
+        return {**meta, "tasks": [{k: t[k] for k in ("name", "cutoff", "max_neighbors")} for t in config.data.tasks]}
     return {**meta, "tasks": [t.describe() for t in tasks]}
 
 
@@ -88,6 +117,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.data.num_batch_shards % jax.device_count():
         raise ValueError(f"data.num_batch_shards={config.data.num_batch_shards} must be a multiple of the "
                          f"{jax.device_count()} devices")
+    manager = checkpointing.make_manager(workdir, save_every=config.log.checkpoint_every,
+                                         keep=config.log.keep_checkpoints)
+    found = checkpointing.newest_intact(manager)
+    if found is not None:  # refuse another configuration before minutes of data and model set-up
+        checkpointing.check_metadata(manager, *found, run_metadata(config))
     tasks = task_data.load_tasks(config)
     train_pipe = task_data.make_pipeline(config, tasks, split="train", training=True)
     metadata = run_metadata(config, tasks)
@@ -105,9 +139,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state_shardings = sharding.state_shardings(abstract_state, mesh)
     state = jax.jit(functools.partial(init_train_state, tx=tx), out_shardings=state_shardings)(variables)
 
-    manager = checkpointing.make_manager(workdir, save_every=config.log.checkpoint_every,
-                                         keep=config.log.keep_checkpoints)
-    restored = checkpointing.restore_latest(manager, state, metadata)
+    restored = checkpointing.restore(manager, found, state, metadata)
     if restored is not None:
         state, pipeline_state = restored
         train_pipe.restore(pipeline_state)
@@ -135,47 +167,51 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             evals[task] = jax.jit(fn)
         return evals[task]
 
-    log = MetricsLog(workdir, config.train.num_steps)
+    step = int(state.step)
+    log = MetricsLog(workdir, config.train.num_steps, resume_step=step if restored is not None else None)
     window: list[tuple[int, dict]] = []
     structures = atoms = 0
     window_start = time.time()
     last_loss = None  # until the first logged window
-    step = int(state.step)
     if step == 0:  # the baseline that later validations are compared with
         log.write(0, validate(config, tasks, state, eval_fn, mesh))
-    try:
-        while step < config.train.num_steps:
-            task, host_batch = next(train_pipe)
-            state, metrics = step_fn(task)(state, sharding.global_batch(host_batch, mesh))
-            window.append((task, metrics))
-            structures += int(host_batch.graphs.graph.globals["mask"].sum())
-            atoms += int(host_batch.graphs.graph.nodes["mask"].sum())
-            if int(state.nonfinite_in_a_row) >= config.train.max_nonfinite_in_a_row:
-                raise NonFiniteLossError(
-                    f"stopped at step {int(state.step)}: {int(state.nonfinite_in_a_row)} consecutive updates had "
-                    f"a non-finite loss or gradient (last task {batch_name(task, tasks)!r}); see {log.path}")
-            step = int(state.step)
-            if len(window) >= config.log.every:
-                elapsed = time.time() - window_start
-                scalars = window_scalars(window, tasks)
-                scalars.update(structures_per_s=structures / elapsed, atoms_per_s=atoms / elapsed,
-                               **task_data.fill_ratios(host_batch, batch_name(task, tasks)))
-                log.write(step, scalars)
-                last_loss = scalars["loss"]
-                window, structures, atoms, window_start = [], 0, 0, time.time()
-            log.progress(step, last_loss)
-            if step % config.log.eval_every == 0 or step == config.train.num_steps:
-                log.write(step, validate(config, tasks, state, eval_fn, mesh))
-            checkpointing.save(manager, step, state, train_pipe.state(), metadata,
-                               force=step == config.train.num_steps)
-    except KeyboardInterrupt:
-        checkpointing.save(manager, step, state, train_pipe.state(), metadata, force=True)
-        print(f"\ninterrupted: saved step {step} in {manager.directory}", file=sys.stderr)
-        raise
-    finally:
-        manager.wait_until_finished()
-        train_pipe.close()
-        log.close()
+    with _sigterm_stops() as terminated:
+        try:
+            while step < config.train.num_steps:
+                task, host_batch = next(train_pipe)
+                state, metrics = step_fn(task)(state, sharding.global_batch(host_batch, mesh))
+                window.append((task, metrics))
+                structures += int(host_batch.graphs.graph.globals["mask"].sum())
+                atoms += int(host_batch.graphs.graph.nodes["mask"].sum())
+                if int(state.nonfinite_in_a_row) >= config.train.max_nonfinite_in_a_row:
+                    raise NonFiniteLossError(
+                        f"stopped at step {int(state.step)}: {int(state.nonfinite_in_a_row)} consecutive updates had "
+                        f"a non-finite loss or gradient (last task {batch_name(task, tasks)!r}); see {log.path}")
+                step = int(state.step)
+                if len(window) >= config.log.every:
+                    elapsed = time.time() - window_start
+                    scalars = window_scalars(window, tasks)
+                    scalars.update(structures_per_s=structures / elapsed, atoms_per_s=atoms / elapsed,
+                                   **task_data.fill_ratios(host_batch, batch_name(task, tasks)))
+                    log.write(step, scalars)
+                    last_loss = scalars["loss"]
+                    window, structures, atoms, window_start = [], 0, 0, time.time()
+                log.progress(step, last_loss)
+                if step % config.log.eval_every == 0 or step == config.train.num_steps:
+                    log.write(step, validate(config, tasks, state, eval_fn, mesh))
+                checkpointing.save(manager, step, state, train_pipe.state(), metadata,
+                                   force=step == config.train.num_steps or terminated.is_set())
+                if terminated.is_set() and step < config.train.num_steps:
+                    raise TrainingTerminated(f"stopped by SIGTERM after step {step}; saved checkpoint step {step} in "
+                                             f"{manager.directory}: rerun with the same workdir to resume")
+        except KeyboardInterrupt:
+            checkpointing.save(manager, step, state, train_pipe.state(), metadata, force=True)
+            print(f"\ninterrupted: saved step {step} in {manager.directory}", file=sys.stderr)
+            raise
+        finally:
+            manager.wait_until_finished()
+            train_pipe.close()
+            log.close()
     return {"step": step, "workdir": os.path.abspath(workdir), "metrics": log.path,
             "checkpoints": str(manager.directory)}
 

@@ -9,10 +9,39 @@ import time
 from typing import Mapping
 
 
+def keep_rows_up_to(path: str, last_step: int | None) -> None:
+    """Drops the rows of `path` after `last_step` (all rows when None): the steps a resumed run writes again.
+
+    The file is replaced whole, so a crash leaves either the old or the new rows.
+    """
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [] if last_step is None else [
+        line for line in lines if line.strip() and _row_step(line) is not None and _row_step(line) <= last_step]
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _row_step(line: str) -> int | None:
+    """The step of a metrics row; None for a row cut short by a crash."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricsLog:
-    def __init__(self, workdir: str, total_steps: int, *, tensorboard: bool = True):
+    """resume_step: the step the run resumed from; rows after it are dropped (None: a fresh run, all are)."""
+
+    def __init__(self, workdir: str, total_steps: int, *, resume_step: int | None = None, tensorboard: bool = True):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
+        keep_rows_up_to(self.path, resume_step)
         self._file = open(self.path, "a")
         self.total_steps = total_steps
         self._start = time.time()
