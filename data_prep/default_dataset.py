@@ -36,6 +36,8 @@ from ase.data import covalent_radii
 from ase.mep import NEB
 from ase.optimize import LBFGS
 
+from data_prep import record_index
+
 # Bump whenever the recipe changes: it keys the cache, so a changed recipe rebuilds.
 VERSION = "1"
 DOMAINS = ("catalysis", "molecules", "reactions")
@@ -447,6 +449,7 @@ def ensure_default_dataset(cache_dir: str | None = None, *, sizes: dict | None =
     cache_dir = os.path.expanduser(cache_dir)
     final = os.path.join(cache_dir, cache_key(sizes, seed))
     if os.path.exists(os.path.join(final, "manifest.json")):
+        record_index.write_missing(final)  # a cache built before record indexes: add them once
         return final
     os.makedirs(cache_dir, exist_ok=True)
     partial = tempfile.mkdtemp(prefix=f".partial-{os.path.basename(final)}-", dir=cache_dir)

@@ -1,5 +1,6 @@
-"""Fault injection into data builds: rebuilds are byte-identical across processes, a killed build's
-temporary folder is removed by the next one, and empty or unwritable outputs are clear errors."""
+"""Fault injection into data builds: rebuilds (shards, record indexes, metadata) are byte-identical across
+processes, a killed build's temporary folder is removed by the next one, and empty or unwritable outputs are
+clear errors."""
 import os
 import signal
 import subprocess
@@ -51,7 +52,8 @@ def test_builds_in_two_processes_are_byte_identical(tmp_path):
     records.write_split(_expected(6), str(tmp_path / "b"), "toy", "train", records_per_shard=4, units={},
                         source_files=[])
     first, second = _files(tmp_path / "a"), _files(tmp_path / "b")
-    assert sorted(first) == ["toy-train.metadata.json", "toy-train.tfrecord-00000-of-00002",
+    assert sorted(first) == ["toy-train.metadata.json", "toy-train.recordindex-00000-of-00002",
+                             "toy-train.recordindex-00001-of-00002", "toy-train.tfrecord-00000-of-00002",
                              "toy-train.tfrecord-00001-of-00002"]
     assert first == second
 
