@@ -1,7 +1,7 @@
 """Per-shard record indexes, written beside the shards at build time so that opening a split reads
 16 bytes per record instead of scanning every shard.
 
-`<source>-<split>.recordindex-XXXXX-of-YYYYY` indexes `<source>-<split>.tfrecord-XXXXX-of-YYYYY`. Layout,
+`<source>-<split>.tfrecord-XXXXX-of-YYYYY.index` indexes the shard `<source>-<split>.tfrecord-XXXXX-of-YYYYY`. Layout,
 little-endian: a 32-byte header (magic, record count, the shard's size in bytes, zlib CRC-32 of the body),
 then the body: int64 frame offsets (n), uint32 zlib CRC-32 of each record's whole frame (n), int32 atom
 counts (n). A frame is TFRecord's length header, payload and footer; the record's bytes are the frame
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import json
 import os
 import struct
 import zlib
@@ -30,6 +31,7 @@ import numpy as np
 MAGIC = b"JMPRIDX1"
 HEADER = struct.Struct("<8sQQI4x")  # magic, records, shard bytes, body CRC-32 (then 4 padding bytes)
 BYTES_PER_RECORD = 8 + 4 + 4  # offset, frame CRC-32, atom count
+INDEX_SUFFIX = ".index"
 FRAME_OVERHEAD = 16  # TFRecord: uint64 length + uint32 masked CRC of it, payload, uint32 masked CRC of it
 SCAN_BATCH = 4096  # records per step of the TensorFlow pass that indexes an old split
 
@@ -39,11 +41,8 @@ class RecordIndexError(ValueError):
 
 
 def index_path(shard_path: str) -> str:
-    """The index file of a shard (`.tfrecord-` -> `.recordindex-`, so shard globs never match it)."""
-    head, sep, tail = shard_path.rpartition(".tfrecord-")
-    if not sep:
-        raise ValueError(f"{shard_path}: not a shard name (<source>-<split>.tfrecord-XXXXX-of-YYYYY)")
-    return f"{head}.recordindex-{tail}"
+    """The index file of a shard: its name + `.index` (a name TFDS's shard pattern does not match)."""
+    return shard_path + INDEX_SUFFIX
 
 
 def frame_offsets(data: bytes | memoryview, where: str) -> np.ndarray:
@@ -161,11 +160,16 @@ def _scan_natoms(shard_path: str) -> np.ndarray:
 
 
 def write_missing(data_dir: str) -> list[str]:
-    """Writes the index of every shard in `data_dir` that has none; returns the indexes written."""
+    """Writes the index of every shard of the splits in `data_dir` that has none; returns the indexes written."""
+    from data_prep import records  # TensorFlow import; only old splits need it
+
     written = []
-    for shard in sorted(glob.glob(os.path.join(glob.escape(data_dir), "*.tfrecord-*-of-*"))):
-        if not os.path.exists(index_path(shard)):
-            written.append(write_index(shard, _scan_natoms(shard)))
+    for meta_path in sorted(glob.glob(os.path.join(glob.escape(data_dir), "*" + records.METADATA_SUFFIX))):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        for shard in records.shard_paths(data_dir, meta["source"], meta["split"]):
+            if not os.path.exists(index_path(shard)):
+                written.append(write_index(shard, _scan_natoms(shard)))
     return written
 
 

@@ -11,7 +11,7 @@ total energies of large systems (~1e4 eV) keep full precision; decode them with
 tf.io.decode_raw(x, tf.float64) or numpy.frombuffer(x, "<f8").
 
 Files of one split: <source>-<split>.tfrecord-XXXXX-of-YYYYY, each with its record index
-<source>-<split>.recordindex-XXXXX-of-YYYYY (see data_prep/record_index.py), plus
+<source>-<split>.tfrecord-XXXXX-of-YYYYY.index (see data_prep/record_index.py), plus
 <source>-<split>.metadata.json (see data_prep/metadata.py).
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from data_prep import metadata as metadata_lib
 from data_prep import record_index
 
 DEFAULT_RECORDS_PER_SHARD = 10_000
+METADATA_SUFFIX = ".metadata.json"
 FLOAT64_LE = np.dtype("<f8")
 # Å: graph building refuses larger coordinates (jmp_jax.graph.validate.MAX_ABS_COORDINATE; not imported,
 # as importing jmp_jax changes the process's malloc settings).
@@ -199,12 +200,12 @@ def split_prefix(output_dir: str, source: str, split: str) -> str:
 
 
 def metadata_path(output_dir: str, source: str, split: str) -> str:
-    return split_prefix(output_dir, source, split) + ".metadata.json"
+    return split_prefix(output_dir, source, split) + METADATA_SUFFIX
 
 
 def shard_paths(output_dir: str, source: str, split: str) -> list[str]:
-    """Existing shard files of a split, in shard order."""
-    return sorted(glob.glob(glob.escape(split_prefix(output_dir, source, split)) + ".tfrecord-*-of-*"))
+    """Existing shard files of a split, in shard order (the pattern ends in a digit: not their indexes)."""
+    return sorted(glob.glob(glob.escape(split_prefix(output_dir, source, split)) + ".tfrecord-*-of-*[0-9]"))
 
 
 def write_split(

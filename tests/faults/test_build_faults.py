@@ -52,9 +52,9 @@ def test_builds_in_two_processes_are_byte_identical(tmp_path):
     records.write_split(_expected(6), str(tmp_path / "b"), "toy", "train", records_per_shard=4, units={},
                         source_files=[])
     first, second = _files(tmp_path / "a"), _files(tmp_path / "b")
-    assert sorted(first) == ["toy-train.metadata.json", "toy-train.recordindex-00000-of-00002",
-                             "toy-train.recordindex-00001-of-00002", "toy-train.tfrecord-00000-of-00002",
-                             "toy-train.tfrecord-00001-of-00002"]
+    assert sorted(first) == ["toy-train.metadata.json", "toy-train.tfrecord-00000-of-00002",
+                             "toy-train.tfrecord-00000-of-00002.index", "toy-train.tfrecord-00001-of-00002",
+                             "toy-train.tfrecord-00001-of-00002.index"]
     assert first == second
 
 
