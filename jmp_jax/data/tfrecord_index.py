@@ -6,8 +6,9 @@ Opening a split reads the indexes written beside its shards at build time (data_
 Each record is verified when it is read: its whole frame (length header, payload, footer) comes in one read
 and must match the CRC-32 its index stored. Why per record rather than per shard: a shuffled run touches
 every shard within its first steps, so a per-shard check would read the whole dataset at each start on each
-host, where this costs time in proportion to what is read (a few µs per record, against ~47 µs to decode
-it and milliseconds to build its graphs), and no record is used unchecked.
+host, where this costs time in proportion to what is read, and no record is used unchecked. Measured on
+386-byte records (2 busy cores): CRC-32 of the frame 0.3 µs, opening the shard + pread 16 µs, decoding
+115 µs; building the record's graphs takes milliseconds.
 """
 from __future__ import annotations
 
