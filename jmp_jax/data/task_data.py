@@ -84,7 +84,11 @@ def largest_structures(source) -> np.ndarray:
         if len(source) > SCAN_LIMIT:
             return np.zeros(0, np.int64)
         natoms = np.array([len(source[i]["atomic_numbers"]) for i in range(len(source))])
-    return np.argsort(-natoms, kind="stable")[:LARGEST_SCANNED]
+    # Only the records at least as large as the LARGEST_SCANNED-th largest are sorted (a full stable sort
+    # takes ~1 s per 10M records); same order as sorting all: most atoms first, then the earlier record.
+    k = min(LARGEST_SCANNED, len(natoms))
+    candidates = np.flatnonzero(natoms >= np.partition(natoms, len(natoms) - k)[-k])
+    return candidates[np.argsort(-natoms[candidates], kind="stable")[:LARGEST_SCANNED]]
 
 
 @dataclasses.dataclass(frozen=True)
