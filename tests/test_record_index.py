@@ -23,3 +23,14 @@ def test_index_holds_each_records_frame_and_atom_count_and_gives_the_largest_str
     largest = task_data.largest_structures(source)  # from the index's atom counts
     np.testing.assert_array_equal(largest, np.argsort(-np.asarray(sizes), kind="stable")[:8])
     assert largest.tolist() == task_data.largest_structures([source[i] for i in range(len(sizes))]).tolist()
+
+
+def test_a_split_opened_again_shares_its_index_until_its_files_change(tmp_path):
+    recs = [records.make_record([8, 1, 1], np.eye(3), source_id=f"w{i}", energy=-1.0, forces=np.zeros((3, 3)))
+            for i in range(5)]
+    records.write_split(recs, str(tmp_path), "toy", "train", records_per_shard=2, units={}, source_files=[])
+    first = task_data.open_source(str(tmp_path), "toy", "train")
+    assert task_data.open_source(str(tmp_path), "toy", "train").index is first.index
+    records.write_split(recs[:4], str(tmp_path), "toy", "train", records_per_shard=2, units={}, source_files=[])
+    rebuilt = task_data.open_source(str(tmp_path), "toy", "train")
+    assert rebuilt.index is not first.index and len(rebuilt) == 4

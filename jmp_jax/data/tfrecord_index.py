@@ -21,6 +21,10 @@ from data_prep import record_index
 
 HEADER_BYTES = 12
 FOOTER_BYTES = 4
+# Splits opened more than once in a process (set-up, training and validation pipelines) load their indexes
+# once: the last few loaded stay, keyed by their files' identity, so a split rebuilt since is loaded anew.
+CACHED_SPLITS = 8
+_loaded: dict[tuple, record_index.SplitIndex] = {}
 
 
 class CorruptShardError(ValueError):
@@ -33,6 +37,30 @@ def _stored_source_id(payload: bytes, decode: Callable[[bytes], dict]) -> str:
         return f" (source id {decode(payload)['source_id']!r} as stored)"
     except Exception:  # damaged framing or payload: the message names the record by index alone
         return ""
+
+
+def _files_key(paths: Sequence[str]) -> tuple:
+    """(real path, size, mtime) of every shard and its index."""
+    key = []
+    for path in paths:
+        for name in (path, record_index.index_path(path)):
+            try:
+                stat = os.stat(name)
+            except FileNotFoundError:  # load_split_index names it
+                return ()
+            key.append((os.path.realpath(name), stat.st_size, stat.st_mtime_ns))
+    return tuple(key)
+
+
+def load_index(paths: Sequence[str]) -> record_index.SplitIndex:
+    """The split's index, loaded once per process while its files are unchanged."""
+    key = _files_key(paths)
+    if key not in _loaded:
+        index = record_index.load_split_index(paths)  # raises naming a missing file (key empty)
+        while len(_loaded) >= CACHED_SPLITS:
+            del _loaded[next(iter(_loaded))]
+        _loaded[key] = index
+    return _loaded[key]
 
 
 def read_frame(path: str, start: int, end: int) -> bytes:
@@ -54,7 +82,7 @@ class TFRecordSource:
             raise ValueError("TFRecordSource: no shard files given")
         self.paths = list(paths)
         self.decode = decode
-        self.index = record_index.load_split_index(self.paths)
+        self.index = load_index(self.paths)
         self.natoms = self.index.natoms
 
     def __len__(self) -> int:
