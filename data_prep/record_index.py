@@ -56,13 +56,13 @@ def frame_offsets(data: bytes | memoryview, where: str) -> np.ndarray:
     return np.asarray(offsets, np.int64)
 
 
-def write_index(shard_path: str, natoms: Sequence[int], out_path: str | None = None) -> str:
+def write_index(shard_path: str, natoms: Sequence[int]) -> str:
     """Indexes a shard whose records have `natoms` atoms each, reading it once; returns the index path.
 
     Written to a temporary name and renamed, so a reader never sees half an index; the bytes depend
     only on the shard's bytes and `natoms`.
     """
-    out_path = out_path or index_path(shard_path)
+    out_path = index_path(shard_path)
     with open(shard_path, "rb") as f:
         data = memoryview(f.read())
     offsets = frame_offsets(data, shard_path)

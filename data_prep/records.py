@@ -260,7 +260,7 @@ def write_split(
         prefix = split_prefix(output_dir, source, split)
         for index, tmp in enumerate(tmp_shards):
             shard = f"{prefix}.tfrecord-{index:05d}-of-{len(tmp_shards):05d}"
-            os.replace(tmp + ".index", record_index.index_path(shard))
+            os.replace(record_index.index_path(tmp), record_index.index_path(shard))
             os.replace(tmp, shard)
         tmp_meta = os.path.join(tmp_dir, "metadata.json")
         with open(tmp_meta, "w") as f:
@@ -272,12 +272,12 @@ def write_split(
 
 
 def _write_tmp_shards(records, tmp_dir, stats, records_per_shard) -> list[str]:
-    """Shards in `tmp_dir`, each with its record index beside it (`<shard>.index`)."""
+    """Shards in `tmp_dir`, each with its record index beside it (`record_index.index_path`)."""
     shards, writer, natoms = [], None, []
 
     def close():
         writer.close()
-        record_index.write_index(shards[-1], natoms, shards[-1] + ".index")
+        record_index.write_index(shards[-1], natoms)
 
     try:
         for record in records:

@@ -16,7 +16,6 @@ import os
 import zlib
 from typing import Callable, Sequence
 
-
 from data_prep import record_index
 
 HEADER_BYTES = 12
