@@ -36,10 +36,9 @@ from ase.data import covalent_radii
 from ase.mep import NEB
 from ase.optimize import LBFGS
 
-from data_prep import record_index
-
-# Bump whenever the recipe changes: it keys the cache, so a changed recipe rebuilds.
-VERSION = "1"
+# Bump whenever the recipe or the files' layout changes: it keys the cache, so a changed recipe rebuilds.
+# 2: record indexes beside the shards (a new folder: code from before them would take them for shards).
+VERSION = "2"
 DOMAINS = ("catalysis", "molecules", "reactions")
 DEFAULT_SIZES = {"catalysis": 1500, "molecules": 1500, "reactions": 1000}
 SMALL_SIZES = {"catalysis": 60, "molecules": 60, "reactions": 48}
@@ -449,7 +448,6 @@ def ensure_default_dataset(cache_dir: str | None = None, *, sizes: dict | None =
     cache_dir = os.path.expanduser(cache_dir)
     final = os.path.join(cache_dir, cache_key(sizes, seed))
     if os.path.exists(os.path.join(final, "manifest.json")):
-        record_index.write_missing(final)  # a cache built before record indexes: add them once
         return final
     os.makedirs(cache_dir, exist_ok=True)
     partial = tempfile.mkdtemp(prefix=f".partial-{os.path.basename(final)}-", dir=cache_dir)
