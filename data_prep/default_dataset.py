@@ -36,8 +36,9 @@ from ase.data import covalent_radii
 from ase.mep import NEB
 from ase.optimize import LBFGS
 
-# Bump whenever the recipe changes: it keys the cache, so a changed recipe rebuilds.
-VERSION = "1"
+# Bump whenever the recipe or the files' layout changes: it keys the cache, so a changed recipe rebuilds.
+# 2: record indexes beside the shards (a new folder: code from before them would take them for shards).
+VERSION = "2"
 DOMAINS = ("catalysis", "molecules", "reactions")
 DEFAULT_SIZES = {"catalysis": 1500, "molecules": 1500, "reactions": 1000}
 SMALL_SIZES = {"catalysis": 60, "molecules": 60, "reactions": 48}

@@ -10,7 +10,8 @@ Energies and scalar targets are stored as the 8 little-endian bytes of a float64
 total energies of large systems (~1e4 eV) keep full precision; decode them with
 tf.io.decode_raw(x, tf.float64) or numpy.frombuffer(x, "<f8").
 
-Files of one split: <source>-<split>.tfrecord-XXXXX-of-YYYYY plus
+Files of one split: <source>-<split>.tfrecord-XXXXX-of-YYYYY, each with its record index
+<source>-<split>.tfrecord-XXXXX-of-YYYYY.index (see data_prep/record_index.py), plus
 <source>-<split>.metadata.json (see data_prep/metadata.py).
 """
 from __future__ import annotations
@@ -27,8 +28,10 @@ import numpy as np
 import tensorflow as tf
 
 from data_prep import metadata as metadata_lib
+from data_prep import record_index
 
 DEFAULT_RECORDS_PER_SHARD = 10_000
+METADATA_SUFFIX = ".metadata.json"
 FLOAT64_LE = np.dtype("<f8")
 # Å: graph building refuses larger coordinates (jmp_jax.graph.validate.MAX_ABS_COORDINATE; not imported,
 # as importing jmp_jax changes the process's malloc settings).
@@ -197,12 +200,12 @@ def split_prefix(output_dir: str, source: str, split: str) -> str:
 
 
 def metadata_path(output_dir: str, source: str, split: str) -> str:
-    return split_prefix(output_dir, source, split) + ".metadata.json"
+    return split_prefix(output_dir, source, split) + METADATA_SUFFIX
 
 
 def shard_paths(output_dir: str, source: str, split: str) -> list[str]:
-    """Existing shard files of a split, in shard order."""
-    return sorted(glob.glob(glob.escape(split_prefix(output_dir, source, split)) + ".tfrecord-*-of-*"))
+    """Existing shard files of a split, in shard order (the pattern ends in a digit: not their indexes)."""
+    return sorted(glob.glob(glob.escape(split_prefix(output_dir, source, split)) + ".tfrecord-*-of-*[0-9]"))
 
 
 def write_split(
@@ -217,7 +220,7 @@ def write_split(
     extra_metadata: dict | None = None,
     energy_kind: str = "total",
 ) -> dict:
-    """Writes one split's shards and metadata atomically; returns the metadata dict.
+    """Writes one split's shards, their record indexes and metadata atomically; returns the metadata dict.
 
     Records that `skip_reason` rejects are counted in metadata["skipped"], never written; a split
     left with no records is an error (RecordError). Shards are written into a temporary folder
@@ -252,9 +255,13 @@ def write_split(
             os.remove(metadata_path(output_dir, source, split))
         for stale in shard_paths(output_dir, source, split):
             os.remove(stale)
+            if os.path.exists(record_index.index_path(stale)):
+                os.remove(record_index.index_path(stale))
         prefix = split_prefix(output_dir, source, split)
         for index, tmp in enumerate(tmp_shards):
-            os.replace(tmp, f"{prefix}.tfrecord-{index:05d}-of-{len(tmp_shards):05d}")
+            shard = f"{prefix}.tfrecord-{index:05d}-of-{len(tmp_shards):05d}"
+            os.replace(record_index.index_path(tmp), record_index.index_path(shard))
+            os.replace(tmp, shard)
         tmp_meta = os.path.join(tmp_dir, "metadata.json")
         with open(tmp_meta, "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
@@ -265,24 +272,33 @@ def write_split(
 
 
 def _write_tmp_shards(records, tmp_dir, stats, records_per_shard) -> list[str]:
-    shards, writer, in_shard = [], None, 0
+    """Shards in `tmp_dir`, each with its record index beside it (`record_index.index_path`)."""
+    shards, writer, natoms = [], None, []
+
+    def close():
+        writer.close()
+        record_index.write_index(shards[-1], natoms)
+
     try:
         for record in records:
             reason = skip_reason(record)
             if reason is not None:
                 stats.skip(reason)
                 continue
-            if writer is None or in_shard == records_per_shard:
+            if writer is None or len(natoms) == records_per_shard:
                 if writer is not None:
-                    writer.close()
+                    close()
                 shards.append(os.path.join(tmp_dir, f"shard-{len(shards):05d}"))
-                writer, in_shard = tf.io.TFRecordWriter(shards[-1]), 0
+                writer, natoms = tf.io.TFRecordWriter(shards[-1]), []
             writer.write(encode_example(record))
             stats.add(record)
-            in_shard += 1
-    finally:
+            natoms.append(record["atomic_numbers"].shape[0])
+    except BaseException:
         if writer is not None:
             writer.close()
+        raise
+    if writer is not None:
+        close()
     return shards
 
 

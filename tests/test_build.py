@@ -45,7 +45,8 @@ def test_cli_writes_all_splits_and_rebuild_is_identical(tmp_path, md17_file, cap
 def test_cli_split_filter(tmp_path, md17_file):
     out = str(tmp_path / "out")
     assert build.main(["--source", "rmd17", "--input", md17_file, "--output", out, "--split", "val"]) == 0
-    assert sorted(os.listdir(out)) == ["rmd17_benzene-val.metadata.json", "rmd17_benzene-val.tfrecord-00000-of-00001"]
+    assert sorted(os.listdir(out)) == ["rmd17_benzene-val.metadata.json", "rmd17_benzene-val.tfrecord-00000-of-00001",
+                                       "rmd17_benzene-val.tfrecord-00000-of-00001.index"]
     assert build.main(["--source", "rmd17", "--input", md17_file, "--output", out, "--split", "bogus"]) == 2
 
 

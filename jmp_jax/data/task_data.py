@@ -18,8 +18,9 @@ from jmp_jax.training.loss import TaskNormalization
 # Structures sampled per task to size its static budgets, passes over them when replaying the packing,
 # and rounds of shrinking the budgets to what the replayed batches use.
 BUDGET_SAMPLE = 96
-# The most atoms-rich structures are always measured too (in sources small enough to scan), with some
-# headroom for denser structures of fewer atoms, so that every structure fits a batch on its own.
+# The most atoms-rich structures are always measured too (found from the record index's atom counts, or
+# by reading sources without one that are small enough to scan), with some headroom for denser structures
+# of fewer atoms, so that every structure fits a batch on its own.
 LARGEST_SCANNED = 8
 SCAN_LIMIT = 200_000
 LARGEST_HEADROOM = 1.1
@@ -65,7 +66,8 @@ def data_dir_of(config: ml_collections.ConfigDict) -> str:
 
 
 def open_source(data_dir: str, source: str, split: str) -> TFRecordSource:
-    """A prepared split as random-access records, its shards checked against its metadata and checksums."""
+    """A prepared split as random-access records through its record indexes, checked against its metadata
+    (each record's checksum is checked when it is read)."""
     from data_prep import records
     paths, meta = records.split_shards(data_dir, source, split)
     if not meta["num_records"]:
@@ -76,11 +78,17 @@ def open_source(data_dir: str, source: str, split: str) -> TFRecordSource:
 
 
 def largest_structures(source) -> np.ndarray:
-    """Indices of the structures with the most atoms (none for sources too large to scan)."""
-    if len(source) > SCAN_LIMIT:
-        return np.zeros(0, np.int64)
-    natoms = np.array([len(source[i]["atomic_numbers"]) for i in range(len(source))])
-    return np.argsort(-natoms, kind="stable")[:LARGEST_SCANNED]
+    """Indices of the structures with the most atoms (none for index-less sources too large to scan)."""
+    natoms = getattr(source, "natoms", None)  # TFRecordSource: from its record index
+    if natoms is None:
+        if len(source) > SCAN_LIMIT:
+            return np.zeros(0, np.int64)
+        natoms = np.array([len(source[i]["atomic_numbers"]) for i in range(len(source))])
+    # Only the records at least as large as the LARGEST_SCANNED-th largest are sorted (a full stable sort
+    # takes ~1 s per 10M records); same order as sorting all: most atoms first, then the earlier record.
+    k = min(LARGEST_SCANNED, len(natoms))
+    candidates = np.flatnonzero(natoms >= np.partition(natoms, len(natoms) - k)[-k])
+    return candidates[np.argsort(-natoms[candidates], kind="stable")[:LARGEST_SCANNED]]
 
 
 @dataclasses.dataclass(frozen=True)

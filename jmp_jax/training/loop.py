@@ -169,12 +169,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     step = int(state.step)
     log = MetricsLog(workdir, config.train.num_steps, resume_step=step if restored is not None else None)
+    validate = Validation(config, tasks)
     window: list[tuple[int, dict]] = []
     structures = atoms = 0
     window_start = time.time()
     last_loss = None  # until the first logged window
     if step == 0:  # the baseline that later validations are compared with
-        log.write(0, validate(config, tasks, state, eval_fn, mesh))
+        log.write(0, validate(state, eval_fn, mesh))
     with _sigterm_stops() as terminated:
         try:
             while step < config.train.num_steps:
@@ -198,7 +199,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     window, structures, atoms, window_start = [], 0, 0, time.time()
                 log.progress(step, last_loss)
                 if step % config.log.eval_every == 0 or step == config.train.num_steps:
-                    log.write(step, validate(config, tasks, state, eval_fn, mesh))
+                    log.write(step, validate(state, eval_fn, mesh))
                 checkpointing.save(manager, step, state, train_pipe.state(), metadata,
                                    force=step == config.train.num_steps or terminated.is_set())
                 if terminated.is_set() and step < config.train.num_steps:
@@ -245,18 +246,28 @@ def window_scalars(window: list[tuple[int | None, dict]], tasks: list[task_data.
     return {k: float(v) for k, v in scalars.items()}
 
 
-def validate(config, tasks, state: TrainState, eval_fn, mesh) -> dict[str, float]:
-    """Loss and MAEs of the EMA parameters on each task's validation split (in the training batch shapes)."""
-    out = {}
-    for t, task in enumerate(tasks):
-        pipe = task_data.make_pipeline(config, tasks, split=config.data.val_split, training=False, only_task=t)
-        metrics = []
-        for _ in range(config.log.eval_batches):
-            batch_task, host_batch = next(pipe)
-            step = eval_fn(None if batch_task is None else t)
-            metrics.append(step(state.ema_params, state.constants, sharding.global_batch(host_batch, mesh)))
-        pipe.close()
-        summary = _summarise(jax.device_get(metrics))
-        out.update({f"val/loss/{task.name}": summary["loss"], f"val/energy_mae/{task.name}": summary["energy_mae"],
-                    f"val/forces_mae/{task.name}": summary["forces_mae"]})
-    return out
+class Validation:
+    """Each task's validation pipeline, opened once and rewound to its start at every evaluation: each one
+    sees the same batches, without reopening the split or starting new worker threads."""
+
+    def __init__(self, config: ml_collections.ConfigDict, tasks: list[task_data.Task]):
+        self.tasks, self.eval_batches = tasks, config.log.eval_batches
+        self.pipes = [task_data.make_pipeline(config, tasks, split=config.data.val_split, training=False, only_task=t)
+                      for t in range(len(tasks))]
+        self.starts = [pipe.state() for pipe in self.pipes]
+
+    def __call__(self, state: TrainState, eval_fn, mesh) -> dict[str, float]:
+        """Loss and MAEs of the EMA parameters on each task's validation split."""
+        out = {}
+        for t, (task, pipe, start) in enumerate(zip(self.tasks, self.pipes, self.starts)):
+            pipe.restore(start)
+            metrics = []
+            for _ in range(self.eval_batches):
+                batch_task, host_batch = next(pipe)
+                step = eval_fn(None if batch_task is None else t)  # mixed-task batches compile one eval step
+                metrics.append(step(state.ema_params, state.constants, sharding.global_batch(host_batch, mesh)))
+            pipe.close()  # its prefetch thread stops until the next evaluation
+            summary = _summarise(jax.device_get(metrics))
+            out.update({f"val/loss/{task.name}": summary["loss"], f"val/energy_mae/{task.name}": summary["energy_mae"],
+                        f"val/forces_mae/{task.name}": summary["forces_mae"]})
+        return out

@@ -1,5 +1,6 @@
-"""Fault injection into data builds: rebuilds are byte-identical across processes, a killed build's
-temporary folder is removed by the next one, and empty or unwritable outputs are clear errors."""
+"""Fault injection into data builds: rebuilds (shards, record indexes, metadata) are byte-identical across
+processes, a killed build's temporary folder is removed by the next one, and empty or unwritable outputs are
+clear errors."""
 import os
 import signal
 import subprocess
@@ -52,7 +53,8 @@ def test_builds_in_two_processes_are_byte_identical(tmp_path):
                         source_files=[])
     first, second = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert sorted(first) == ["toy-train.metadata.json", "toy-train.tfrecord-00000-of-00002",
-                             "toy-train.tfrecord-00001-of-00002"]
+                             "toy-train.tfrecord-00000-of-00002.index", "toy-train.tfrecord-00001-of-00002",
+                             "toy-train.tfrecord-00001-of-00002.index"]
     assert first == second
 
 

@@ -1,5 +1,6 @@
 """Fault injection into prepared splits: every read path (training set-up, pipelines, evaluation) refuses a
-damaged or incomplete split with an error naming the shard, the record and its source id."""
+damaged or incomplete split, or a damaged record index, with an error naming the file (the shard, the record
+and its source id for a damaged record, caught when the record is read)."""
 import os
 import struct
 
@@ -8,7 +9,7 @@ import pytest
 from ase.build import molecule
 
 from configs import pretrain_common
-from data_prep import records
+from data_prep import record_index, records
 from experiments import evaluate
 from jmp_jax.data import task_data, tfrecord_index
 
@@ -27,8 +28,9 @@ def _split(tmp_path, n=7, records_per_shard=3) -> str:
 
 
 def _payload(path: str, record: int) -> tuple[int, int]:
-    offsets, lengths = tfrecord_index.index_shard(path)
-    return int(offsets[record]), int(lengths[record])
+    """(offset, length) of a record's payload in its shard, from the shard's record index."""
+    _, _, start, end = record_index.load_split_index([path]).locate(record)
+    return start + 12, end - start - 16
 
 
 def _edit(path: str, edit) -> None:
@@ -57,10 +59,12 @@ def test_flipped_coordinate_byte_is_caught_naming_shard_record_and_source_id(tmp
 
     _edit(shard, flip)
     expected = rf"{os.path.basename(shard)}: record 1 \(source id 'mol4' as stored\) fails its checksum"
+    source = task_data.open_source(data_dir, "toy", "train")
+    assert source[3]["source_id"] == "mol3"  # the records beside it still read
     with pytest.raises(tfrecord_index.CorruptShardError, match=expected):
-        task_data.open_source(data_dir, "toy", "train")
+        source[4]
     with pytest.raises(tfrecord_index.CorruptShardError, match=expected):
-        evaluate.read_records(data_dir, "toy", "train", max_structures=1)
+        evaluate.read_records(data_dir, "toy", "train")
 
 
 def test_flipped_length_header_byte_is_caught(tmp_path):
@@ -69,7 +73,7 @@ def test_flipped_length_header_byte_is_caught(tmp_path):
     offset, _ = _payload(shard, 2)
     _edit(shard, lambda data: data.__setitem__(offset - 12, data[offset - 12] ^ 0x01))
     with pytest.raises(tfrecord_index.CorruptShardError, match=rf"{os.path.basename(shard)}: record 2 .*checksum"):
-        task_data.open_source(data_dir, "toy", "train")
+        task_data.open_source(data_dir, "toy", "train")[2]
 
 
 def test_deleted_shard_stops_training_set_up(tmp_path):
@@ -79,12 +83,55 @@ def test_deleted_shard_stops_training_set_up(tmp_path):
         task_data.load_tasks(_training_config(data_dir))
 
 
-def test_shard_cut_at_a_record_boundary_is_caught_by_the_record_count(tmp_path):
+def test_shard_cut_at_a_record_boundary_is_caught_by_its_index_and_the_record_count(tmp_path):
     data_dir = _split(tmp_path)
     cut = records.shard_paths(data_dir, "toy", "train")[0]
-    first_two = sum(12 + n + 4 for n in tfrecord_index.index_shard(cut)[1][:2])
+    first_two = _payload(cut, 2)[0] - 12
+    size = os.path.getsize(cut)
     _edit(cut, lambda data: data.__delitem__(slice(first_two, None)))  # drop mol2; the checksums still pass
-    with pytest.raises(records.CorruptShardError, match="toy-train: metadata lists 7 records, the shards .* hold 6"):
+    index = record_index.index_path(cut)
+    with pytest.raises(record_index.RecordIndexError,
+                       match=rf"^{index}: indexes a shard of {size} bytes, {cut} has {first_two} "):
         task_data.open_source(data_dir, "toy", "train")
     with pytest.raises(records.CorruptShardError, match="metadata lists 7 records"):
         list(records.iterate_records(data_dir, "toy", "train"))
+
+
+def test_opening_a_split_reads_its_indexes_not_its_records(tmp_path):
+    data_dir = _split(tmp_path)
+    shard = records.shard_paths(data_dir, "toy", "train")[1]
+    _edit(shard, lambda data: data.__setitem__(slice(None), bytes(len(data))))  # every byte zero, same size
+    source = task_data.open_source(data_dir, "toy", "train")
+    assert len(source) == 7
+    np.testing.assert_array_equal(source.natoms, [len(molecule(NAMES[i])) for i in range(7)])
+    assert source[6]["source_id"] == "mol6"
+    with pytest.raises(tfrecord_index.CorruptShardError, match=rf"{os.path.basename(shard)}: record 0 fails"):
+        source[3]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data.__setitem__(40, data[40] ^ 0x04), "the index fails its checksum"),
+    (lambda data: data.__delitem__(slice(-3, None)), "is not a record index's size"),
+    (lambda data: data.__setitem__(slice(0, 8), b"JMPRIDX0"), "not a record index of 3 records"),
+])
+def test_damaged_index_is_a_one_line_error_naming_it(tmp_path, damage, message):
+    data_dir = _split(tmp_path)
+    index = record_index.index_path(records.shard_paths(data_dir, "toy", "train")[1])
+    _edit(index, damage)
+    with pytest.raises(record_index.RecordIndexError, match=rf"^{index}: [^\n]*{message}[^\n]*$"):
+        task_data.open_source(data_dir, "toy", "train")
+
+
+def test_split_without_indexes_is_refused_until_they_are_written(tmp_path):
+    data_dir = _split(tmp_path)
+    shards = records.shard_paths(data_dir, "toy", "train")
+    built = {shard: open(record_index.index_path(shard), "rb").read() for shard in shards}
+    for shard in shards:
+        os.remove(record_index.index_path(shard))
+    with pytest.raises(record_index.RecordIndexError,
+                       match=rf"^{record_index.index_path(shards[0])}: no record index .*"
+                             rf"`python -m data_prep.record_index {data_dir}`\)$"):
+        task_data.open_source(data_dir, "toy", "train")
+    record_index.main([data_dir])
+    assert {shard: open(record_index.index_path(shard), "rb").read() for shard in shards} == built
+    assert [task_data.open_source(data_dir, "toy", "train")[i]["source_id"] for i in (0, 6)] == ["mol0", "mol6"]
