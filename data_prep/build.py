@@ -39,6 +39,26 @@ def select_plans(plans: list[SplitPlan], splits: list[str] | None) -> list[Split
     return chosen
 
 
+def plan_splits(source: str, input_path: str | None, splits: list[str] | None = None,
+                **reader_options) -> list[SplitPlan]:
+    """The SplitPlans of every selected split of one source (see `build`)."""
+    if source not in READERS:
+        raise ValueError(f"unknown source {source!r}; choose from {sorted(READERS)}")
+    if input_path is None and source != "qm9":
+        raise InputFormatError(f"{source}: --input is required")
+    if source in PRE_SPLIT_SOURCES:
+        if not splits or len(splits) != 1:
+            raise InputFormatError(f"{input_path}: {source} input is one distributed split; pass one --split NAME")
+        return READERS[source](input_path, source=source, split=splits[0], **reader_options)
+    return select_plans(READERS[source](input_path, source=source, **reader_options), splits)
+
+
+def write_options(plan: SplitPlan) -> dict:
+    """The metadata arguments of records.write_split / commit_split for one plan."""
+    return {"units": plan.units, "source_files": plan.source_files, "extra_metadata": plan.extra_metadata,
+            "energy_kind": plan.energy_kind}
+
+
 def build(
     source: str,
     input_path: str | None,
@@ -49,23 +69,10 @@ def build(
     **reader_options,
 ) -> list[dict]:
     """Writes every selected split of one source; returns their metadata dicts."""
-    if source not in READERS:
-        raise ValueError(f"unknown source {source!r}; choose from {sorted(READERS)}")
-    if input_path is None and source != "qm9":
-        raise InputFormatError(f"{source}: --input is required")
-    if source in PRE_SPLIT_SOURCES:
-        if not splits or len(splits) != 1:
-            raise InputFormatError(f"{input_path}: {source} input is one distributed split; pass one --split NAME")
-        plans = READERS[source](input_path, source=source, split=splits[0], **reader_options)
-    else:
-        plans = select_plans(READERS[source](input_path, source=source, **reader_options), splits)
     return [
-        records_lib.write_split(
-            plan.records(), output_dir, plan.name, plan.split,
-            records_per_shard=records_per_shard, units=plan.units,
-            source_files=plan.source_files, extra_metadata=plan.extra_metadata, energy_kind=plan.energy_kind,
-        )
-        for plan in plans
+        records_lib.write_split(plan.records(), output_dir, plan.name, plan.split,
+                                records_per_shard=records_per_shard, **write_options(plan))
+        for plan in plan_splits(source, input_path, splits, **reader_options)
     ]
 
 
