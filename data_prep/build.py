@@ -15,10 +15,14 @@ a full rmd17_<molecule>.npz, read from the release's index_{train,test}_0K.csv i
 beside the npz's folder (or --splits-dir DIR): train (all but 50) and val (50, by JMP's seed-42
 shuffle of the train file's positions) from the train indices, test from the test indices.
 Without --fold a full rMD17 file gets JMP's own split (seed 42: 950 train, 50 val, rest test).
+
+--workers N / --runner NAME: build on Apache Beam (data_prep/beam_build.py; pip install -e .[beam]),
+same files, same bytes.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -92,7 +96,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="oc20/oc22 LMDB input: which energy its graphs hold (default: oc20 referenced, as "
                         "OC20's preprocessing makes them; oc22 total)")
     parser.add_argument("--tfds", action="store_true", help="also write TFDS metadata (one source per folder)")
-    return parser.parse_args(argv)
+    parser.add_argument("--workers", type=int, help="build on Apache Beam's DirectRunner with this many processes "
+                        "(pip install -e .[beam]); output identical to the default single-process build")
+    parser.add_argument("--runner", help="build on this Apache Beam runner (DataflowRunner, FlinkRunner, SparkRunner, "
+                        "...); the flags not listed here are passed to it as pipeline options")
+    args, pipeline_args = parser.parse_known_args(argv)
+    if pipeline_args and not args.runner:
+        parser.error(f"unrecognized arguments: {' '.join(pipeline_args)} (pipeline options need --runner)")
+    args.pipeline_args = pipeline_args
+    return args
 
 
 def reader_options(args: argparse.Namespace) -> dict:
@@ -118,8 +130,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         options = reader_options(args)
-        metas = build(args.source, args.input, args.output, splits=args.split,
-                      records_per_shard=args.records_per_shard, **options)
+        run = build
+        if args.workers is not None or args.runner:
+            try:
+                from data_prep import beam_build  # optional extra: imports apache_beam
+            except ModuleNotFoundError as err:
+                if err.name != "apache_beam":
+                    raise
+                print("error: --workers/--runner build on Apache Beam: pip install -e .[beam]", file=sys.stderr)
+                return 2
+            run = functools.partial(beam_build.build, workers=args.workers, runner=args.runner,
+                                    pipeline_args=args.pipeline_args)
+        metas = run(args.source, args.input, args.output, splits=args.split,
+                    records_per_shard=args.records_per_shard, **options)
     except (InputFormatError, records_lib.RecordError, InconsistentSplitError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
