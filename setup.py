@@ -26,9 +26,10 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 
-# Apache Beam for the distributed data_prep build. Every Beam release needs protobuf < 7 (2.77: pyarrow < 26,
-# pillow < 13), so this extra moves those three (and python-dateutil, < 3) below the newest versions that the
-# rest resolves to; tensorflow 2.21 (protobuf >= 6.31.1) and the suite run with these.
+# Apache Beam for the distributed data_prep build (data_prep/beam_build.py). Every Beam release needs
+# protobuf < 7 (2.77 also pyarrow < 26, pillow < 13, python-dateutil < 3), so with it these resolve below the
+# newest versions a plain install picks (protobuf 7.36.2, pyarrow 26.0.1, pillow 13.0.0, python-dateutil
+# 4.0.0); tensorflow 2.21 accepts protobuf >= 6.31.1. Pinned to the set that pip resolves with the pins above.
 BEAM = ["apache-beam==2.77.0", "protobuf==6.33.6", "pyarrow==25.0.1", "pillow==12.3.0",
         "python-dateutil==2.9.0.post0"]
 
