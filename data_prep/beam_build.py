@@ -88,7 +88,7 @@ def build(
     records_per_shard: int = records_lib.DEFAULT_RECORDS_PER_SHARD,
     workers: int | None = None,
     runner: str | None = None,
-    pipeline_args: list[str] = (),
+    pipeline_args: tuple[str, ...] | list[str] = (),
     **reader_options,
 ) -> list[dict]:
     """data_prep.build.build as one Beam pipeline over every selected split; returns their metadata dicts."""
