@@ -4,10 +4,10 @@
   python -m data_prep.build --source oc20 --input s2ef/ --split train --output /shared/out \\
       --runner FlinkRunner --flink_master=host:8081 --environment_type=LOOPBACK
 
-Each split is read as one stream (the source readers are sequential) whose kept records are numbered;
-they are grouped by shard number (index // records_per_shard), and each shard is encoded, written and
-summarised on its own worker, its records in index order; a last step merges the shard statistics in
-shard order, as records.write_split does. Shards and metadata are thus byte-identical to the
+Each split is read as one stream (the source readers are sequential) and cut into shards of kept records
+as records.write_split does; each shard (one element: its number and its records in order) is encoded,
+written and summarised by whichever worker gets it, and a last step merges the shards' statistics in
+shard order, as write_split does. Shards and metadata are thus byte-identical to the
 single-process build's for any number of workers. Workers write into the output folder: on a cluster it
 must be a filesystem that all of them see, and the input must be readable where the split is read.
 """
@@ -42,17 +42,19 @@ def pipeline_options(workers: int | None, runner: str | None, pipeline_args: lis
     return PipelineOptions(args)
 
 
-def _numbered(_, plan: SplitPlan, records_per_shard: int):
-    """Reads one split: (shard, (index, record)) for each kept record; (-1, skip counts) as SKIPPED."""
+def _read_shards(_, plan: SplitPlan, records_per_shard: int):
+    """Reads one split: (shard number, its kept records in order) per shard; (-1, skip counts) as SKIPPED.
+
+    One element per shard, not per record: Beam's per-element cost is then paid once per shard."""
     skips = metadata_lib.SplitStats()
-    for index, record in enumerate(records_lib.kept_records(plan.records(), skips)):
-        yield index // records_per_shard, (index, record)
+    for shard, shard_records in enumerate(records_lib.shard_runs(records_lib.kept_records(plan.records(), skips),
+                                                                 records_per_shard)):
+        yield shard, list(shard_records)
     yield beam.pvalue.TaggedOutput(SKIPPED, (-1, skips))
 
 
-def _write_shard(grouped: tuple[int, list], tmp_dir: str) -> tuple[int, metadata_lib.SplitStats]:
-    shard, numbered = grouped
-    in_order = (record for _, record in sorted(numbered, key=lambda item: item[0]))
+def _write_shard(shard_records: tuple[int, list[dict]], tmp_dir: str) -> tuple[int, metadata_lib.SplitStats]:
+    shard, in_order = shard_records
     return shard, records_lib.write_tmp_shard(in_order, tmp_dir, shard)
 
 
@@ -69,9 +71,10 @@ def _add_split(pipeline: beam.Pipeline, plan: SplitPlan, tmp_dir: str, records_p
     label = f"{plan.name}-{plan.split}"
     read = (pipeline
             | f"{label} start" >> beam.Create([None])
-            | f"{label} read" >> beam.FlatMap(_numbered, plan, records_per_shard).with_outputs(SKIPPED, main="kept"))
-    shard_stats = (read.kept
-                   | f"{label} group by shard" >> beam.GroupByKey()
+            | f"{label} read" >> beam.FlatMap(_read_shards, plan, records_per_shard)
+            .with_outputs(SKIPPED, main="shards"))
+    shard_stats = (read.shards
+                   | f"{label} spread shards" >> beam.Reshuffle()  # over the workers, away from the reader's
                    | f"{label} write shards" >> beam.Map(_write_shard, tmp_dir))
     _ = ((shard_stats, read[SKIPPED])
          | f"{label} all stats" >> beam.Flatten()

@@ -233,10 +233,8 @@ def write_split(
         raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
     with split_tmp_dir(output_dir, source, split) as tmp_dir:
         stats = metadata_lib.SplitStats()
-        kept = iter(kept_records(records, stats))
         num_shards = 0
-        for first in kept:
-            shard_records = itertools.chain([first], itertools.islice(kept, records_per_shard - 1))
+        for shard_records in shard_runs(kept_records(records, stats), records_per_shard):
             stats.merge(write_tmp_shard(shard_records, tmp_dir, num_shards), f"shard {num_shards}")
             num_shards += 1
         return commit_split(tmp_dir, stats, num_shards, output_dir, source, split, units=units,
@@ -270,6 +268,14 @@ def kept_records(records: Iterable[dict], stats: metadata_lib.SplitStats) -> Ite
             yield record
         else:
             stats.skip(reason)
+
+
+def shard_runs(records: Iterable[dict], records_per_shard: int) -> Iterator[Iterator[dict]]:
+    """The records of each shard in turn, `records_per_shard` (the last run fewer); read each run to its end
+    before taking the next."""
+    records = iter(records)
+    for first in records:
+        yield itertools.chain([first], itertools.islice(records, records_per_shard - 1))
 
 
 def write_shard(path: str, serialized_records: Iterable[bytes]) -> None:
