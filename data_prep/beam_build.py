@@ -23,7 +23,6 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from data_prep import metadata as metadata_lib
 from data_prep import records as records_lib
 from data_prep.build import plan_splits, write_options
-from data_prep.sources import SplitPlan
 
 SKIPPED = "skipped"
 STATS_FILE = "stats.pickle"  # in a split's temporary folder: (merged SplitStats, number of shards)
@@ -42,10 +41,14 @@ def pipeline_options(workers: int | None, runner: str | None, pipeline_args: lis
     return PipelineOptions(args)
 
 
-def _read_shards(_, plan: SplitPlan, records_per_shard: int):
-    """Reads one split: (shard number, its kept records in order) per shard; (-1, skip counts) as SKIPPED.
+def _read_shards(_, plan_args: dict, plan_index: int, records_per_shard: int):
+    """Reads split `plan_index` of `plan_splits(**plan_args)`: (shard number, its kept records in order) per
+    shard; (-1, skip counts) as SKIPPED.
 
-    One element per shard, not per record: Beam's per-element cost is then paid once per shard."""
+    The worker plans the splits again: a SplitPlan may hold its input's arrays, which Beam would otherwise
+    pickle and compress into every copy of this step. One element per shard, not per record: Beam's
+    per-element cost is then paid once per shard."""
+    plan = plan_splits(**plan_args)[plan_index]
     skips = metadata_lib.SplitStats()
     for shard, shard_records in enumerate(records_lib.shard_runs(records_lib.kept_records(plan.records(), skips),
                                                                  records_per_shard)):
@@ -67,11 +70,11 @@ def _save_merged_stats(keyed_stats: list[tuple[int, metadata_lib.SplitStats]], t
         pickle.dump((merged, sum(key >= 0 for key, _ in keyed_stats)), f)
 
 
-def _add_split(pipeline: beam.Pipeline, plan: SplitPlan, tmp_dir: str, records_per_shard: int) -> None:
-    label = f"{plan.name}-{plan.split}"
+def _add_split(pipeline: beam.Pipeline, plan_args: dict, plan_index: int, label: str, tmp_dir: str,
+               records_per_shard: int) -> None:
     read = (pipeline
             | f"{label} start" >> beam.Create([None])
-            | f"{label} read" >> beam.FlatMap(_read_shards, plan, records_per_shard)
+            | f"{label} read" >> beam.FlatMap(_read_shards, plan_args, plan_index, records_per_shard)
             .with_outputs(SKIPPED, main="shards"))
     shard_stats = (read.shards
                    | f"{label} spread shards" >> beam.Reshuffle()  # over the workers, away from the reader's
@@ -98,12 +101,13 @@ def build(
     if records_per_shard < 1:
         raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
     options = pipeline_options(workers, runner, list(pipeline_args))
-    plans = plan_splits(source, input_path, splits, **reader_options)
+    plan_args = dict(source=source, input_path=input_path, splits=splits, **reader_options)
+    plans = plan_splits(**plan_args)
     with contextlib.ExitStack() as stack:
         tmp_dirs = [stack.enter_context(records_lib.split_tmp_dir(output_dir, p.name, p.split)) for p in plans]
         with beam.Pipeline(options=options) as pipeline:
-            for plan, tmp_dir in zip(plans, tmp_dirs):
-                _add_split(pipeline, plan, tmp_dir, records_per_shard)
+            for index, (plan, tmp_dir) in enumerate(zip(plans, tmp_dirs)):
+                _add_split(pipeline, plan_args, index, f"{plan.name}-{plan.split}", tmp_dir, records_per_shard)
         metas = []
         for plan, tmp_dir in zip(plans, tmp_dirs):
             with open(os.path.join(tmp_dir, STATS_FILE), "rb") as f:
