@@ -89,8 +89,8 @@ def main():
         common.table(["sample", "build", "records", "wall s", "records/s"], rows),
         notes="Every Beam output was checked byte-identical to the default build's. Wall time includes Beam's "
               "start of its worker processes (each imports tensorflow), which dominates on the small samples, "
-              "and each record's trip through Beam's shuffle (grouped by shard), which dominates on the "
-              "tiled one.",
+              "and on the tiled one the pickling of every record through Beam's shuffle (one element per "
+              "shard).",
     )
 
 
