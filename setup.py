@@ -26,6 +26,13 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 
+# Apache Beam for the distributed data_prep build (data_prep/beam_build.py). Every Beam release needs
+# protobuf < 7 (2.77 also pyarrow < 26, pillow < 13, python-dateutil < 3), so with it these resolve below the
+# newest versions a plain install picks (protobuf 7.36.2, pyarrow 26.0.1, pillow 13.0.0, python-dateutil
+# 4.0.0); tensorflow 2.21 accepts protobuf >= 6.31.1. Pinned to the set that pip resolves with the pins above.
+BEAM = ["apache-beam==2.77.0", "protobuf==6.33.6", "pyarrow==25.0.1", "pillow==12.3.0",
+        "python-dateutil==2.9.0.post0"]
+
 setup(
     name="jmp_jax",
     version="0.1.0",
@@ -41,9 +48,11 @@ setup(
         # two processes: the suite is mostly single-threaded XLA compiles. ruff: tests/test_lint.py (ruff.toml).
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "execnet==2.1.2", "nbclient==0.11.0",
                  "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2", "torch==2.13.0", "lmdb==3.0.0",
-                 "torch_geometric==2.8.1", "ruff==0.17.6"],
+                 "torch_geometric==2.8.1", "ruff==0.17.6", *BEAM],
         # NVIDIA GPUs: the CUDA 12 plugin (with its CUDA libraries from pip) at the pinned jax version.
         "cuda12": ["jax[cuda12]==0.10.2"],
+        # data_prep.build --workers N / --runner NAME (data_prep/beam_build.py).
+        "beam": BEAM,
         # Only to cross-check the numpy .pt reader against torch; the converter itself never needs torch.
         "torch": ["torch==2.13.0"],
         # Only for OC20/OC22 input given as the OCP code's LMDBs of pickled torch_geometric graphs.

@@ -15,10 +15,14 @@ a full rmd17_<molecule>.npz, read from the release's index_{train,test}_0K.csv i
 beside the npz's folder (or --splits-dir DIR): train (all but 50) and val (50, by JMP's seed-42
 shuffle of the train file's positions) from the train indices, test from the test indices.
 Without --fold a full rMD17 file gets JMP's own split (seed 42: 950 train, 50 val, rest test).
+
+--workers N / --runner NAME: build on Apache Beam (data_prep/beam_build.py; pip install -e .[beam]),
+same files, same bytes.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -43,6 +47,26 @@ def select_plans(plans: list[SplitPlan], splits: list[str] | None) -> list[Split
     return chosen
 
 
+def plan_splits(source: str, input_path: str | None, splits: list[str] | None = None,
+                **reader_options) -> list[SplitPlan]:
+    """The SplitPlans of every selected split of one source (see `build`)."""
+    if source not in READERS:
+        raise ValueError(f"unknown source {source!r}; choose from {sorted(READERS)}")
+    if input_path is None and source != "qm9":
+        raise InputFormatError(f"{source}: --input is required")
+    if source in PRE_SPLIT_SOURCES:
+        if not splits or len(splits) != 1:
+            raise InputFormatError(f"{input_path}: {source} input is one distributed split; pass one --split NAME")
+        return READERS[source](input_path, source=source, split=splits[0], **reader_options)
+    return select_plans(READERS[source](input_path, source=source, **reader_options), splits)
+
+
+def write_options(plan: SplitPlan) -> dict:
+    """The metadata arguments of records.write_split / commit_split for one plan."""
+    return {"units": plan.units, "source_files": plan.source_files, "extra_metadata": plan.extra_metadata,
+            "energy_kind": plan.energy_kind}
+
+
 def build(
     source: str,
     input_path: str | None,
@@ -53,23 +77,10 @@ def build(
     **reader_options,
 ) -> list[dict]:
     """Writes every selected split of one source; returns their metadata dicts."""
-    if source not in READERS:
-        raise ValueError(f"unknown source {source!r}; choose from {sorted(READERS)}")
-    if input_path is None and source != "qm9":
-        raise InputFormatError(f"{source}: --input is required")
-    if source in PRE_SPLIT_SOURCES:
-        if not splits or len(splits) != 1:
-            raise InputFormatError(f"{input_path}: {source} input is one distributed split; pass one --split NAME")
-        plans = READERS[source](input_path, source=source, split=splits[0], **reader_options)
-    else:
-        plans = select_plans(READERS[source](input_path, source=source, **reader_options), splits)
     return [
-        records_lib.write_split(
-            plan.records(), output_dir, plan.name, plan.split,
-            records_per_shard=records_per_shard, units=plan.units,
-            source_files=plan.source_files, extra_metadata=plan.extra_metadata, energy_kind=plan.energy_kind,
-        )
-        for plan in plans
+        records_lib.write_split(plan.records(), output_dir, plan.name, plan.split,
+                                records_per_shard=records_per_shard, **write_options(plan))
+        for plan in plan_splits(source, input_path, splits, **reader_options)
     ]
 
 
@@ -89,7 +100,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="oc20/oc22 LMDB input: which energy its graphs hold (default: oc20 referenced, as "
                         "OC20's preprocessing makes them; oc22 total)")
     parser.add_argument("--tfds", action="store_true", help="also write TFDS metadata (one source per folder)")
-    return parser.parse_args(argv)
+    parser.add_argument("--workers", type=int, help="build on Apache Beam's DirectRunner with this many processes "
+                        "(pip install -e .[beam]); output identical to the default single-process build")
+    parser.add_argument("--runner", help="build on this Apache Beam runner (DataflowRunner, FlinkRunner, SparkRunner, "
+                        "...); the flags not listed here are passed to it as pipeline options")
+    args, pipeline_args = parser.parse_known_args(argv)
+    if pipeline_args and not args.runner:
+        parser.error(f"unrecognized arguments: {' '.join(pipeline_args)} (pipeline options need --runner)")
+    args.pipeline_args = pipeline_args
+    return args
 
 
 def reader_options(args: argparse.Namespace) -> dict:
@@ -115,8 +134,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         options = reader_options(args)
-        metas = build(args.source, args.input, args.output, splits=args.split,
-                      records_per_shard=args.records_per_shard, **options)
+        run = build
+        if args.workers is not None or args.runner:
+            try:
+                from data_prep import beam_build  # optional extra: imports apache_beam
+            except ModuleNotFoundError as err:
+                if err.name != "apache_beam":
+                    raise
+                print("error: --workers/--runner build on Apache Beam: pip install -e .[beam]", file=sys.stderr)
+                return 2
+            run = functools.partial(beam_build.build, workers=args.workers, runner=args.runner,
+                                    pipeline_args=args.pipeline_args)
+        metas = run(args.source, args.input, args.output, splits=args.split,
+                    records_per_shard=args.records_per_shard, **options)
     except (InputFormatError, records_lib.RecordError, InconsistentSplitError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -150,6 +150,35 @@ class SplitStats:
             sums[0] += value
             sums[1] += value * value
 
+    def merge(self, other: SplitStats, what: str) -> None:
+        """Adds the statistics of the records that follow (`other`, named `what` in errors) to these.
+
+        Builds merge per-shard statistics in shard order, so that the float sums, and so the metadata
+        bytes, do not depend on how many processes wrote the shards.
+        """
+        if other.labels is not None:
+            if self.labels is not None and other.labels != self.labels:
+                raise InconsistentSplitError(f"{what} has labels (energy, forces, targets) = {other.labels}, "
+                                             f"earlier records {self.labels}")
+            self.labels = other.labels
+        self.num_records += other.num_records
+        for reason, n in other.skipped.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+        for n, count in other.natoms_histogram.items():
+            self.natoms_histogram[n] = self.natoms_histogram.get(n, 0) + count
+        self.atoms_per_element += other.atoms_per_element
+        self.xtx += other.xtx
+        self.xty += other.xty
+        self.energy_sum += other.energy_sum
+        self.energy_sq += other.energy_sq
+        self.force_sum += other.force_sum
+        self.force_sq += other.force_sq
+        self.force_count += other.force_count
+        for name, (total, total_sq) in other.target_sums.items():
+            sums = self.target_sums.setdefault(name, [0.0, 0.0])
+            sums[0] += total
+            sums[1] += total_sq
+
     def _energy_stats(self) -> tuple[dict, np.ndarray, dict]:
         """(raw mean/std, (NUM_ELEMENTS,) linear reference, referenced mean/std) of the energies."""
         n = self.num_records
