@@ -200,9 +200,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 log.progress(step, last_loss)
                 if step % config.log.eval_every == 0 or step == config.train.num_steps:
                     log.write(step, validate(state, eval_fn, mesh))
+                stop = terminated.is_set()  # read once: SIGTERM may arrive between the save and the check
                 checkpointing.save(manager, step, state, train_pipe.state(), metadata,
-                                   force=step == config.train.num_steps or terminated.is_set())
-                if terminated.is_set() and step < config.train.num_steps:
+                                   force=step == config.train.num_steps or stop)
+                if stop and step < config.train.num_steps:
                     raise TrainingTerminated(f"stopped by SIGTERM after step {step}; saved checkpoint step {step} in "
                                              f"{manager.directory}: rerun with the same workdir to resume")
         except KeyboardInterrupt:
