@@ -68,7 +68,8 @@ def fixture_graphs(reference):
     for i in range(len(inputs["names"])):
         z, pos, cell, pbc, tags, fixed = check_structure(
             str(inputs["names"][i]), inputs[f"s{i}.atomic_numbers"], inputs[f"s{i}.positions"],
-            inputs[f"s{i}.cell"], inputs[f"s{i}.pbc"], inputs[f"s{i}.tags"], inputs[f"s{i}.fixed"])
+            inputs[f"s{i}.cell"], inputs[f"s{i}.pbc"], inputs[f"s{i}.tags"], inputs[f"s{i}.fixed"],
+            cutoff=_settings(str(inputs["kinds"][i]), "reference").cutoff)
         edges = {k: edges_from_topology(pos, cell, *graphs[f"s{i}.{k}.edge_index"],
                                         graphs[f"s{i}.{k}.cell_offset"]) for k in GRAPH_KINDS}
         out.append(assemble_structure_graphs(

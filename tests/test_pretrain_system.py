@@ -142,12 +142,13 @@ def test_four_devices_match_one_device(env, reference):
     losses = step_losses(workdir)
     assert sorted(losses) == sorted(reference["losses"])
     # Per-device partial sums change the float32 summation order: the first steps agree to ~1e-7. With
-    # gradient norms in the thousands early in training, Adam amplifies that, step by step (measured:
-    # <= 8e-6 relative over the first 6 steps, then up to 2e-3 by step 13 and 4e-2 by step 16 of longer
-    # runs), so later steps are compared loosely.
+    # gradient norms in the thousands early in training, Adam amplifies that, step by step (measured with
+    # mixed-task batches: <= 2e-6 relative over the first 4 steps, 3e-4 at steps 5-6; one task per step
+    # used to stay <= 8e-6 for 6 steps; up to 4e-2 by step 16 of longer runs), so later steps are compared
+    # loosely.
     steps = sorted(losses)
     ours, theirs = [losses[s] for s in steps], [reference["losses"][s] for s in steps]
-    np.testing.assert_allclose(ours[:6], theirs[:6], rtol=1e-4)
+    np.testing.assert_allclose(ours[:4], theirs[:4], rtol=1e-4)
     np.testing.assert_allclose(ours, theirs, rtol=5e-2)
 
 

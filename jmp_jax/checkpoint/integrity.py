@@ -23,7 +23,7 @@ MANIFEST = "checksums.json"
 FORMAT = "jmp_jax.checksums/1"
 DAMAGED_DIR = "damaged_checkpoints"
 _CHUNK = 1 << 22
-_MAX_CAUSE = 400  # characters of a library's error message quoted in ours
+_MAX_CAUSE = 1200  # characters of a library's error message quoted in ours: enough for two long file paths
 
 
 class CheckpointDamagedError(ValueError):
