@@ -171,13 +171,13 @@ def build_structure_graphs(atomic_numbers, positions, cell, pbc, tags, settings:
     senders, receivers, cell_offset, overlaps = radius.radius_graph(
         positions, cell, pbc, settings.cutoff)
     check_neighbours(name, overlaps)
+    within_cutoff = edges_from_topology(positions, cell, senders, receivers, cell_offset)
     if tolerance is None:
         sort_key = radius.jmp_float32_distance(positions, cell, senders, receivers, cell_offset)
     else:
-        sort_key = radius.edge_geometry(positions, cell, senders, receivers, cell_offset)[1]
+        sort_key = within_cutoff.distance
     capped = radius.nearest_k(receivers, sort_key, caps.a2a, num_atoms, tolerance)
-    a2a = edges_from_topology(positions, cell, senders[capped], receivers[capped], cell_offset[capped])
-    a2a_key = sort_key[capped]
+    a2a, a2a_key = within_cutoff.select(capped), sort_key[capped]
     if edge_dropout > 0.0:
         if rng is None:
             raise ValueError("build_structure_graphs: edge_dropout needs an rng")
