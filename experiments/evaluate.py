@@ -130,7 +130,7 @@ class FinetunedHead:
         """{"target": (B,)} | {"logits": (B, C)} | {"forces": list of (n_i, 3) eV/Å}, by the head's kind."""
         from jmp_jax.finetune.data import build_graphs
         from jmp_jax.graph import batching
-        from jmp_jax.pretrained import bucketed_budgets
+        from jmp_jax.graph.batching import bucketed_budgets
 
         values = []
         for start in range(0, len(records), self.batch_size):

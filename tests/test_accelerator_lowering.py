@@ -25,10 +25,12 @@ from jmp_jax.graph import batching
 from jmp_jax.models import layers
 from jmp_jax.models.config import demo
 from jmp_jax.models.jmp import JMPModel, variable_shapes
-from jmp_jax.pretrained import bucketed_budgets, build_graphs
+from jmp_jax.graph.batching import bucketed_budgets
+from jmp_jax.pretrained import build_graphs
 from jmp_jax.training import optim
-from jmp_jax.training.loss import TaskNormalization
-from jmp_jax.training.train_step import LabeledBatch, init_train_state, train_step
+from jmp_jax.data.types import TaskNormalization
+from jmp_jax.data.types import LabeledBatch
+from jmp_jax.training.train_step import init_train_state, train_step
 
 ACCELERATORS = ("cuda", "tpu")
 ONE_BLOCK = dataclasses.replace(demo(), num_blocks=1)

@@ -27,7 +27,7 @@ from jmp_jax.finetune import data as finetune_data, loop, model as finetune_mode
 from jmp_jax.finetune.loss import Normalization
 from jmp_jax.graph import batching
 from jmp_jax.models.config import demo
-from jmp_jax.pretrained import bucketed_budgets
+from jmp_jax.graph.batching import bucketed_budgets
 from test_pretrained import write_random_checkpoint
 
 SOURCE, SPLIT = "catalysis", "test"  # "catalysis" is a head name of the random checkpoint

@@ -115,8 +115,9 @@ def test_model_with_bf16_products_stays_close_to_the_float32_reference(fixture_m
 
 def test_training_steps_with_bf16_products_lower_the_loss(fixture_model):
     from jmp_jax.training import optim
-    from jmp_jax.training.loss import TaskNormalization
-    from jmp_jax.training.train_step import LabeledBatch, init_train_state, train_step
+    from jmp_jax.data.types import TaskNormalization
+    from jmp_jax.data.types import LabeledBatch
+    from jmp_jax.training.train_step import init_train_state, train_step
 
     _, _, graphs = fixture_model
     # One interaction block keeps the compile short; the block's layers are those of the full model.

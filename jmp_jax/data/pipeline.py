@@ -23,7 +23,7 @@ import numpy as np
 
 from jmp_jax.graph import batching, slots
 from jmp_jax.graph.build import GraphSettings, build_structure_graphs
-from jmp_jax.training.train_step import LabeledBatch
+from jmp_jax.data.types import LabeledBatch
 
 RecordSource = Any  # len() and [i] -> record dict (see data_prep.records for the schema)
 

@@ -13,7 +13,7 @@ from jmp_jax.data.pipeline import PACKING_WINDOW_PER_GRAPH, Pipeline, TaskSpec, 
 from jmp_jax.data.tfrecord_index import TFRecordSource
 from jmp_jax.graph import batching, slots
 from jmp_jax.graph.build import GraphSettings, build_structure_graphs
-from jmp_jax.training.loss import TaskNormalization
+from jmp_jax.data.types import TaskNormalization
 
 # Structures sampled per task to size its static budgets, passes over them when replaying the packing,
 # and rounds of shrinking the budgets to what the replayed batches use.

@@ -16,8 +16,8 @@ from jmp_jax.data import task_data
 from jmp_jax.data.pipeline import label_arrays, target_array
 from jmp_jax.graph import batching
 from jmp_jax.graph.build import GraphSettings, StructureGraphs, build_structure_graphs
-from jmp_jax.pretrained import bucketed_budgets
-from jmp_jax.training.train_step import LabeledBatch
+from jmp_jax.graph.batching import bucketed_budgets
+from jmp_jax.data.types import LabeledBatch
 
 # JMP's `conditional_max_neighbors` (MatBench, QMOF): fewer neighbours for large cells.
 CONDITIONAL_MAX_NEIGHBORS = ((300, 5), (200, 10))

@@ -30,7 +30,7 @@ from jmp_jax.finetune.data import DataSpec, SplitData
 from jmp_jax.finetune.model import FinetuneModel, HeadSpec, backbone_for, predict
 from jmp_jax.training.loop import backbone_config
 from jmp_jax.training.metrics_log import MetricsLog
-from jmp_jax.training.train_step import LabeledBatch
+from jmp_jax.data.types import LabeledBatch
 
 
 class NonFiniteTrainingError(RuntimeError):

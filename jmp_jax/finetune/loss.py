@@ -16,7 +16,7 @@ import numpy as np
 
 from jmp_jax.finetune.model import HeadSpec
 from jmp_jax.training.loss import PAIRWISE_DISTANCE_EPS
-from jmp_jax.training.train_step import LabeledBatch
+from jmp_jax.data.types import LabeledBatch
 
 # (metric name, mode) the run selects checkpoints and schedules on, per head kind.
 PRIMARY_METRIC = {"scalar": ("mae", "min"), "forces": ("force_mae", "min"),

@@ -23,7 +23,8 @@ from jmp_jax.models.jmp import JMPModel
 from jmp_jax.checkpoint.scale_factors import load_scale_factors, scale_factor_constants
 from jmp_jax.training import checkpointing, optim, sharding
 from jmp_jax.training.metrics_log import MetricsLog
-from jmp_jax.training.train_step import LabeledBatch, TrainState, eval_step, init_train_state, train_step
+from jmp_jax.data.types import LabeledBatch
+from jmp_jax.training.train_step import TrainState, eval_step, init_train_state, train_step
 
 
 class NonFiniteLossError(RuntimeError):
