@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from bench import common  # noqa: E402
 from bench.bench_model import cu_slab  # noqa: E402
 from configs import pretrain_common  # noqa: E402
+from data_prep import default_dataset  # noqa: E402
 from jmp_jax.data import task_data  # noqa: E402
 from jmp_jax.graph import batching, slots  # noqa: E402
 from jmp_jax.graph.build import GraphSettings, build_from_atoms, build_structure_graphs  # noqa: E402
@@ -94,7 +95,7 @@ def main():
 
     config = pretrain_common.pretrain_config("jmp_s")
     config.data.structures_per_batch = args.structures_per_batch
-    data_dir = task_data.data_dir_of(config)
+    config.data.dir = data_dir = default_dataset.data_dir_for(config)
     slabs = [cu_slab("CO" if i % 2 else "OH", i) for i in range(args.count)]
     periodic = GraphSettings.pretrain_periodic()
     molecular = GraphSettings.pretrain_molecule()

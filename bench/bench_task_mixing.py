@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
 from configs import pretrain_common  # noqa: E402
+from data_prep import default_dataset  # noqa: E402
 from jmp_jax.data import task_data  # noqa: E402
 from jmp_jax.models.jmp import JMPModel  # noqa: E402
 from jmp_jax.training import loop, optim, sharding  # noqa: E402
@@ -96,6 +97,7 @@ def main():
     for mode in ("batch", "step"):
         config = pretrain_common.get_config_for("jmp_s", args.variant)
         config.data.task_mixing = mode
+        config.data.dir = default_dataset.data_dir_for(config)
         config.train.num_steps = args.steps
         config.log.eval_batches = args.eval_batches
         common.stage(f"task_mixing={mode}: {args.steps} steps")

@@ -7,7 +7,7 @@ Three domains stand in for JMP's four pre-training sets (spec §3.1), one task e
 
 Everything is deterministic given ``seed``. Energies are total energies in eV (EMT or GFN2-xTB), forces are
 the raw physical forces in eV/Å on every atom (fixed atoms included, as JMP trains on all atoms). The split
-metadata written by data_prep.records.write_split holds the per-element linear reference and spreads.
+metadata written by data_prep.shard_writer.write_split holds the per-element linear reference and spreads.
 The default build (1500/1500/1000 structures) took 1.5-2 min on 2 busy CPU cores; ``--small`` ~10 s.
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ class DefaultDatasetError(ValueError):
 
 def _record(atoms: Atoms, tags: np.ndarray, fixed: np.ndarray, energy: float, forces: np.ndarray,
             source_id: str) -> dict:
-    """One structure as the record dict that data_prep.records.write_split consumes (N atoms)."""
+    """One structure as the record dict that data_prep.shard_writer.write_split consumes (N atoms)."""
     return {
         "atomic_numbers": atoms.numbers.astype(np.int64), "positions": atoms.positions.astype(np.float64),
         "cell": np.asarray(atoms.cell[:], np.float64), "pbc": atoms.pbc.astype(bool),
@@ -412,9 +412,9 @@ def build_default_dataset(output_dir: str, *, sizes: dict | None = None, seed: i
     """Builds every domain's train/val TFRecord splits into output_dir; returns and writes manifest.json.
 
     sizes: domain -> number of structures (default DEFAULT_SIZES). Files: <domain>-<split>.tfrecord-* and
-    <domain>-<split>.metadata.json (data_prep.records layout); manifest["splits"][domain][split] is that metadata.
+    <domain>-<split>.metadata.json (jmp_jax.data.records layout); manifest["splits"][domain][split] is that metadata.
     """
-    from data_prep.records import write_split  # TF is only needed to write
+    from data_prep.shard_writer import write_split  # TF is only needed to write
 
     resolved = _resolve_sizes(sizes)
     manifest = {"version": VERSION, "seed": seed, "sizes": resolved, "units": UNITS, "splits": {}}
@@ -460,6 +460,18 @@ def ensure_default_dataset(cache_dir: str | None = None, *, sizes: dict | None =
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return final
+
+
+def data_dir_for(config) -> str:
+    """A run config's `data.dir`, or, when it is empty, the embedded default dataset of the size
+    `data.default_dataset_size` names ("full" or "small"), built once into the cache."""
+    if config.data.dir:
+        return config.data.dir
+    sizes = {"full": DEFAULT_SIZES, "small": SMALL_SIZES}
+    if config.data.default_dataset_size not in sizes:
+        raise DefaultDatasetError(f"data.default_dataset_size {config.data.default_dataset_size!r} "
+                                  f"is not one of {sorted(sizes)}")
+    return ensure_default_dataset(sizes=sizes[config.data.default_dataset_size])
 
 
 def main(argv: list[str] | None = None) -> None:

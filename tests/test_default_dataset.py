@@ -163,7 +163,7 @@ def test_bad_input_is_a_clear_error():
 
 
 def test_cache_reused_rebuilt_and_never_half_written(tmp_path, monkeypatch):
-    records = pytest.importorskip("data_prep.records")
+    records = pytest.importorskip("jmp_jax.data.records")
     sizes = {"catalysis": 4}
     monkeypatch.setenv("JMP_JAX_DATA", str(tmp_path))
     path = dd.ensure_default_dataset(sizes=sizes, progress=False)

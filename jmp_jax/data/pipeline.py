@@ -25,7 +25,7 @@ from jmp_jax.graph import batching, slots
 from jmp_jax.graph.build import GraphSettings, build_structure_graphs
 from jmp_jax.data.types import LabeledBatch
 
-RecordSource = Any  # len() and [i] -> record dict (see data_prep.records for the schema)
+RecordSource = Any  # len() and [i] -> record dict (see jmp_jax.data.records for the schema)
 
 # Structures examined per batch, per graph slot of the budget, when packing.
 PACKING_WINDOW_PER_GRAPH = 2

@@ -54,21 +54,10 @@ class Task:
                                                                else self.spec.linear_reference.tolist())}
 
 
-def data_dir_of(config: ml_collections.ConfigDict) -> str:
-    if config.data.dir:
-        return config.data.dir
-    from data_prep import default_dataset  # builds the embedded dataset once, then reuses the cache
-    sizes = {"full": default_dataset.DEFAULT_SIZES, "small": default_dataset.SMALL_SIZES}
-    if config.data.default_dataset_size not in sizes:
-        raise ValueError(f"data.default_dataset_size {config.data.default_dataset_size!r} "
-                         f"is not one of {sorted(sizes)}")
-    return default_dataset.ensure_default_dataset(sizes=sizes[config.data.default_dataset_size])
-
-
 def open_source(data_dir: str, source: str, split: str) -> TFRecordSource:
     """A prepared split as random-access records through its record indexes, checked against its metadata
     (each record's checksum is checked when it is read)."""
-    from data_prep import records
+    from jmp_jax.data import records
     paths, meta = records.split_shards(data_dir, source, split)
     if not meta["num_records"]:
         raise ValueError(f"split {source}-{split} in {data_dir} holds no records")
@@ -266,7 +255,7 @@ def plan_buckets(source, settings: GraphSettings | None, structures_per_batch: i
 def check_energy_kind(config: ml_collections.ConfigDict, data_dir: str, task) -> None:
     """A task's train and val splits hold one energy kind (total or referenced), the task's `energy_kind`
     where it names one; otherwise a one-line ValueError naming the splits."""
-    from data_prep import metadata, records
+    from jmp_jax.data import metadata, records
     splits = dict.fromkeys(s for s in (config.data.train_split, config.data.get("val_split")) if s)
     metas = {f"{task['source']}-{split}": records.load_metadata(data_dir, task["source"], split) for split in splits
              if os.path.exists(records.metadata_path(data_dir, task["source"], split))}
@@ -276,8 +265,11 @@ def check_energy_kind(config: ml_collections.ConfigDict, data_dir: str, task) ->
 def load_tasks(config: ml_collections.ConfigDict) -> list[Task]:
     """The configured tasks, with budget shapes planned per task (task_mixing "step") or on the
     temperature-mixed union of the tasks, shared by all (task_mixing "batch")."""
-    from data_prep import records
-    data_dir = data_dir_of(config)
+    from jmp_jax.data import records
+    data_dir = config.data.dir
+    if not data_dir:
+        raise ValueError("config.data.dir is empty: name a folder of prepared splits (experiments.pretrain "
+                         "fills it with the embedded default dataset)")
     mixed = config.data.task_mixing == "batch"
     planned = []
     for t in config.data.tasks:

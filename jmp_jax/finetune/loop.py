@@ -59,7 +59,7 @@ def data_spec(config: ml_collections.ConfigDict) -> DataSpec:
 
 def normalization(config: ml_collections.ConfigDict, data_dir: str) -> loss_lib.Normalization:
     """The task's statistics; None entries are taken from the train split's metadata."""
-    from data_prep import records
+    from jmp_jax.data import records
     t = config.task
     meta = records.load_metadata(data_dir, t.source, config.data.train_split)
     if t.kind == "forces":
