@@ -30,7 +30,8 @@ from jmp_jax.pretrained import build_graphs
 from jmp_jax.training import optim
 from jmp_jax.data.types import TaskNormalization
 from jmp_jax.data.types import LabeledBatch
-from jmp_jax.training.train_step import init_train_state, train_step
+from jmp_jax.training.state import init_train_state
+from jmp_jax.training.train_step import train_step
 
 ACCELERATORS = ("cuda", "tpu")
 ONE_BLOCK = dataclasses.replace(demo(), num_blocks=1)

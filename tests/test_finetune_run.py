@@ -19,6 +19,7 @@ from jmp_jax.checkpoint import integrity, orbax_io
 from jmp_jax.finetune import loop, optim, weights
 from jmp_jax.finetune.data import DataSpec, SplitData
 from jmp_jax.finetune.model import FinetuneModel, backbone_for
+from jmp_jax.training.state import init_variables
 from jmp_jax.models.config import NAMED_CONFIGS, demo
 from jmp_jax.models.jmp import JMPModel, placeholder_batch
 
@@ -123,7 +124,7 @@ def test_each_finetune_head_takes_a_training_step(data_dir):
         batch = next(split.batches(split.order(0, 0)))
         # One interaction block: eager time grows with the op count, and every head sees the same backbone.
         model = FinetuneModel(dataclasses.replace(backbone_for(demo(), spec), num_blocks=1), spec)
-        variables = weights.random_variables(model, 0, "none", "demo")
+        variables = init_variables(model, 0, "none", "demo")
         tx, _ = optim.finetune_optimizer(variables["params"], loop.optim_config(c, 1, 3), 1)
         state = loop.FinetuneState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                                    constants=variables["constants"], opt_state=tx.init(variables["params"]))
@@ -158,7 +159,7 @@ def test_checkpoint_loading_with_and_without_ema(pretrain_checkpoint, use_ema):
     path, raw, ema = pretrain_checkpoint
     spec = loop.head_spec(common.get_config("qm9", "U_0,demo").task)
     model = FinetuneModel(backbone_for(demo(), spec), spec)
-    target = weights.random_variables(model, 0, "none", "demo")
+    target = init_variables(model, 0, "none", "demo")
     loaded, info = weights.load_initial_variables(target, os.path.dirname(path), model.config, use_ema=use_ema)
     source = ema if use_ema else raw["params"]
     np.testing.assert_array_equal(loaded["params"]["embedding"]["atom_embedding"]["embedding"],

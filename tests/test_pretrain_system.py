@@ -157,7 +157,7 @@ import jax, jax.numpy as jnp, optax
 from jmp_jax.models import config as config_lib
 from jmp_jax.models.jmp import JMPModel, placeholder_batch
 from jmp_jax.training import optim, sharding
-from jmp_jax.training.train_step import init_train_state
+from jmp_jax.training.state import init_train_state
 mesh = sharding.make_mesh(fsdp=4)
 model = JMPModel(config_lib.demo(), num_tasks=2)
 variables = jax.eval_shape(lambda: model.init(jax.random.key(0), placeholder_batch()))
