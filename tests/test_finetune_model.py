@@ -8,12 +8,13 @@ import pytest
 from ase.build import molecule
 from ase.data import atomic_masses
 
-from jmp_jax.finetune import heads, optim, weights
+from jmp_jax.finetune import heads, optim
 from jmp_jax.finetune.model import FinetuneModel, HeadSpec, backbone_for, predict, with_positions
 from jmp_jax.graph import batching
 from jmp_jax.graph.build import GraphSettings, build_from_atoms
 from jmp_jax.training.state import init_variables
 from jmp_jax.models.config import demo
+from jmp_jax.models.jmp import HeadMLP
 
 SETTINGS = GraphSettings(cutoff=5.0, max_neighbors=12, pbc=(False, False, False))
 MOLECULES = ("H2O", "CH3OH")

@@ -66,7 +66,7 @@ def test_every_config_builds_for_both_sizes():
             common.get_config(dataset, variant)
 
 
-def _molecule_records(n: int, seed: int, periodic: bool = False):
+def molecule_records(n: int, seed: int, periodic: bool = False):
     rng = np.random.default_rng(seed)
     for i in range(n):
         atoms = bulk("NaCl", "rocksalt", a=5.6) if periodic else molecule(("CH3OH", "H2O", "NH3")[i % 3])
@@ -82,8 +82,8 @@ def _molecule_records(n: int, seed: int, periodic: bool = False):
 def data_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("finetune_data"))
     for split, n, seed in (("train", 5, 1), ("val", 3, 2), ("test", 3, 3)):
-        shard_writer.write_split(_molecule_records(n, seed), out, "tiny", split, units={}, source_files=[])
-    shard_writer.write_split(_molecule_records(3, 4, periodic=True), out, "tiny_crystal", "train", units={},
+        shard_writer.write_split(molecule_records(n, seed), out, "tiny", split, units={}, source_files=[])
+    shard_writer.write_split(molecule_records(3, 4, periodic=True), out, "tiny_crystal", "train", units={},
                         source_files=[])
     return out
 

@@ -27,9 +27,13 @@ def env(tmp_path_factory):
     data = root / "data"
     default_dataset.build_default_dataset(str(data), sizes={"catalysis": 24, "molecules": 24, "reactions": 16},
                                           progress=False)
-    environ = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
-    return {"root": root, "data": str(data), "environ": environ}
+    return {"root": root, "data": str(data), "environ": subprocess_environ(root)}
+
+
+def subprocess_environ(root) -> dict[str, str]:
+    """The environment of the runs: CPU, with a persistent XLA compilation cache under `root`."""
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
 
 
 def command(env, workdir, *extra):
@@ -38,11 +42,15 @@ def command(env, workdir, *extra):
 
 
 def run(env, workdir, *extra, devices=1):
-    environ = dict(env["environ"])
+    return run_command(command(env, workdir, *extra), env["environ"], devices)
+
+
+def run_command(cmd: list[str], environ: dict[str, str], devices: int = 1) -> subprocess.CompletedProcess:
+    """Runs `cmd` from the repository root on `devices` CPU devices; asserts that it succeeds."""
+    environ = dict(environ)
     if devices > 1:
         environ["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    done = subprocess.run(command(env, workdir, *extra), cwd=REPO, env=environ, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

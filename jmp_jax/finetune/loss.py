@@ -3,8 +3,8 @@
   scalar:          L = c * mean_graphs |ŷ - (y - mean) / std|                         (L1)
   classification:  L = Σ_graphs w[y] * CE(logits, y)                                  (reduction "sum")
   forces:          L = c * mean_atoms ||F̂ - F / std_F||_2,  c = 100 by default        (not structure-wise)
-Metrics are returned as sums and counts (`*_sum` / `*_count`: exact over any number of batches and shards); `summarize` turns them into MAEs /
-balanced accuracy.
+Metrics are returned as sums and counts (`*_sum` / `*_count`: exact over any number of batches and shards);
+`summarize` turns them into MAEs / balanced accuracy.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from configs import pretrain_common
 from data_prep import record_index as record_index_tool, shard_writer
 from jmp_jax.data import record_index, records
 from experiments import evaluate
-from jmp_jax.data import task_data, tfrecord_index
+from jmp_jax.data import task_data
 
 NAMES = ("H2O", "NH3", "CH4", "C2H6", "CH3OH", "HCN", "C2H4")
 
