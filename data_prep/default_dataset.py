@@ -1,6 +1,6 @@
 """Embedded default multi-domain pre-training set, built offline from physics that installs from PyPI.
 
-Three domains stand in for JMP's four pre-training sets (spec §3.1), one task each:
+Three domains stand in for JMP's four pre-training sets (docs/jmp_spec.md §3.1), one task each:
 - ``catalysis``: rattled ase fcc(111)/(100) slabs with small adsorbates, OC20-style tags/fixed, EMT labels.
 - ``molecules``: rattled QM9 molecules (``qm9pack``), GFN2-xTB labels (``tblite``), like ANI-1x.
 - ``reactions``: bond-stretch, torsion and H-transfer paths of QM9 molecules, GFN2-xTB labels, like Transition-1x.
@@ -236,7 +236,7 @@ def xtb_label(numbers: np.ndarray, positions: np.ndarray) -> tuple[float, np.nda
 def _label_group(numbers, frames, ids) -> list[dict] | None:
     """xTB-label every frame (F,N,3) of one group; None if any frame fails, so the group is dropped whole.
 
-    Molecular records: no PBC, zero cell, all tags 2, nothing fixed (spec §2.2).
+    Molecular records: no PBC, zero cell, all tags 2, nothing fixed (docs/jmp_spec.md §2.2).
     """
     group, n = [], len(numbers)
     for positions, source_id in zip(frames, ids):

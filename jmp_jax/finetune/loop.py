@@ -1,4 +1,4 @@
-"""The fine-tuning run (spec §4): epochs over the train split, validation every epoch, ReduceLROnPlateau
+"""The fine-tuning run (docs/jmp_spec.md §4): epochs over the train split, validation every epoch, ReduceLROnPlateau
 after the cosine phase, early stopping, best checkpoint on the primary validation metric, final test
 with the best weights.
 

@@ -1,4 +1,4 @@
-"""Geometry, radial/circular/spherical bases and the shared basis down-projections (spec §1.3).
+"""Geometry, radial/circular/spherical bases and the shared basis down-projections (docs/jmp_spec.md §1.3).
 
 All geometry and raw bases are computed in float32 (or float64 under x64), whatever the compute dtype.
 Every GemNet-OC radial basis in JMP is the same function (fixed d/12, p=5 envelope, gaussians on

@@ -1,4 +1,4 @@
-"""JMP pre-training model: atom embedding + GemNet-OC backbone + per-task energy/force heads (spec §1.7).
+"""JMP pre-training model: atom embedding + GemNet-OC backbone + per-task energy/force heads (docs/jmp_spec.md §1.7).
 
 Param tree (mirrors the PyTorch `PretrainModel` state_dict, see `jmp_jax.checkpoint.names`):
   embedding/atom_embedding/embedding (120, A)

@@ -1,4 +1,4 @@
-"""Primitive GemNet-OC layers (spec §1.2, §1.4) in Flax Linen.
+"""Primitive GemNet-OC layers (docs/jmp_spec.md §1.2, §1.4) in Flax Linen.
 
 Linen (not NNX) is used throughout the model because its functional params pytree maps one-to-one
 onto the PyTorch state_dict names (see `jmp_jax.checkpoint.names`) and feeds jit shardings, optax and
