@@ -15,7 +15,8 @@ from ase.data import atomic_masses
 
 from jmp_jax.graph.types import GraphBatch
 from jmp_jax.models.jmp import torch_linear_bias_init, torch_linear_kernel_init
-from jmp_jax.models.layers import dense_dot_general, scaled_silu
+from jmp_jax.models.kernels import dense_dot_general
+from jmp_jax.models.layers import scaled_silu
 
 REDUCTIONS = ("sum", "mean", "max")
 # JMP's `mlp([d] * 5 + [k])`: 4 hidden Linear(d, d) + act, then Linear(d, k).

@@ -16,7 +16,8 @@ import numpy as np
 from jmp_jax.graph.types import EdgeSlots, GraphBatch
 from jmp_jax.models import slot_ops
 from jmp_jax.models.config import BackboneConfig
-from jmp_jax.models.layers import BasisEmbedding, Dense, EdgeEmbedding, fusion_barrier
+from jmp_jax.models.kernels import fusion_barrier
+from jmp_jax.models.layers import BasisEmbedding, Dense, EdgeEmbedding
 
 
 def safe_norm(x: jax.Array) -> jax.Array:

@@ -20,7 +20,8 @@ import jraph
 from jmp_jax.graph.types import EdgeSet, EdgeSlots, GraphBatch
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.gemnet import GemNetOCBackbone
-from jmp_jax.models.layers import dense_dot_general, scaled_silu
+from jmp_jax.models.kernels import dense_dot_general
+from jmp_jax.models.layers import scaled_silu
 
 HEAD_NUM_HIDDEN = 4  # JMP's mlp([d] * 5 + [1]): 4 hidden Linear(d, d) layers, then Linear(d, 1)
 
