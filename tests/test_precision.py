@@ -12,7 +12,8 @@ from jax.sharding import PartitionSpec as P
 
 import fixture_batch as fb
 from jmp_jax.models.jmp import JMPModel
-from jmp_jax.models.layers import Dense, batched_matmul, bf16_matmul, matmul
+from jmp_jax.models.kernels import batched_matmul, bf16_matmul, matmul
+from jmp_jax.models.layers import Dense
 
 def rounded(x: jax.Array) -> jax.Array:
     return x.astype(jnp.bfloat16).astype(jnp.float32)

@@ -3,7 +3,7 @@ import numpy as np
 
 from data_prep import shard_writer
 from jmp_jax.data import record_index, records
-from jmp_jax.data import task_data
+from jmp_jax.data import budget_plan, task_data
 
 
 def test_index_holds_each_records_frame_and_atom_count_and_gives_the_largest_structures(tmp_path):
@@ -21,9 +21,9 @@ def test_index_holds_each_records_frame_and_atom_count_and_gives_the_largest_str
         assert (shard, within) == divmod(i, 4)
         assert records.decode_example(frame[12:-4])["source_id"] == f"s{i}"
     source = task_data.open_source(str(tmp_path), "toy", "train")
-    largest = task_data.largest_structures(source)  # from the index's atom counts
+    largest = budget_plan.largest_structures(source)  # from the index's atom counts
     np.testing.assert_array_equal(largest, np.argsort(-np.asarray(sizes), kind="stable")[:8])
-    assert largest.tolist() == task_data.largest_structures([source[i] for i in range(len(sizes))]).tolist()
+    assert largest.tolist() == budget_plan.largest_structures([source[i] for i in range(len(sizes))]).tolist()
 
 
 def test_a_split_opened_again_shares_its_index_until_its_files_change(tmp_path):

@@ -59,7 +59,7 @@ class TaskSpec:
 
 
 def temperature_probabilities(sizes: Sequence[int], temperature: float) -> np.ndarray:
-    """p_i = (n_i / Σn)^(1/T) / Σ_j (n_j / Σn)^(1/T)  (JMP's temperature sampling, spec §3.4)."""
+    """p_i = (n_i / Σn)^(1/T) / Σ_j (n_j / Σn)^(1/T)  (JMP's temperature sampling, docs/jmp_spec.md §3.4)."""
     frac = np.asarray(sizes, np.float64) / np.sum(sizes)
     p = frac ** (1.0 / temperature)
     return p / p.sum()

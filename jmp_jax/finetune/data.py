@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from jmp_jax.data import task_data
+from jmp_jax.data import budget_plan, task_data
 from jmp_jax.data.pipeline import label_arrays, stack_shards, target_array
 from jmp_jax.graph import batching
 from jmp_jax.graph.build import GraphSettings, StructureGraphs, build_structure_graphs
@@ -71,7 +71,7 @@ class SplitData:
                  seed: int = 0, num_workers: int = 2):
         self.spec, self.split = spec, split
         self.source = task_data.open_source(data_dir, spec.source, split)
-        self.budgets = budgets or task_data.plan_budgets(self.source, spec.settings(0), spec.batch_size, seed)
+        self.budgets = budgets or budget_plan.plan_budgets(self.source, spec.settings(0), spec.batch_size, seed)
         self.num_workers = max(num_workers, 1)
 
     def __len__(self) -> int:

@@ -1,4 +1,4 @@
-"""Fine-tuning output heads (spec §1.7): new MLPs on the backbone's per-atom / per-edge features.
+"""Fine-tuning output heads (docs/jmp_spec.md §1.7): new MLPs on the backbone's per-atom / per-edge features.
 
 Every head reads padded arrays and returns one value per graph (or per atom for forces); padding
 atoms never reach a real graph's value (explicit masks, static segment counts).

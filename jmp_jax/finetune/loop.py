@@ -1,6 +1,6 @@
-"""The fine-tuning run (spec §4) on the training core (`training.state`, `training.checkpointing`): epochs
-over the train split, validation every epoch, ReduceLROnPlateau after the cosine phase, early stopping, best
-checkpoint on the primary validation metric, final test with the best weights.
+"""The fine-tuning run (docs/jmp_spec.md §4) on the training core (`training.state`, `training.checkpointing`):
+epochs over the train split, validation every epoch, ReduceLROnPlateau after the cosine phase, early stopping,
+best checkpoint on the primary validation metric, final test with the best weights.
 
 Every device takes part: each step is `num_batch_shards` batches split over the ('data', 'fsdp') mesh, as in
 pre-training, and the results do not depend on the number of devices. The run is resumable: checkpoints of

@@ -1,4 +1,4 @@
-"""Fine-tuning losses and metrics (spec §4.1): normalised-unit losses, denormalised metric sums.
+"""Fine-tuning losses and metrics (docs/jmp_spec.md §4.1): normalised-unit losses, denormalised metric sums.
 
   scalar:          L = c * mean_graphs |ŷ - (y - mean) / std|                         (L1)
   classification:  L = Σ_graphs w[y] * CE(logits, y)                                  (reduction "sum")

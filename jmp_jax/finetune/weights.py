@@ -1,5 +1,5 @@
-"""Initial weights of a fine-tuning model (spec §4.3): embedding + backbone from a checkpoint (random ones:
-`training.state.init_variables`).
+"""Initial weights of a fine-tuning model (docs/jmp_spec.md §4.3): embedding + backbone from a checkpoint
+(random ones: `training.state.init_variables`).
 
 A checkpoint is anything `orbax_io.load_variables` reads: a pre-training run's checkpoints (EMA weights
 by default) or a converted released JMP checkpoint. Pre-training heads (`output/...`) and, for models
