@@ -25,7 +25,8 @@ from jmp_jax.graph import batching
 from jmp_jax.models import layers
 from jmp_jax.models.config import demo
 from jmp_jax.models.jmp import JMPModel, variable_shapes
-from jmp_jax.pretrained import bucketed_budgets, build_graphs
+from jmp_jax.graph.batching import bucketed_budgets
+from jmp_jax.pretrained import build_graphs
 from jmp_jax.training import optim
 from jmp_jax.training.loss import TaskNormalization
 from jmp_jax.training.train_step import LabeledBatch, init_train_state, train_step

@@ -27,8 +27,9 @@ import jmp_jax
 from jmp_jax.ase_calculator import JMPCalculator
 from jmp_jax.data.pipeline import label_arrays
 from jmp_jax.graph import batching
+from jmp_jax.graph.batching import bucketed_budgets
 from jmp_jax.graph.build import GraphSettings, build_from_atoms
-from jmp_jax.pretrained import bucketed_budgets, build_graphs
+from jmp_jax.pretrained import build_graphs
 from jmp_jax.training.loss import TaskNormalization
 from jmp_jax.training.train_step import LabeledBatch, shard_loss_and_errors
 

@@ -16,7 +16,6 @@ from jmp_jax.data import task_data
 from jmp_jax.data.pipeline import label_arrays, target_array
 from jmp_jax.graph import batching
 from jmp_jax.graph.build import GraphSettings, StructureGraphs, build_structure_graphs
-from jmp_jax.pretrained import bucketed_budgets
 from jmp_jax.training.train_step import LabeledBatch
 
 # JMP's `conditional_max_neighbors` (MatBench, QMOF): fewer neighbours for large cells.
@@ -99,7 +98,7 @@ class SplitData:
                     yield make_batch(records, graphs, self.budgets, self.spec)
                     records, graphs, used = [], [], batching.Budgets.zeros()
                 if not size.fits_in(self.budgets):
-                    yield make_batch([record], [g], bucketed_budgets([g]), self.spec)
+                    yield make_batch([record], [g], batching.bucketed_budgets([g]), self.spec)
                     continue
                 records.append(record)
                 graphs.append(g)
