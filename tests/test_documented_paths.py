@@ -45,7 +45,7 @@ TINY_FLAGS = {
     "python -m experiments.pretrain": TINY_PRETRAIN,
     "XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m experiments.pretrain": TINY_PRETRAIN,
     "python -m experiments.finetune": "--config.train.max_epochs=1 --config.model.backbone=demo "
-                                      "--config.optim.block_multipliers=()",
+                                      "'--config.optim.block_multipliers=()'",
     "python -m data_prep.build --source qm9": "--max-records 8",
 }
 # Placeholders the README asks the user to replace, and the value the test gives them.
