@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import site
 import subprocess
 import sys
@@ -131,14 +132,18 @@ def user_environment(root, venv: str | None) -> dict:
     return env
 
 
-def run_command(command: str, cwd: str, env: dict, log: list) -> str:
-    """Runs one command line with bash; its output on success, else a failure quoting the output's end."""
+def run_command(command: str, cwd: str, env: dict) -> tuple[int, str, float]:
+    """Runs one command line with bash in its own process group (all of it killed on timeout):
+    (exit status, output, seconds)."""
     start = time.monotonic()
-    result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", command], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=COMMAND_TIMEOUT_S)
-    log.append((round(time.monotonic() - start, 1), command))
-    assert result.returncode == 0, f"`{command}` exited {result.returncode}:\n{result.stdout[-6000:]}"
-    return result.stdout
+    process = subprocess.Popen(["bash", "-e", "-o", "pipefail", "-c", command], cwd=cwd, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=COMMAND_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate()[0] + f"\n[killed after {COMMAND_TIMEOUT_S} s]"
+    return process.returncode, output, round(time.monotonic() - start, 1)
 
 
 def rmd17_npz(path: str, num_frames: int, seed: int) -> None:
@@ -159,7 +164,7 @@ def user_inputs(copy: str) -> None:
     os.makedirs(os.path.join(copy, "rmd17"))
     rmd17_npz(os.path.join(copy, "rmd17", "rmd17_ethanol_train_01.npz"), 52, 0)
     rmd17_npz(os.path.join(copy, "rmd17", "rmd17_ethanol_test_01.npz"), 2, 1)
-    rmd17_npz(os.path.join(copy, "rmd17_ethanol.npz"), 53, 2)
+    rmd17_npz(os.path.join(copy, "rmd17_ethanol.npz"), 1001, 2)  # JMP's split: 950 / 50 / the rest
 
 
 def jmp_data_from_default(copy: str, default_dir: str) -> None:
@@ -174,7 +179,8 @@ def jmp_data_from_default(copy: str, default_dir: str) -> None:
         " ('ani1x', 'molecules', 'total'), ('transition1x', 'reactions', 'total')):\n"
         "    for split in ('train', 'val'):\n"
         "        source = task_data.open_source(default, domain, split)\n"
-        "        records.write_split((source[i] for i in range(4)), out, name, split, units={}, source_files=[],"
+        "        records.write_split((source[i] for i in range(min(4, len(source)))), out, name, split, units={},"
+        " source_files=[],"
         " energy_kind=kind)\n")
     subprocess.run([os.path.join(copy, ".venv", "bin", "python"), "-c", script, default_dir,
                     os.path.join(copy, PLACEHOLDERS["DATA"])], cwd=copy, env=env, check=True)
@@ -182,15 +188,15 @@ def jmp_data_from_default(copy: str, default_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def readme_run(tmp_path_factory):
-    """Every runnable README command at tiny scale, in order, in one clean copy: (copy, outputs by command,
-    timings, commands not run with their reasons)."""
+    """Every runnable README command at tiny scale, in order, in one clean copy: (copy, {command: (exit
+    status, output, seconds)}, {command not run: reason}). A failed command does not stop the later ones."""
     root = tmp_path_factory.mktemp("readme")
     copy = clean_copy(root / "jmp_jax")
     user_inputs(copy)
     # The README's own first line makes .venv; made first without pip and seeded, its `python3 -m venv .venv`
     # adds pip and keeps the seed.
     seeded_venv(os.path.join(copy, ".venv"))
-    outputs, timings, not_run = {}, [], {}
+    runs, not_run = {}, {}
     for block in readme_commands():
         for command in block:
             reason = next((why for marker, why in NOT_RUNNABLE.items() if marker in command), None)
@@ -202,21 +208,27 @@ def readme_run(tmp_path_factory):
                 built = [os.path.join(default, d) for d in os.listdir(default) if not d.startswith(".")]
                 jmp_data_from_default(copy, built[0])
             line = tiny(command)
-            if line not in outputs:
+            if line not in runs:
                 venv = os.path.join(copy, ".venv") if os.path.exists(os.path.join(copy, ".venv", "bin", "pip")) \
                     else None
                 env = user_environment(str(root), venv)
                 if "python -m pytest" in line:
                     env["PYTEST_ADDOPTS"] = suite_selection(copy)
-                outputs[line] = run_command(line, copy, env, timings)
-    print("\n".join(f"{seconds:7.1f} s  {command}" for seconds, command in timings))
-    return copy, outputs, timings, not_run
+                runs[line] = run_command(line, copy, env)
+    print("\n".join(f"{seconds:7.1f} s  exit {status}  {line}" for line, (status, _, seconds) in runs.items()))
+    return copy, runs, not_run
 
 
 def output_of(readme_run, prefix: str) -> str:
-    matches = [out for command, out in readme_run[1].items() if command.startswith(prefix)]
+    matches = [out for command, (_, out, _) in readme_run[1].items() if command.startswith(prefix)]
     assert matches, f"no README command starts with {prefix!r}"
     return matches[0]
+
+
+def test_every_readme_command_exits_0(readme_run):
+    failed = {line: out[-4000:] for line, (status, out, _) in readme_run[1].items() if status != 0}
+    assert not failed, "\n\n".join(f"`{line}` failed:\n{out}" for line, out in failed.items())
+    assert len(readme_run[1]) >= 15  # every block's commands, identical ones once
 
 
 def test_readme_install_and_demo_pretraining(readme_run):
@@ -251,7 +263,7 @@ def test_readme_conversion_pretraining_and_data_commands(readme_run):
     for name in ("rmd17/rmd17_ethanol-train", "rmd17/rmd17_ethanol-test", "qm9/qm9-train", "default/molecules-val",
                  "rmd17_beam/rmd17_ethanol-train"):
         assert os.path.exists(os.path.join(copy, "data", f"{name}.metadata.json")), name
-    assert readme_run[3] == {c: NOT_RUNNABLE["--runner FlinkRunner"] for c in readme_run[3]} and len(readme_run[3]) == 1
+    assert list(readme_run[2].values()) == [NOT_RUNNABLE["--runner FlinkRunner"]]
 
 
 def test_readme_finetune_evaluate_and_embeddings(readme_run):
