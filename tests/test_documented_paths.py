@@ -203,10 +203,10 @@ def readme_run(tmp_path_factory):
             if reason:
                 not_run[command] = reason
                 continue
-            if " --config=configs/jmp_l.py:jmp" in command:
-                default = os.path.join(str(root), "jmp_jax_cache")
-                built = [os.path.join(default, d) for d in os.listdir(default) if not d.startswith(".")]
-                jmp_data_from_default(copy, built[0])
+            cached = os.path.join(str(root), "jmp_jax_cache")
+            if " --config=configs/jmp_l.py:jmp" in command and os.path.isdir(cached):  # the demo's dataset
+                jmp_data_from_default(copy, next(os.path.join(cached, d) for d in os.listdir(cached)
+                                                 if not d.startswith(".")))
             line = tiny(command)
             if line not in runs:
                 venv = os.path.join(copy, ".venv") if os.path.exists(os.path.join(copy, ".venv", "bin", "pip")) \
