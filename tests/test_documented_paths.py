@@ -100,10 +100,12 @@ def clean_copy(destination) -> str:
     return str(destination)
 
 
-def seeded_venv(path) -> str:
-    """A venv (made by the base interpreter, without pip: pip comes from this interpreter's site-packages) whose
-    .pth file adds this interpreter's site-packages, so pip finds the pinned dependencies installed."""
-    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(path)], check=True)
+def seeded_venv(path, with_pip: bool = False) -> str:
+    """A venv made by the base interpreter whose .pth file adds this interpreter's site-packages, so pip finds
+    the pinned dependencies installed. with_pip: its own pip (ensurepip's, installed before the seed, which
+    would hide it), else this interpreter's pip."""
+    subprocess.run([sys._base_executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(path)],
+                   check=True, env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
     purelib = subprocess.run([os.path.join(path, "bin", "python"), "-c", "import sysconfig; "
                               "print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -116,13 +118,17 @@ def user_environment(root, venv: str | None) -> dict:
     """A user's shell: `python3` the base interpreter, the venv activated (if any), pip offline, JAX on CPU with
     a persistent compile cache shared by every command, the default dataset cached under root; nothing
     from the test run's PYTHONPATH (the copy's code must be the one that runs)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTEST_ADDOPTS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTEST_ADDOPTS") and not k.startswith("PIP_")}
     shims = os.path.join(root, "shims")
-    if not os.path.exists(shims):
+    if not os.path.exists(shims):  # a script, not a link: venv takes a link's folder for the Python home
         os.makedirs(shims)
-        os.symlink(sys._base_executable, os.path.join(shims, "python3"))
+        with open(os.path.join(shims, "python3"), "w") as f:
+            f.write(f'#!/bin/sh\nexec "{os.path.realpath(sys._base_executable)}" "$@"\n')
+        os.chmod(os.path.join(shims, "python3"), 0o755)
     path = [shims] + ([os.path.join(venv, "bin")] if venv else []) + [env["PATH"]]
-    env.update(PATH=os.pathsep.join(path), PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0",
+    # No pip configuration of this machine (local wheel folders, other indexes): pip installs the project only.
+    env.update(PATH=os.pathsep.join(path), PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0", PIP_CONFIG_FILE=os.devnull,
                PIP_DISABLE_PIP_VERSION_CHECK="1", JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=os.path.join(root, "xla_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JMP_JAX_DATA=os.path.join(root, "jmp_jax_cache"),
@@ -193,9 +199,8 @@ def readme_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme")
     copy = clean_copy(root / "jmp_jax")
     user_inputs(copy)
-    # The README's own first line makes .venv; made first without pip and seeded, its `python3 -m venv .venv`
-    # adds pip and keeps the seed.
-    seeded_venv(os.path.join(copy, ".venv"))
+    # The README's own first line makes .venv; made and seeded first, its `python3 -m venv .venv` keeps both.
+    seeded_venv(os.path.join(copy, ".venv"), with_pip=True)
     runs, not_run = {}, {}
     for block in readme_commands():
         for command in block:
