@@ -38,14 +38,15 @@ CELL_TIMEOUT_S = 600
 # Appended to every command that starts with the key. Pre-training: 2 steps of the demo model on the small
 # default dataset, a checkpoint and a validation at step 2. Fine-tuning: one epoch of the demo model
 # (the README's jmp_s run starts from the JMP-S-shaped fixture checkpoint, which is demo-sized).
-TINY_PRETRAIN = ("--config.train.num_steps=2 --config.train.warmup_steps=1 --config.log.every=1 "
+TINY_PRETRAIN = ("--config.train.num_steps=2 --config.train.warmup_steps=1 --config.train.lr=1e-3 --config.log.every=1 "
                  "--config.log.eval_every=2 --config.log.eval_batches=1 --config.log.checkpoint_every=2 "
                  "--config.data.structures_per_batch=2 --config.model.backbone=demo "
                  "--config.model.scale_factors=none --config.data.default_dataset_size=small")
 TINY_FLAGS = {
     "python -m experiments.pretrain": TINY_PRETRAIN,
-    "XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m experiments.pretrain": TINY_PRETRAIN,
+    'XLA_FLAGS="$XLA_FLAGS --xla_force_host_platform_device_count=2" python -m experiments.pretrain': TINY_PRETRAIN,
     "python -m experiments.finetune": "--config.train.max_epochs=1 --config.model.backbone=demo "
+                                      "--config.model.scale_factors=none "
                                       "'--config.optim.block_multipliers=()'",
     "python -m data_prep.build --source qm9": "--max-records 8",
 }
@@ -109,6 +110,9 @@ def seeded_venv(path, with_pip: bool = False) -> str:
     would hide it), else this interpreter's pip."""
     subprocess.run([sys._base_executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(path)],
                    check=True, env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
+    if with_pip:  # ensurepip's setuptools would hide the pinned environment's (torch needs a newer one)
+        subprocess.run([os.path.join(path, "bin", "python"), "-m", "pip", "uninstall", "-q", "-y", "setuptools"],
+                       check=True, env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
     purelib = subprocess.run([os.path.join(path, "bin", "python"), "-c", "import sysconfig; "
                               "print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -177,22 +181,26 @@ def user_inputs(copy: str) -> None:
 
 
 def jmp_data_from_default(copy: str, default_dir: str) -> None:
-    """DATA for the `:jmp` config: the four JMP sources' train/val splits, 4 records each, cut from the default
-    dataset (catalysis stands in for OC20, whose energies are referenced, and OC22; molecules for ANI-1x;
-    reactions for Transition-1x), written with data_prep.records."""
+    """DATA for the `:jmp` config: the four JMP sources' train/val splits, the first 4 train records of a
+    default-dataset domain each (catalysis stands in for OC20, whose energies are referenced, and OC22;
+    molecules for ANI-1x; reactions for Transition-1x), written with data_prep.records. Val holds the train
+    records: budgets are planned on the train split only, so a val structure bigger than every sampled train
+    structure overflows them (a slab of the default dataset's catalysis val split did, with 4 train records)."""
     env = user_environment(os.path.dirname(copy), None)
     script = (
         "import sys\nfrom data_prep import records\nfrom jmp_jax.data import task_data\n"
         "default, out = sys.argv[1:]\n"
         "for name, domain, kind in (('oc20', 'catalysis', 'referenced'), ('oc22', 'catalysis', 'total'),"
         " ('ani1x', 'molecules', 'total'), ('transition1x', 'reactions', 'total')):\n"
+        "    source = task_data.open_source(default, domain, 'train')\n"
         "    for split in ('train', 'val'):\n"
-        "        source = task_data.open_source(default, domain, split)\n"
         "        records.write_split((source[i] for i in range(min(4, len(source)))), out, name, split, units={},"
         " source_files=[],"
         " energy_kind=kind)\n")
-    subprocess.run([os.path.join(copy, ".venv", "bin", "python"), "-c", script, default_dir,
-                    os.path.join(copy, PLACEHOLDERS["DATA"])], cwd=copy, env=env, check=True)
+    result = subprocess.run([os.path.join(copy, ".venv", "bin", "python"), "-c", script, default_dir,
+                             os.path.join(copy, PLACEHOLDERS["DATA"])], cwd=copy, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert result.returncode == 0, f"writing DATA failed:\n{result.stdout[-4000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +274,7 @@ def test_readme_conversion_pretraining_and_data_commands(readme_run):
     assert os.path.isdir(os.path.join(copy, "ckpt", "jmp_s", "0"))
     for workdir in ("jmp_s", "jmp_l", "demo_fsdp"):
         assert os.path.isdir(os.path.join(copy, "workdir", workdir, "checkpoints", "2")), workdir
-    fsdp = output_of(readme_run, "XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m experiments.pretrain")
+    fsdp = output_of(readme_run, 'XLA_FLAGS="$XLA_FLAGS --xla_force_host_platform_device_count=2" python -m')
     assert "finished at step 2" in fsdp
     for name in ("rmd17/rmd17_ethanol-train", "rmd17/rmd17_ethanol-test", "qm9/qm9-train", "default/molecules-val",
                  "rmd17_beam/rmd17_ethanol-train"):
