@@ -188,13 +188,13 @@ def jmp_data_from_default(copy: str, default_dir: str) -> None:
     structure overflows them (a slab of the default dataset's catalysis val split did, with 4 train records)."""
     env = user_environment(os.path.dirname(copy), None)
     script = (
-        "import sys\nfrom data_prep import records\nfrom jmp_jax.data import task_data\n"
+        "import sys\nfrom data_prep import shard_writer\nfrom jmp_jax.data import task_data\n"
         "default, out = sys.argv[1:]\n"
         "for name, domain, kind in (('oc20', 'catalysis', 'referenced'), ('oc22', 'catalysis', 'total'),"
         " ('ani1x', 'molecules', 'total'), ('transition1x', 'reactions', 'total')):\n"
         "    source = task_data.open_source(default, domain, 'train')\n"
         "    for split in ('train', 'val'):\n"
-        "        records.write_split((source[i] for i in range(min(4, len(source)))), out, name, split, units={},"
+        "        shard_writer.write_split((source[i] for i in range(min(4, len(source)))), out, name, split, units={},"
         " source_files=[],"
         " energy_kind=kind)\n")
     result = subprocess.run([os.path.join(copy, ".venv", "bin", "python"), "-c", script, default_dir,
@@ -334,9 +334,9 @@ def plots(nb) -> int:
 
 @pytest.fixture(scope="module")
 def notebook_runs(readme_run, tmp_path_factory):
-    """The notebooks, run outside any checkout in a fresh venv: the first installs jmp_jax from REPO_URL (the
-    clean copy) as its set-up cell says; QM9 pre-trains its own tiny model, the other two load the README's
-    demo pre-training, the rMD17 and checkpoint notebooks side by side (each mostly compiles on one core)."""
+    """The notebooks, run outside any checkout in a fresh venv: each clones REPO_URL (the clean copy) as its
+    set-up cell says, the first pip-installs jmp_jax from its clone; QM9 pre-trains its own tiny model, the
+    other two load the README's demo pre-training, side by side (each mostly compiles on one core)."""
     copy = readme_run[0]
     root = tmp_path_factory.mktemp("notebooks")
     python = seeded_venv(root / "venv")
@@ -362,7 +362,7 @@ def notebook_runs(readme_run, tmp_path_factory):
 
         asyncio.run(run_all())
     installed = subprocess.run([python, "-c", "import jmp_jax; print(jmp_jax.__file__)"], env=env, text=True,
-                               capture_output=True, cwd=str(root)).stdout.strip()
+                               capture_output=True, cwd="/").stdout.strip()
     return root, {"finetune_qm9": qm9.nb, **{name: c.nb for name, c in clients.items()}}, installed
 
 
@@ -374,16 +374,20 @@ def finite_test_metrics(results_path) -> dict:
     return result
 
 
-def test_notebooks_install_from_repo_url(notebook_runs):
+def test_notebooks_install_from_repo_url(readme_run, notebook_runs):
     root, _, installed = notebook_runs
-    # pip installed the copy into the notebooks' venv (not an editable checkout, not this test's jmp_jax).
+    # pip installed the clone into the notebooks' venv (not an editable checkout, not this test's jmp_jax).
     assert installed == str(root / "venv" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
                             / "site-packages" / "jmp_jax" / "__init__.py")
+    head = ["git", "rev-parse", "HEAD"]
+    for name in ("qm9", "load", "rmd17"):  # each notebook's clone of REPO_URL
+        clone = subprocess.run(head, cwd=root / name / "jmp_jax", capture_output=True, text=True).stdout
+        assert clone == subprocess.run(head, cwd=readme_run[0], capture_output=True, text=True).stdout
 
 
 def test_finetune_qm9_notebook(notebook_runs):
     root, notebooks, _ = notebook_runs
-    workdir = root / "qm9" / "workdir" / "notebooks" / "finetune_qm9"
+    workdir = root / "qm9" / "jmp_jax" / "workdir" / "notebooks" / "finetune_qm9"
     result = finite_test_metrics(workdir / "finetune" / "results.json")
     assert result["task"] == "qm9_U_0" and result["init"].startswith(str(workdir / "pretrain"))
     assert "pre-trained to step 2" in printed(notebooks["finetune_qm9"]) and plots(notebooks["finetune_qm9"]) == 1
@@ -395,7 +399,7 @@ def test_finetune_qm9_notebook(notebook_runs):
 def test_finetune_rmd17_notebook(readme_run, notebook_runs):
     root, notebooks, _ = notebook_runs
     nb = notebooks["finetune_rmd17"]
-    workdir = root / "rmd17" / "workdir" / "notebooks" / "finetune_rmd17"
+    workdir = root / "rmd17" / "jmp_jax" / "workdir" / "notebooks" / "finetune_rmd17"
     result = finite_test_metrics(workdir / "finetune" / "results.json")
     assert result["task"] == "rmd17_ethanol" and result["primary_metric"] == "force_mae"
     assert result["init"].startswith(os.path.join(readme_run[0], "workdir", "demo"))
