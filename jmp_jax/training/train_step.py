@@ -80,6 +80,14 @@ def shard_loss_and_errors(params, constants, batch: LabeledBatch, *, model: nn.M
     return total, {**parts, **errors, **per_task}
 
 
+def map_shards(fn: Callable, stacked: Any) -> Any:
+    """`jax.lax.map(fn, stacked)`; a single shard is passed to `fn` directly: a loop around the model, even
+    of one trip, makes XLA keep every backward-pass residual in a stacked buffer and doubles the compile."""
+    if jax.tree.leaves(stacked)[0].shape[0] != 1:
+        return jax.lax.map(fn, stacked)
+    return jax.tree.map(lambda x: x[None], fn(jax.tree.map(lambda x: x[0], stacked)))
+
+
 def _mean_over_shards(fn: Callable, params, constants, batch: LabeledBatch, mesh: Mesh | None):
     """Each shard's loss is its own mean (as each DDP rank's is); the global loss averages them.
 
@@ -89,7 +97,7 @@ def _mean_over_shards(fn: Callable, params, constants, batch: LabeledBatch, mesh
     mesh = mesh if mesh is not None else sharding.make_mesh()
 
     def local(params, constants, local_batch):
-        losses, aux = jax.lax.map(lambda b: fn(params, constants, b), local_batch)
+        losses, aux = map_shards(lambda b: fn(params, constants, b), local_batch)
         aux = {k: (jax.lax.psum(v.sum(0), sharding.DATA_AXES) if k.endswith(("_sum", "_count"))
                    else jax.lax.pmean(v.mean(), sharding.DATA_AXES)) for k, v in aux.items()}
         return jax.lax.pmean(losses.mean(), sharding.DATA_AXES), aux
