@@ -56,13 +56,12 @@ def finite_test_metrics(results_path) -> dict:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """A clean working directory; kernels (which inherit this environment) run JAX on CPU and share a
-    persistent XLA cache. The tiny runs execute each program a few times only, so cheaper XLA
-    optimisation saves more compile time than it costs.
+    """A clean working directory; kernels (which inherit this environment) run JAX on CPU and share the
+    suite's persistent XLA cache (conftest). The tiny runs execute each program a few times only, so
+    cheaper XLA optimisation saves more compile time than it costs.
     """
     root = tmp_path_factory.mktemp("notebooks")
-    kernel_env = {"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(root / "xla_cache"),
-                  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    kernel_env = {"JAX_PLATFORMS": "cpu",
                   "XLA_FLAGS": "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"}
     with pytest.MonkeyPatch.context() as patch:
         for key, value in kernel_env.items():
