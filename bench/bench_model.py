@@ -122,10 +122,11 @@ def bench_batch(name: str, batch: LabeledBatch, backbone: config_lib.BackboneCon
         jax.block_until_ready(m)
 
     common.stage(f"{name}: timing the training step")
-    faults_before = common.minor_page_faults()
+    faults_before, cpu_before = common.minor_page_faults(), time.process_time()
     step_ms = common.median_ms(one_step, repeats)
+    step_cpu_s = (time.process_time() - cpu_before) / repeats
     faults_per_step = (common.minor_page_faults() - faults_before) / repeats
-    return [name, n_atoms, f"{fwd_ms:.0f}", f"{step_ms:.0f}", f"{n_atoms / step_ms * 1e3:.0f}",
+    return [name, n_atoms, f"{fwd_ms:.0f}", f"{step_ms:.0f}", f"{step_cpu_s:.1f}", f"{n_atoms / step_ms * 1e3:.0f}",
             f"{forward_compile_s:.1f} + {step_compile_s:.1f}", f"{forward_compile_cpu:.1f} + {step_compile_cpu:.1f}",
             f"{step_flops / 1e9:.0f}",
             f"{step_flops / (step_ms * 1e-3) / 1e9:.0f} ({100 * step_flops / (step_ms * 1e-3) / 1e9 / peak:.0f}%)",
@@ -156,7 +157,8 @@ def main():
     with jax.default_matmul_precision(args.precision):
         rows = [bench_batch(name, batches[name](), backbone, args.repeats, peak, args.dtype, execution)
                 for name in args.batches.split(",")]
-    header = ["batch", "atoms", "forward ms", "train step ms", "atoms/s (train)", "compile s (forward + step)",
+    header = ["batch", "atoms", "forward ms", "train step ms", "train step CPU s", "atoms/s (train)",
+              "compile s (forward + step)",
               "compile CPU s (forward + step)",
               "step GFLOP (XLA)", "step GFLOP/s (% of matmul peak)", "page faults / step", "peak RSS MiB"]
     blocks = f"{'scanned' if args.scan else 'unrolled'} blocks, remat {args.remat}"
