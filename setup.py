@@ -37,7 +37,9 @@ setup(
     name="jmp_jax",
     version="0.1.0",
     description="JAX/Flax GemNet-OC and JMP multi-domain pre-training",
-    packages=find_packages(include=["jmp_jax*", "experiments*", "data_prep*", "configs*"]),
+    # The library only: the tools (experiments/, data_prep/, configs/) run from a checkout, `python -m ...` in
+    # its root, and generic top-level names such as `configs` would shadow other installed packages.
+    packages=find_packages(include=["jmp_jax", "jmp_jax.*"]),
     package_data={"jmp_jax.checkpoint": ["*.json"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,

@@ -28,7 +28,7 @@ from jmp_jax.models import config as config_lib  # noqa: E402
 from jmp_jax.models.gemnet import BlockExecution  # noqa: E402
 from jmp_jax.models.jmp import JMPModel, placeholder_batch  # noqa: E402
 from jmp_jax.training import optim  # noqa: E402
-from jmp_jax.training.loss import TaskNormalization  # noqa: E402
+from jmp_jax.data.types import TaskNormalization  # noqa: E402
 from jmp_jax.training.train_step import init_train_state, train_step  # noqa: E402
 
 BATCHES = {

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
 from configs import pretrain_common  # noqa: E402
+from data_prep import default_dataset  # noqa: E402
 from jmp_jax.data import task_data  # noqa: E402
 from jmp_jax.models.jmp import JMPModel  # noqa: E402
 from jmp_jax.training import loop, optim  # noqa: E402
@@ -37,6 +38,7 @@ def main():
 
     config = pretrain_common.pretrain_config(args.config)
     config.data.structures_per_batch = args.structures_per_batch
+    config.data.dir = default_dataset.data_dir_for(config)
     config.model.scale_factors = "fitted" if args.config in ("jmp_s", "jmp_l") else "none"
     tasks = task_data.load_tasks(config)
     backbone = loop.backbone_config(args.config)

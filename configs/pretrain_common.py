@@ -1,4 +1,4 @@
-"""Pieces shared by the JMP-S and JMP-L pre-training configs (the recipe of spec §3)."""
+"""Pieces shared by the JMP-S and JMP-L pre-training configs (the recipe of docs/jmp_spec.md §3)."""
 from __future__ import annotations
 
 import ml_collections

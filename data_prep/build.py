@@ -28,10 +28,11 @@ import sys
 
 from jmp_jax import cli
 
-cli.quiet_startup()  # before TensorFlow loads (data_prep.records)
+cli.quiet_startup()  # before TensorFlow loads (jmp_jax.data.records)
 
-from data_prep import records as records_lib  # noqa: E402
-from data_prep.metadata import ENERGY_KINDS, InconsistentSplitError  # noqa: E402
+from data_prep import shard_writer  # noqa: E402
+from jmp_jax.data import records as records_lib  # noqa: E402
+from jmp_jax.data.metadata import ENERGY_KINDS, InconsistentSplitError  # noqa: E402
 from data_prep.sources import READERS, InputFormatError, SplitPlan  # noqa: E402
 
 PRE_SPLIT_SOURCES = ("oc20", "oc22")
@@ -73,12 +74,12 @@ def build(
     output_dir: str,
     *,
     splits: list[str] | None = None,
-    records_per_shard: int = records_lib.DEFAULT_RECORDS_PER_SHARD,
+    records_per_shard: int = shard_writer.DEFAULT_RECORDS_PER_SHARD,
     **reader_options,
 ) -> list[dict]:
     """Writes every selected split of one source; returns their metadata dicts."""
     return [
-        records_lib.write_split(plan.records(), output_dir, plan.name, plan.split,
+        shard_writer.write_split(plan.records(), output_dir, plan.name, plan.split,
                                 records_per_shard=records_per_shard, **write_options(plan))
         for plan in plan_splits(source, input_path, splits, **reader_options)
     ]
@@ -91,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input", help="file or folder as distributed (qm9: omit to use the qm9pack package)")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--split", nargs="*", help="split name(s); see above")
-    parser.add_argument("--records-per-shard", type=int, default=records_lib.DEFAULT_RECORDS_PER_SHARD)
+    parser.add_argument("--records-per-shard", type=int, default=shard_writer.DEFAULT_RECORDS_PER_SHARD)
     parser.add_argument("--fold", type=int, nargs="*",
                         help="matbench: folds to write (default all 5); rmd17: one official fold 1..5")
     parser.add_argument("--splits-dir", help="rmd17 with --fold: folder of index_{train,test}_0K.csv "
@@ -151,10 +152,10 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for meta in metas:
-        print(json.dumps(records_lib.summarize(meta)))
+        print(json.dumps(shard_writer.summarize(meta)))
     if args.tfds:
         for meta in metas:
-            records_lib.describe_for_tfds(args.output, meta["source"], meta["split"])
+            shard_writer.describe_for_tfds(args.output, meta["source"], meta["split"])
     return 0
 
 

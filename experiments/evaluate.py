@@ -33,7 +33,7 @@ MAX_PLOTTED_FORCE_ATOMS = 50_000  # a larger scatter only slows the plot down
 
 
 def record_to_atoms(record: dict) -> Atoms:
-    """A prepared record (data_prep.records schema) as ase.Atoms with its tags (labels are not attached)."""
+    """A prepared record (jmp_jax.data.records schema) as ase.Atoms with its tags (labels are not attached)."""
     return Atoms(numbers=record["atomic_numbers"], positions=record["positions"], cell=record["cell"],
                  pbc=record["pbc"], tags=record["tags"])
 
@@ -130,7 +130,7 @@ class FinetunedHead:
         """{"target": (B,)} | {"logits": (B, C)} | {"forces": list of (n_i, 3) eV/Å}, by the head's kind."""
         from jmp_jax.finetune.data import build_graphs
         from jmp_jax.graph import batching
-        from jmp_jax.pretrained import bucketed_budgets
+        from jmp_jax.graph.batching import bucketed_budgets
 
         values = []
         for start in range(0, len(records), self.batch_size):

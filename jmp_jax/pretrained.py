@@ -21,6 +21,7 @@ from ase import Atoms
 from ase.data import chemical_symbols
 
 from jmp_jax.graph import batching
+from jmp_jax.graph.batching import bucketed_budgets
 from jmp_jax.graph.build import GraphSettings, StructureGraphs, build_from_atoms
 from jmp_jax.graph.types import GraphBatch
 from jmp_jax.graph.validate import MAX_ATOMIC_NUMBER
@@ -99,21 +100,6 @@ def tasks_from_metadata(metadata: Mapping[str, Any]) -> list[TaskInfo]:
     if len(tasks) != num_tasks:
         raise PretrainedInputError(f"metadata lists {len(tasks)} tasks for {num_tasks} heads")
     return tasks
-
-
-def bucket_size(n: int, minimum: int = 8) -> int:
-    """Smallest 2^k or 3 * 2^(k-1) that is >= max(n, minimum): at most 1.5x padding, few distinct sizes."""
-    n = max(int(n), minimum, 1)
-    power = 1 << (n - 1).bit_length()
-    return 3 * power // 4 if 3 * power // 4 >= n else power
-
-
-def bucketed_budgets(structures: Sequence[StructureGraphs]) -> batching.Budgets:
-    """Budgets holding these structures plus one padding slot per kind, each rounded up by `bucket_size`."""
-    need = sum((batching.structure_sizes(sg) for sg in structures), batching.Budgets.zeros())
-    sizes = {kind: bucket_size(count + 1) for kind, count in need.as_dict().items()}
-    sizes["graphs"] = bucket_size(len(structures) + 1, minimum=2)
-    return batching.Budgets(**sizes)
 
 
 def default_settings(atoms, cutoff: float | None, max_neighbors: int | None, pbc) -> GraphSettings:

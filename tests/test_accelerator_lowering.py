@@ -1,7 +1,7 @@
 """The pre-training and fine-tuning steps lower for GPU and TPU from this CPU host.
 
 Nothing CPU-only may leak into an accelerator program: no host callbacks, no custom calls, and none of the
-CPU fusion barriers (`layers.fusion_barrier`, a conditional per barrier), which choose by the platform being
+CPU fusion barriers (`kernels.fusion_barrier`, a conditional per barrier), which choose by the platform being
 lowered for, not by the host's backend. Lowering traces with abstract shapes only, so nothing runs.
 """
 from __future__ import annotations
@@ -22,13 +22,15 @@ from jmp_jax.finetune import optim as finetune_optim
 from jmp_jax.finetune.loss import Normalization
 from jmp_jax.finetune.model import FinetuneModel, backbone_for
 from jmp_jax.graph import batching
-from jmp_jax.models import layers
+from jmp_jax.models import kernels
 from jmp_jax.models.config import demo
 from jmp_jax.models.jmp import JMPModel, variable_shapes
-from jmp_jax.pretrained import bucketed_budgets, build_graphs
+from jmp_jax.graph.batching import bucketed_budgets
+from jmp_jax.pretrained import build_graphs
 from jmp_jax.training import optim
-from jmp_jax.training.loss import TaskNormalization
-from jmp_jax.training.train_step import LabeledBatch, init_train_state, train_step
+from jmp_jax.data.types import TaskNormalization
+from jmp_jax.data.types import LabeledBatch
+from jmp_jax.training.train_step import init_train_state, train_step
 
 ACCELERATORS = ("cuda", "tpu")
 ONE_BLOCK = dataclasses.replace(demo(), num_blocks=1)
@@ -106,7 +108,7 @@ def test_training_steps_lower_for_accelerators_without_cpu_parts(step_and_args, 
 
 def test_fusion_barrier_follows_the_lowering_platform():
     x = jax.ShapeDtypeStruct((8,), jnp.float32)
-    lowered = {platform: _lowered_text(layers.fusion_barrier, (x,), platform) for platform in ("cpu",) + ACCELERATORS}
+    lowered = {platform: _lowered_text(kernels.fusion_barrier, (x,), platform) for platform in ("cpu",) + ACCELERATORS}
     assert _fusion_barriers(lowered["cpu"]) == 1
     assert all(_fusion_barriers(lowered[p]) == 0 for p in ACCELERATORS)
-    np.testing.assert_array_equal(jax.jit(layers.fusion_barrier)(jnp.arange(8.0)), np.arange(8.0))
+    np.testing.assert_array_equal(jax.jit(kernels.fusion_barrier)(jnp.arange(8.0)), np.arange(8.0))

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from data_prep import build, records
+from data_prep import build
+from jmp_jax.data import records
 from fixture_files import data_path
 
 

@@ -2,7 +2,7 @@
 
 The checkpoints are the random demo model of test_pretrained and random demo fine-tuning models (classifier,
 scalar head); the split (3 molecules and a Cu slab with fixed atoms, random labels) is written with
-data_prep.records.write_split.
+data_prep.shard_writer.write_split.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from ase.build import add_adsorbate, fcc111, molecule
 
 import jmp_jax
 from configs.finetune.common import base_task
-from data_prep import records as records_lib
+from data_prep import shard_writer
+from jmp_jax.data import records as records_lib
 from experiments import evaluate
 from jmp_jax import evaluation
 from jmp_jax.checkpoint import orbax_io
@@ -27,7 +28,7 @@ from jmp_jax.finetune import data as finetune_data, loop, model as finetune_mode
 from jmp_jax.finetune.loss import Normalization
 from jmp_jax.graph import batching
 from jmp_jax.models.config import demo
-from jmp_jax.pretrained import bucketed_budgets
+from jmp_jax.graph.batching import bucketed_budgets
 from test_pretrained import write_random_checkpoint
 
 SOURCE, SPLIT = "catalysis", "test"  # "catalysis" is a head name of the random checkpoint
@@ -119,7 +120,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     checkpoint = write_random_checkpoint(root / "ckpt")
     records = tiny_records()
-    records_lib.write_split(records, str(root / "data"), SOURCE, SPLIT, units={"energy": "eV"}, source_files=[],
+    shard_writer.write_split(records, str(root / "data"), SOURCE, SPLIT, units={"energy": "eV"}, source_files=[],
                             records_per_shard=3)
     return root, checkpoint, records
 

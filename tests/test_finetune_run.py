@@ -13,7 +13,8 @@ import pytest
 from ase.build import bulk, molecule
 
 from configs.finetune import common
-from data_prep import records
+from data_prep import shard_writer
+from jmp_jax.data import records
 from jmp_jax.checkpoint import integrity, orbax_io
 from jmp_jax.finetune import loop, optim, weights
 from jmp_jax.finetune.data import DataSpec, SplitData
@@ -80,8 +81,8 @@ def _molecule_records(n: int, seed: int, periodic: bool = False):
 def data_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("finetune_data"))
     for split, n, seed in (("train", 5, 1), ("val", 3, 2), ("test", 3, 3)):
-        records.write_split(_molecule_records(n, seed), out, "tiny", split, units={}, source_files=[])
-    records.write_split(_molecule_records(3, 4, periodic=True), out, "tiny_crystal", "train", units={},
+        shard_writer.write_split(_molecule_records(n, seed), out, "tiny", split, units={}, source_files=[])
+    shard_writer.write_split(_molecule_records(3, 4, periodic=True), out, "tiny_crystal", "train", units={},
                         source_files=[])
     return out
 

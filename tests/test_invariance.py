@@ -28,9 +28,11 @@ from jmp_jax.ase_calculator import JMPCalculator
 from jmp_jax.data.pipeline import label_arrays
 from jmp_jax.graph import batching
 from jmp_jax.graph.build import GraphSettings, build_from_atoms
-from jmp_jax.pretrained import bucketed_budgets, build_graphs
-from jmp_jax.training.loss import TaskNormalization
-from jmp_jax.training.train_step import LabeledBatch, shard_loss_and_errors
+from jmp_jax.graph.batching import bucketed_budgets
+from jmp_jax.pretrained import build_graphs
+from jmp_jax.data.types import TaskNormalization
+from jmp_jax.data.types import LabeledBatch
+from jmp_jax.training.train_step import shard_loss_and_errors
 
 # (energy, relative; forces, of the largest force component) per compute dtype, see the module docstring.
 TOLERANCES = {"float32": (5e-5, 1e-4), "float64": (1e-10, 1e-9)}

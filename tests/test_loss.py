@@ -2,11 +2,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jmp_jax.data.types import TaskNormalization
 from jmp_jax.training import loss as loss_lib
 
 
 def test_structure_wise_force_loss_and_energy_l1():
-    norm = loss_lib.TaskNormalization(energy_std=2.0, force_std=0.5, energy_coefficient=1.0, force_coefficient=10.0)
+    norm = TaskNormalization(energy_std=2.0, force_std=0.5, energy_coefficient=1.0, force_coefficient=10.0)
     # Two real structures (2 and 1 atoms) and one padding graph/node.
     pred_e = jnp.array([1.0, 4.0, 99.0])
     true_e = jnp.array([0.0, 2.0, 0.0])
@@ -35,10 +36,10 @@ def test_error_sums_count_free_real_atoms_only():
 
 
 def test_mixed_batch_gives_every_structure_its_tasks_scales():
-    """JMP's loss on a mixed-task batch (spec §3.3): each structure normalised and weighted by its own task,
+    """JMP's loss on a mixed-task batch (docs/jmp_spec.md §3.3): each structure normalised and weighted by its own task,
     then the mean over the batch's structures."""
-    norms = (loss_lib.TaskNormalization(energy_std=2.0, force_std=0.5, energy_coefficient=1.0, force_coefficient=10.0),
-             loss_lib.TaskNormalization(energy_std=4.0, force_std=0.25, energy_coefficient=3.0, force_coefficient=2.0))
+    norms = (TaskNormalization(energy_std=2.0, force_std=0.5, energy_coefficient=1.0, force_coefficient=10.0),
+             TaskNormalization(energy_std=4.0, force_std=0.25, energy_coefficient=3.0, force_coefficient=2.0))
     # Structures of tasks 1, 0, 1 (2, 1 and 1 atoms), then one padding graph and node.
     graph_task = jnp.array([1, 0, 1, 0])
     pred_e = jnp.array([1.0, 4.0, -2.0, 99.0])

@@ -22,7 +22,9 @@ from jmp_jax.graph.build import build_from_atoms
 from jmp_jax.graph.validate import GraphInputError
 from jmp_jax.models.config import demo
 from jmp_jax.models.jmp import variable_shapes
-from jmp_jax.pretrained import PretrainedInputError, bucket_size, bucketed_budgets, build_graphs, default_settings
+from jmp_jax.graph.batching import bucketed_budgets
+from jmp_jax.graph.batching import bucket_size
+from jmp_jax.pretrained import PretrainedInputError, build_graphs, default_settings
 
 # Two heads with distinct normalisations; the second has a linear reference (eV per element, by Z).
 TASKS = [

@@ -1,4 +1,4 @@
-"""The table of every JMP fine-tuning task and the recipe shared by all of them (spec §4).
+"""The table of every JMP fine-tuning task and the recipe shared by all of them (docs/jmp_spec.md §4).
 
 Values follow JMP's sweep file `config/all-jmp-l-configs.py` (normalisation, batch sizes, heads,
 reductions, schedules, stopping) and the task modules `src/jmp/tasks/finetune/*.py` (graph settings).

@@ -1,6 +1,6 @@
 """PyTorch (JMP `PretrainModel` state_dict) <-> Flax variable names, and state_dict -> Flax variables.
 
-Rules (spec §5):
+Rules (docs/jmp_spec.md §5):
 - torch key components are separated by '.'; a numeric ModuleList/Sequential index i following
   component `name` becomes the Flax module `name_{i}`;
 - GemNet `Dense` `X.linear.weight` (out, in) -> params `X/kernel` (in, out), transposed;

@@ -23,9 +23,9 @@ import numpy as np
 
 from jmp_jax.graph import batching, slots
 from jmp_jax.graph.build import GraphSettings, build_structure_graphs
-from jmp_jax.training.train_step import LabeledBatch
+from jmp_jax.data.types import LabeledBatch
 
-RecordSource = Any  # len() and [i] -> record dict (see data_prep.records for the schema)
+RecordSource = Any  # len() and [i] -> record dict (see jmp_jax.data.records for the schema)
 
 # Structures examined per batch, per graph slot of the budget, when packing.
 PACKING_WINDOW_PER_GRAPH = 2
@@ -59,7 +59,7 @@ class TaskSpec:
 
 
 def temperature_probabilities(sizes: Sequence[int], temperature: float) -> np.ndarray:
-    """p_i = (n_i / Σn)^(1/T) / Σ_j (n_j / Σn)^(1/T)  (JMP's temperature sampling, spec §3.4)."""
+    """p_i = (n_i / Σn)^(1/T) / Σ_j (n_j / Σn)^(1/T)  (JMP's temperature sampling, docs/jmp_spec.md §3.4)."""
     frac = np.asarray(sizes, np.float64) / np.sum(sizes)
     p = frac ** (1.0 / temperature)
     return p / p.sum()

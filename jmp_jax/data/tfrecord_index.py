@@ -1,6 +1,6 @@
 """Random access into TFRecord shards through their record indexes, so the pipeline can be resumed exactly.
 
-Opening a split reads the indexes written beside its shards at build time (data_prep/record_index.py):
+Opening a split reads the indexes written beside its shards at build time (jmp_jax/data/record_index.py):
 16 bytes per record, no record header touched, so start-up does not grow with the shards' size.
 
 Each record is verified when it is read: its whole frame (length header, payload, footer) comes in one read
@@ -16,7 +16,7 @@ import os
 import zlib
 from typing import Callable, Sequence
 
-from data_prep import record_index
+from jmp_jax.data import record_index
 
 HEADER_BYTES = 12
 FOOTER_BYTES = 4

@@ -12,12 +12,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from jmp_jax.data import task_data
+from jmp_jax.data import budget_plan, task_data
 from jmp_jax.data.pipeline import label_arrays, target_array
 from jmp_jax.graph import batching
 from jmp_jax.graph.build import GraphSettings, StructureGraphs, build_structure_graphs
-from jmp_jax.pretrained import bucketed_budgets
-from jmp_jax.training.train_step import LabeledBatch
+from jmp_jax.graph.batching import bucketed_budgets
+from jmp_jax.data.types import LabeledBatch
 
 # JMP's `conditional_max_neighbors` (MatBench, QMOF): fewer neighbours for large cells.
 CONDITIONAL_MAX_NEIGHBORS = ((300, 5), (200, 10))
@@ -70,7 +70,7 @@ class SplitData:
                  seed: int = 0, num_workers: int = 2):
         self.spec, self.split = spec, split
         self.source = task_data.open_source(data_dir, spec.source, split)
-        self.budgets = budgets or task_data.plan_budgets(self.source, spec.settings(0), spec.batch_size, seed)
+        self.budgets = budgets or budget_plan.plan_budgets(self.source, spec.settings(0), spec.batch_size, seed)
         self.num_workers = max(num_workers, 1)
 
     def __len__(self) -> int:

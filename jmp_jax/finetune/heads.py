@@ -1,4 +1,4 @@
-"""Fine-tuning output heads (spec §1.7): new MLPs on the backbone's per-atom / per-edge features.
+"""Fine-tuning output heads (docs/jmp_spec.md §1.7): new MLPs on the backbone's per-atom / per-edge features.
 
 Every head reads padded arrays and returns one value per graph (or per atom for forces); padding
 atoms never reach a real graph's value (explicit masks, static segment counts).
@@ -15,7 +15,8 @@ from ase.data import atomic_masses
 
 from jmp_jax.graph.types import GraphBatch
 from jmp_jax.models.jmp import torch_linear_bias_init, torch_linear_kernel_init
-from jmp_jax.models.layers import dense_dot_general, scaled_silu
+from jmp_jax.models.kernels import dense_dot_general
+from jmp_jax.models.layers import scaled_silu
 
 REDUCTIONS = ("sum", "mean", "max")
 # JMP's `mlp([d] * 5 + [k])`: 4 hidden Linear(d, d) + act, then Linear(d, k).

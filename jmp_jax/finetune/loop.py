@@ -1,4 +1,4 @@
-"""The fine-tuning run (spec §4): epochs over the train split, validation every epoch, ReduceLROnPlateau
+"""The fine-tuning run (docs/jmp_spec.md §4): epochs over the train split, validation every epoch, ReduceLROnPlateau
 after the cosine phase, early stopping, best checkpoint on the primary validation metric, final test
 with the best weights.
 
@@ -30,7 +30,7 @@ from jmp_jax.finetune.data import DataSpec, SplitData
 from jmp_jax.finetune.model import FinetuneModel, HeadSpec, backbone_for, predict
 from jmp_jax.training.loop import backbone_config, block_execution
 from jmp_jax.training.metrics_log import MetricsLog
-from jmp_jax.training.train_step import LabeledBatch
+from jmp_jax.data.types import LabeledBatch
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -59,7 +59,7 @@ def data_spec(config: ml_collections.ConfigDict) -> DataSpec:
 
 def normalization(config: ml_collections.ConfigDict, data_dir: str) -> loss_lib.Normalization:
     """The task's statistics; None entries are taken from the train split's metadata."""
-    from data_prep import records
+    from jmp_jax.data import records
     t = config.task
     meta = records.load_metadata(data_dir, t.source, config.data.train_split)
     if t.kind == "forces":

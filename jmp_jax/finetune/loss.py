@@ -1,4 +1,4 @@
-"""Fine-tuning losses and metrics (spec §4.1): normalised-unit losses, denormalised metric sums.
+"""Fine-tuning losses and metrics (docs/jmp_spec.md §4.1): normalised-unit losses, denormalised metric sums.
 
   scalar:          L = c * mean_graphs |ŷ - (y - mean) / std|                         (L1)
   classification:  L = Σ_graphs w[y] * CE(logits, y)                                  (reduction "sum")
@@ -16,7 +16,7 @@ import numpy as np
 
 from jmp_jax.finetune.model import HeadSpec
 from jmp_jax.training.loss import PAIRWISE_DISTANCE_EPS
-from jmp_jax.training.train_step import LabeledBatch
+from jmp_jax.data.types import LabeledBatch
 
 # (metric name, mode) the run selects checkpoints and schedules on, per head kind.
 PRIMARY_METRIC = {"scalar": ("mae", "min"), "forces": ("force_mae", "min"),

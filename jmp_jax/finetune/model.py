@@ -1,4 +1,4 @@
-"""The fine-tuning model: JMP's atom embedding + GemNet-OC backbone + one new task head (spec §1.7, §4).
+"""The fine-tuning model: JMP's atom embedding + GemNet-OC backbone + one new task head (docs/jmp_spec.md §1.7, §4).
 
 Param tree: `embedding/...` and `backbone/...` exactly as in the pre-training `JMPModel` (so pre-trained
 weights copy over by path), plus `head/...` (scalar, classification, spatial extent) or

@@ -1,4 +1,4 @@
-"""Initial weights of a fine-tuning model (spec §4.3): random, or embedding + backbone from a checkpoint.
+"""Initial weights of a fine-tuning model (docs/jmp_spec.md §4.3): random, or embedding + backbone from a checkpoint.
 
 A checkpoint is anything `orbax_io.load_variables` reads: a pre-training run's checkpoints (EMA weights
 by default) or a converted released JMP checkpoint. Pre-training heads (`output/...`) and, for models

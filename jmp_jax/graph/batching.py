@@ -290,3 +290,18 @@ def simulate_packing(needs: Sequence[Budgets], buckets: Sequence[Budgets], windo
         deferred = [p for p in examined if p not in taken]
         cursor = max([cursor - 1, *examined]) + 1
     return np.asarray(totals), np.asarray(chosen)
+
+
+def bucket_size(n: int, minimum: int = 8) -> int:
+    """Smallest 2^k or 3 * 2^(k-1) that is >= max(n, minimum): at most 1.5x padding, few distinct sizes."""
+    n = max(int(n), minimum, 1)
+    power = 1 << (n - 1).bit_length()
+    return 3 * power // 4 if 3 * power // 4 >= n else power
+
+
+def bucketed_budgets(structures: Sequence[StructureGraphs]) -> Budgets:
+    """Budgets holding these structures plus one padding slot per kind, each rounded up by `bucket_size`."""
+    need = sum((structure_sizes(sg) for sg in structures), Budgets.zeros())
+    sizes = {kind: bucket_size(count + 1) for kind, count in need.as_dict().items()}
+    sizes["graphs"] = bucket_size(len(structures) + 1, minimum=2)
+    return Budgets(**sizes)

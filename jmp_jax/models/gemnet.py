@@ -1,4 +1,4 @@
-"""The GemNet-OC backbone as JMP uses it (spec §1.5-1.6): atom embeddings in, per-atom energy features
+"""The GemNet-OC backbone as JMP uses it (docs/jmp_spec.md §1.5-1.6): atom embeddings in, per-atom energy features
 and per-edge direct-force features out. Parameters live under `backbone/...` in JMPModel."""
 from __future__ import annotations
 

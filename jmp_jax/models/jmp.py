@@ -1,4 +1,4 @@
-"""JMP pre-training model: atom embedding + GemNet-OC backbone + per-task energy/force heads (spec §1.7).
+"""JMP pre-training model: atom embedding + GemNet-OC backbone + per-task energy/force heads (docs/jmp_spec.md §1.7).
 
 Param tree (mirrors the PyTorch `PretrainModel` state_dict, see `jmp_jax.checkpoint.names`):
   embedding/atom_embedding/embedding (120, A)
@@ -20,7 +20,8 @@ import jraph
 from jmp_jax.graph.types import EdgeSet, EdgeSlots, GraphBatch
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.gemnet import BlockExecution, GemNetOCBackbone
-from jmp_jax.models.layers import dense_dot_general, scaled_silu
+from jmp_jax.models.kernels import dense_dot_general
+from jmp_jax.models.layers import scaled_silu
 
 HEAD_NUM_HIDDEN = 4  # JMP's mlp([d] * 5 + [1]): 4 hidden Linear(d, d) layers, then Linear(d, 1)
 

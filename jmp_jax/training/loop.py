@@ -17,14 +17,15 @@ import ml_collections
 import numpy as np
 
 from jmp_jax.checkpoint import orbax_io
-from jmp_jax.data import task_data
+from jmp_jax.data import budget_plan, task_data
 from jmp_jax.models import config as config_lib
 from jmp_jax.models.gemnet import BlockExecution
 from jmp_jax.models.jmp import JMPModel
 from jmp_jax.checkpoint.scale_factors import load_scale_factors, scale_factor_constants
 from jmp_jax.training import checkpointing, optim, sharding
 from jmp_jax.training.metrics_log import MetricsLog
-from jmp_jax.training.train_step import LabeledBatch, TrainState, eval_step, init_train_state, train_step
+from jmp_jax.data.types import LabeledBatch
+from jmp_jax.training.train_step import TrainState, eval_step, init_train_state, train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -201,7 +202,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     elapsed = time.time() - window_start
                     scalars = window_scalars(window, tasks)
                     scalars.update(structures_per_s=structures / elapsed, atoms_per_s=atoms / elapsed,
-                                   **task_data.fill_ratios(host_batch, batch_name(task, tasks)))
+                                   **budget_plan.fill_ratios(host_batch, batch_name(task, tasks)))
                     log.write(step, scalars)
                     last_loss = scalars["loss"]
                     window, structures, atoms, window_start = [], 0, 0, time.time()

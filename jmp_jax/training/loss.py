@@ -1,4 +1,4 @@
-"""JMP pre-training loss and metrics for one padded batch (spec §3.3).
+"""JMP pre-training loss and metrics for one padded batch (docs/jmp_spec.md §3.3).
 
 Everything is computed in normalised units (target / std, mean 0) and reduced over real entries only.
 A single-task batch uses its task's scales; a mixed-task batch gives every structure its own task's
@@ -12,18 +12,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from jmp_jax.data.types import TaskNormalization
+
 # torch's F.pairwise_distance adds this to the difference before the norm; JMP's force loss uses it.
 PAIRWISE_DISTANCE_EPS = 1e-6
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskNormalization:
-    """Per-task scales: targets are divided by the std; the loss terms are multiplied by the coefficients."""
-
-    energy_std: float
-    force_std: float
-    energy_coefficient: float = 1.0
-    force_coefficient: float = 1.0
 
 
 def structure_normalization(norms: Sequence[TaskNormalization], graph_task: jax.Array) -> TaskNormalization:

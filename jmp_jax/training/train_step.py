@@ -11,21 +11,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jmp_jax.graph.types import GraphBatch
+from jmp_jax.data.types import LabeledBatch, TaskNormalization
 from jmp_jax.training import loss as loss_lib
 from jmp_jax.training import sharding
 from jmp_jax.training.optim import ema_update
-
-
-@flax.struct.dataclass
-class LabeledBatch:
-    """A padded graph batch with its labels (eV, eV/Å). Stacked: every array has a leading shard axis."""
-
-    graphs: GraphBatch
-    energy: jax.Array   # (G,)
-    forces: jax.Array   # (N, 3)
-    targets: jax.Array | None = None  # (G,) one scalar target per graph (fine-tuning); pre-training: None
-    task: jax.Array | None = None  # (G,) int32 task of each graph (mixed-task batches; padding graphs 0)
 
 
 @flax.struct.dataclass
@@ -46,7 +35,7 @@ def init_train_state(variables: dict, tx: optax.GradientTransformation) -> Train
 
 
 def shard_loss_and_errors(params, constants, batch: LabeledBatch, *, model: nn.Module, task: int | None,
-                          norm: loss_lib.TaskNormalization | tuple[loss_lib.TaskNormalization, ...],
+                          norm: TaskNormalization | tuple[TaskNormalization, ...],
                           training: bool):
     """Loss and error sums of one batch shard (no leading axis).
 
@@ -108,7 +97,7 @@ def _mean_over_shards(fn: Callable, params, constants, batch: LabeledBatch, mesh
 
 def train_step(state: TrainState, batch: LabeledBatch, *, model: nn.Module, tx: optax.GradientTransformation,
                schedule: optax.Schedule, task: int | None,
-               norm: loss_lib.TaskNormalization | tuple[loss_lib.TaskNormalization, ...],
+               norm: TaskNormalization | tuple[TaskNormalization, ...],
                ema_decay: float, mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser step. A non-finite loss or gradient leaves the state unchanged and is counted.
 
@@ -137,7 +126,7 @@ def train_step(state: TrainState, batch: LabeledBatch, *, model: nn.Module, tx: 
 
 
 def eval_step(params, constants, batch: LabeledBatch, *, model: nn.Module, task: int | None,
-              norm: loss_lib.TaskNormalization | tuple[loss_lib.TaskNormalization, ...],
+              norm: TaskNormalization | tuple[TaskNormalization, ...],
               mesh: Mesh | None = None) -> dict[str, jax.Array]:
     """Loss and error sums with the given (usually EMA) parameters, no edge dropout."""
     fn = functools.partial(shard_loss_and_errors, model=model, task=task, norm=norm, training=False)

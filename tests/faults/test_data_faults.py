@@ -9,7 +9,8 @@ import pytest
 from ase.build import molecule
 
 from configs import pretrain_common
-from data_prep import record_index, records
+from data_prep import record_index as record_index_tool, shard_writer
+from jmp_jax.data import record_index, records
 from experiments import evaluate
 from jmp_jax.data import task_data, tfrecord_index
 
@@ -22,7 +23,7 @@ def _split(tmp_path, n=7, records_per_shard=3) -> str:
         atoms = molecule(NAMES[i % len(NAMES)])
         recs.append(records.make_record(atoms.numbers, atoms.positions, source_id=f"mol{i}", energy=-float(i),
                                         forces=np.zeros((len(atoms), 3))))
-    records.write_split(recs, str(tmp_path), "toy", "train", records_per_shard=records_per_shard,
+    shard_writer.write_split(recs, str(tmp_path), "toy", "train", records_per_shard=records_per_shard,
                         units={"energy": "eV"}, source_files=[])
     return str(tmp_path)
 
@@ -132,6 +133,6 @@ def test_split_without_indexes_is_refused_until_they_are_written(tmp_path):
                        match=rf"^{record_index.index_path(shards[0])}: no record index .*"
                              rf"`python -m data_prep.record_index {data_dir}`\)$"):
         task_data.open_source(data_dir, "toy", "train")
-    record_index.main([data_dir])
+    record_index_tool.main([data_dir])
     assert {shard: open(record_index.index_path(shard), "rb").read() for shard in shards} == built
     assert [task_data.open_source(data_dir, "toy", "train")[i]["source_id"] for i in (0, 6)] == ["mol0", "mol6"]
