@@ -1,4 +1,5 @@
-r"""Compile time of the JMP-S pre-training step for one batch shape: tracing + lowering, then XLA.
+r"""Compile time of the JMP-S pre-training step for one batch shape (tracing + lowering, then XLA), and
+XLA's count of the step's temporary memory and work.
 
   python bench/bench_compile.py                          # JMP-S, molecule batch, unrolled blocks
   python bench/bench_compile.py --scan                   # one scanned interaction block
@@ -51,10 +52,13 @@ def compile_times(name: str, backbone: config_lib.BackboneConfig, execution: Blo
     t0, c0 = time.perf_counter(), time.process_time()
     lowered = step.lower(state, batch)
     t1, c1 = time.perf_counter(), time.process_time()
-    lowered.compile()
+    compiled = lowered.compile()
     t2, c2 = time.perf_counter(), time.process_time()
+    # XLA's own accounting: the step's temporaries (what remat trades for recomputation) and its work.
+    temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    gflop = compiled.cost_analysis().get("flops", float("nan")) / 1e9
     return [name, f"{t1 - t0:.1f} ({c1 - c0:.1f})", f"{t2 - t1:.1f} ({c2 - c1:.1f})", f"{t2 - t0:.1f} ({c2 - c0:.1f})",
-            f"{len(lowered.as_text()) / 1e6:.1f}"]
+            f"{len(lowered.as_text()) / 1e6:.1f}", f"{temp_mib:.0f}", f"{gflop:.0f}"]
 
 
 def main():
@@ -70,7 +74,8 @@ def main():
     execution = BlockExecution(scan=args.scan, remat=args.remat)
     rows = [compile_times(name, config_lib.NAMED_CONFIGS[args.config](), execution)
             for name in args.batches.split(",")]
-    header = ["batch", "trace + lower s (CPU s)", "XLA compile s (CPU s)", "total s (CPU s)", "StableHLO MB"]
+    header = ["batch", "trace + lower s (CPU s)", "XLA compile s (CPU s)", "total s (CPU s)", "StableHLO MB",
+              "step temporaries MiB (XLA)", "step GFLOP (XLA)"]
     blocks = f"{'scanned' if args.scan else 'unrolled'} blocks, remat {args.remat}"
     common.report(f"bench_compile: {args.config} training step ({blocks})", common.table(header, rows),
                   notes=f"Persistent compilation cache: {cache or 'off'}.")
