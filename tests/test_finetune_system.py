@@ -36,7 +36,7 @@ def env(tmp_path_factory):
     # The demo model with one interaction block: the runs' time is mostly compiling, which grows with depth.
     backbone = root / "one_block.json"
     backbone.write_text(json.dumps(dataclasses.replace(demo(), num_blocks=1).to_dict()))
-    return {"root": root, "data": data, "backbone": str(backbone), "environ": subprocess_environ(root)}
+    return {"root": root, "data": data, "backbone": str(backbone), "environ": subprocess_environ()}
 
 
 def command(env, workdir) -> list[str]:

@@ -1,7 +1,7 @@
 """System tests of `python -m experiments.pretrain` on the tiny `:test` config.
 
-Every run is a real subprocess (as a user runs it); they share one small default dataset and a
-persistent XLA compilation cache, so only the first run pays for compiling.
+Every run is a real subprocess (as a user runs it); they share one small default dataset and the
+suite's persistent XLA compilation cache (conftest), so only the first run pays for compiling.
 """
 import json
 import os
@@ -27,13 +27,12 @@ def env(tmp_path_factory):
     data = root / "data"
     default_dataset.build_default_dataset(str(data), sizes={"catalysis": 24, "molecules": 24, "reactions": 16},
                                           progress=False)
-    return {"root": root, "data": str(data), "environ": subprocess_environ(root)}
+    return {"root": root, "data": str(data), "environ": subprocess_environ()}
 
 
-def subprocess_environ(root) -> dict[str, str]:
-    """The environment of the runs: CPU, with a persistent XLA compilation cache under `root`."""
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
+def subprocess_environ() -> dict[str, str]:
+    """The environment of the runs: CPU, and the suite's shared XLA cache (set in conftest)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu")
 
 
 def command(env, workdir, *extra):

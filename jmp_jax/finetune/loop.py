@@ -36,7 +36,7 @@ from jmp_jax.finetune import optim, weights
 from jmp_jax.finetune.data import DataSpec, SplitData
 from jmp_jax.finetune.model import FinetuneModel, HeadSpec, backbone_for, predict
 from jmp_jax.training import checkpointing, sharding
-from jmp_jax.training.loop import backbone_config
+from jmp_jax.training.loop import backbone_config, block_execution
 from jmp_jax.training.metrics_log import MetricsLog
 from jmp_jax.training.state import TrainState, init_train_state, init_variables, mean_over_shards, update_step
 
@@ -203,7 +203,7 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, init: str = "scra
                  for s in (config.data.val_split, config.data.test_split))
 
     backbone = backbone_for(backbone_config(config.model.backbone), spec)
-    model = FinetuneModel(backbone, spec, dtype=jnp.dtype(config.model.dtype))
+    model = FinetuneModel(backbone, spec, dtype=jnp.dtype(config.model.dtype), execution=block_execution(config))
     variables = init_variables(model, config.seed, config.model.scale_factors, config.model.backbone)
     init_info = {"path": "scratch"}
     if init != "scratch":

@@ -19,7 +19,7 @@ import jraph
 
 from jmp_jax.graph.types import EdgeSet, EdgeSlots, GraphBatch
 from jmp_jax.models.config import BackboneConfig
-from jmp_jax.models.gemnet import GemNetOCBackbone
+from jmp_jax.models.gemnet import BlockExecution, GemNetOCBackbone
 from jmp_jax.models.kernels import dense_dot_general
 from jmp_jax.models.layers import scaled_silu
 
@@ -105,13 +105,14 @@ class JMPModel(nn.Module):
     "force_features": (E, E_dim), "V_st": (E, 3), "D_st": (E,)}; padding structures/atoms give 0.
     `task` is a static Python int, or a (G,) int array of each structure's task (mixed-task batches);
     `train` (static) enables the edge-dropout compensation. `dtype` is the compute dtype (params, geometry,
-    bases stay float32).
+    bases stay float32). `execution`: how the backbone runs its blocks (scanned by default, optional remat).
     Sows `h_embedding` and the backbone's per-layer intermediates into `intermediates`.
     """
 
     config: BackboneConfig
     num_tasks: int
     dtype: Any = jnp.float32
+    execution: BlockExecution = BlockExecution()
 
     @nn.compact
     def __call__(self, batch: GraphBatch, task: int | jax.Array = 0, train: bool = False) -> dict[str, jax.Array]:
@@ -122,7 +123,7 @@ class JMPModel(nn.Module):
         h = AtomEmbedding(self.config.num_elements, self.config.emb_size_atom, name="embedding")(
             batch.graph.nodes["atomic_numbers"])
         self.sow("intermediates", "h_embedding", h)
-        out = GemNetOCBackbone(self.config, dtype=self.dtype, name="backbone")(h, batch, train)
+        out = GemNetOCBackbone(self.config, self.dtype, self.execution, name="backbone")(h, batch, train)
         energy, forces = PretrainOutput(self.num_tasks, self.dtype, name="output")(
             out.energy_features, out.force_features, out.V_st, batch, task)
         node_mask = batch.graph.nodes["mask"]

@@ -19,6 +19,7 @@ import numpy as np
 from jmp_jax.checkpoint import orbax_io
 from jmp_jax.data import budget_plan, task_data
 from jmp_jax.models import config as config_lib
+from jmp_jax.models.gemnet import BlockExecution
 from jmp_jax.models.jmp import JMPModel
 from jmp_jax.training import checkpointing, optim, sharding
 from jmp_jax.training.metrics_log import MetricsLog
@@ -58,6 +59,12 @@ def backbone_config(name: str) -> config_lib.BackboneConfig:
     if os.path.exists(name):
         return config_lib.BackboneConfig.from_json(name)
     raise ValueError(f"model.backbone {name!r} is neither {sorted(config_lib.NAMED_CONFIGS)} nor a JSON file")
+
+
+def block_execution(config: ml_collections.ConfigDict) -> BlockExecution:
+    """How the backbone runs its blocks: `config.model.scan_blocks` and `config.model.remat` (defaults
+    where a config predates them)."""
+    return BlockExecution(scan=config.model.get("scan_blocks", False), remat=config.model.get("remat", "none"))
 
 
 def run_metadata(config: ml_collections.ConfigDict, tasks: list[task_data.Task] | None = None) -> dict:
@@ -114,7 +121,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     metadata = run_metadata(config, tasks)
 
     backbone = backbone_config(config.model.backbone)
-    model = JMPModel(backbone, num_tasks=len(tasks), dtype=jnp.dtype(config.model.dtype))
+    model = JMPModel(backbone, num_tasks=len(tasks), dtype=jnp.dtype(config.model.dtype),
+                     execution=block_execution(config))
     variables = init_variables(model, config.seed, config.model.scale_factors, config.model.backbone)
     tx, schedule = optim.pretrain_optimizer(
         variables["params"], num_blocks=backbone.num_blocks, peak_lr=config.train.lr,
