@@ -7,15 +7,13 @@ JAX_COMPILATION_CACHE_DIR overrides it) that the pytest-xdist workers and the CL
 so a program compiles once, and a later run of the suite reads back what did not change.
 
 A test skipped because a file is missing is reported as failed: the fixtures live in the repository, so a
-missing one means the suite would pass without checking what it claims (test_skip_policy.py). The only
-exception: outside CI, tests of the real public data samples skip where ../shared/data is absent
-(`fixture_files.data_path`).
+missing one means the suite would pass without checking what it claims (test_skip_policy.py).
 """
 import os
 
 import pytest
 
-from fixture_files import MISSING_FILE_REASON, PUBLIC_SAMPLES_ABSENT
+from fixture_files import MISSING_FILE_REASON
 
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
@@ -32,7 +30,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))  # least r
 def pytest_runtest_makereport(item, call):
     report = (yield).get_result()
     reason = report.longrepr[2] if report.skipped and isinstance(report.longrepr, tuple) else ""
-    allowed = PUBLIC_SAMPLES_ABSENT in reason and not os.environ.get("CI")
-    if MISSING_FILE_REASON.search(reason) and not allowed:
+    if MISSING_FILE_REASON.search(reason):
         report.outcome = "failed"
         report.longrepr = f"{report.longrepr[2]}: tests may not skip for a missing file (tests/fixtures/README.md)"

@@ -1,10 +1,7 @@
 """Test utility: paths of the fixture files kept in the repository (tests/fixtures, see its README.md),
-of the real public data samples, and the decoding of the arrays stored there compactly.
+among them trimmed real public data samples, and the decoding of the arrays stored there compactly.
 
-A missing fixture is an error, never a skip: the suite has to check what it claims on any clone. The one
-exception are the real public data samples: their README (../shared/data/README.md) asks that they not be
-committed, so tests read them beside the repository. A clone without that folder skips those tests (and only
-those: the readers are also tested on files the tests write); under CI (CI set) a missing sample fails.
+A missing fixture is an error, never a skip: the suite has to check what it claims on any clone.
 """
 from __future__ import annotations
 
@@ -13,13 +10,10 @@ import os
 import re
 
 import numpy as np
-import pytest
 
 FIXTURES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 REFERENCE_DIR = os.path.join(FIXTURES_DIR, "gemnet_oc_reference")
-SHARED_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
-PUBLIC_SAMPLES_ABSENT = ("real public data sample not beside this clone (../shared/data; its README asks that "
-                         "the samples not be committed)")
+PUBLIC_DATA_DIR = os.path.join(FIXTURES_DIR, "public_data")
 # Skip reasons that blame a missing file; conftest.py fails such skips, test_skip_policy.py forbids them.
 MISSING_FILE_REASON = re.compile(r"absent|not present|missing|no such file|not found|does not exist|fixture", re.I)
 
@@ -36,12 +30,8 @@ def reference_path(name: str) -> str:
 
 
 def data_path(*parts: str) -> str:
-    """A file or folder of the real public data samples in ../shared/data: skips the test where that is
-    absent, fails it under CI."""
-    path = os.path.join(SHARED_DATA_DIR, *parts)
-    if os.path.exists(path) or os.environ.get("CI"):
-        return _existing(path)
-    pytest.skip(PUBLIC_SAMPLES_ABSENT)
+    """A file or folder of the real public data samples (tests/fixtures/public_data)."""
+    return _existing(os.path.join(PUBLIC_DATA_DIR, *parts))
 
 
 def array_digest(array: np.ndarray) -> str:

@@ -45,21 +45,3 @@ def test_a_skip_for_a_missing_file_fails_the_run(tmp_path):
                              str(tmp_path)], cwd=tmp_path, capture_output=True, text=True)
     assert "1 failed, 1 skipped" in result.stdout, result.stdout + result.stderr
     assert "tests may not skip for a missing file" in result.stdout
-
-
-def test_a_missing_public_sample_skips_outside_ci_and_fails_under_ci(tmp_path):
-    """The real public data samples are not committed (their README asks so): outside CI a test of one skips
-    where ../shared/data is absent; CI, which has that folder, fails instead of skipping."""
-    for name in ("conftest.py", "fixture_files.py"):
-        shutil.copy(os.path.join(TESTS, name), tmp_path / name)
-    (tmp_path / "test_probe.py").write_text(
-        "from fixture_files import data_path\n\n"
-        "def test_reads_a_sample():\n    data_path('no_such_source', 'sample.npz')\n")
-    outcomes = {}
-    for ci in ("", "true"):
-        env = {k: v for k, v in os.environ.items() if k != "CI"} | ({"CI": ci} if ci else {})
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                                 str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, env=env)
-        outcomes[ci] = result.stdout
-    assert "1 skipped" in outcomes[""], outcomes[""]
-    assert "1 failed" in outcomes["true"], outcomes["true"]

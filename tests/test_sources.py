@@ -1,5 +1,5 @@
 """Dataset readers on tiny files written here in the distributed layouts, and on the real
-public samples in ../shared/data (fixture_files.data_path)."""
+public samples in tests/fixtures/public_data (fixture_files.data_path)."""
 import csv
 import gzip
 import json

@@ -12,7 +12,7 @@ class DefaultDatasetError(ValueError):
 
 
 def structure_record(atoms: Atoms, tags: np.ndarray, fixed: np.ndarray, energy: float, forces: np.ndarray,
-            source_id: str) -> dict:
+                     source_id: str) -> dict:
     """One structure as the record dict that data_prep.shard_writer.write_split consumes (N atoms)."""
     return {
         "atomic_numbers": atoms.numbers.astype(np.int64), "positions": atoms.positions.astype(np.float64),

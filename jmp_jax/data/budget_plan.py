@@ -15,36 +15,23 @@ from jmp_jax.graph.build import GraphSettings, build_structure_graphs
 # Structures sampled per task to size its static budgets, passes over them when replaying the packing,
 # and rounds of shrinking the budgets to what the replayed batches use.
 BUDGET_SAMPLE = 96
-
 # The most atoms-rich structures are always measured too (found from the record index's atom counts, or
 # by reading sources without one that are small enough to scan), with some headroom for denser structures
 # of fewer atoms, so that every structure fits a batch on its own.
 LARGEST_SCANNED = 8
-
 SCAN_LIMIT = 200_000
-
 LARGEST_HEADROOM = 1.1
-
 PACKING_REPLAYS = 8
-
 BUDGET_REFINEMENTS = 3
-
 # Two buckets: rounds of refitting each to the batches that chose it, then a local search of relative
 # steps over groups of kinds that grow together, scored by the worst kind's fill plus a little of the mean.
 BUCKET_REFITS = 3
-
 SEARCH_STEPS = (0.08, 0.04, 0.02)
-
 SEARCH_SWEEPS = 3
-
 MEAN_FILL_WEIGHT = 0.2
-
 KIND_GROUPS = (("nodes",), ("edges", "a2ee2a", "a2a"), ("qint",))
-
 _KINDS = list(batching.Budgets.zeros().as_dict())
-
 GRAPHS_SLOT = _KINDS.index("graphs")
-
 
 
 def largest_structures(source) -> np.ndarray:
@@ -61,7 +48,6 @@ def largest_structures(source) -> np.ndarray:
     return candidates[np.argsort(-natoms[candidates], kind="stable")[:LARGEST_SCANNED]]
 
 
-
 @dataclasses.dataclass(frozen=True)
 class BudgetSample:
     """What a task's sampled structures need, for replaying the pipeline's packing before training."""
@@ -70,7 +56,6 @@ class BudgetSample:
     mean: np.ndarray  # (6,) mean need per structure, at least 1
     floor: np.ndarray  # (6,) real slots every budget keeps: the largest structure alone, with headroom
     slot_widths: dict[str, int]  # per-atom edge slots (`EdgeSlots`) that hold every sampled structure
-
 
 
 def sample_needs(source, settings: GraphSettings, seed: int, edge_dropout: float = 0.0) -> BudgetSample:
@@ -103,7 +88,6 @@ def sample_needs(source, settings: GraphSettings, seed: int, edge_dropout: float
                         mean=np.maximum(sampled.mean(0), 1.0), floor=floor, slot_widths=widths)
 
 
-
 def mixture_sample(samples: Sequence[BudgetSample], probabilities: Sequence[float], seed: int) -> BudgetSample:
     """The needs of the tasks' mixed union ("batch" task mixing), from each task's sample: the replay draws
     every structure's task with `probabilities` (then the task's next replayed structure), as the pipeline
@@ -120,12 +104,10 @@ def mixture_sample(samples: Sequence[BudgetSample], probabilities: Sequence[floa
                         slot_widths={name: max(s.slot_widths[name] for s in samples) for name in slots.SLOTTED_GRAPHS})
 
 
-
 def _replay(sample: BudgetSample, buckets, shards_per_step: int) -> tuple[np.ndarray, np.ndarray]:
     """((B, 6) totals, (B,) bucket) of the sample's replayed batches, packed as the pipeline packs."""
     window = PACKING_WINDOW_PER_GRAPH * max(b.graphs for b in buckets)
     return batching.simulate_packing(sample.replay, buckets, window, shards_per_step)
-
 
 
 def _refit(used: np.ndarray, floor: np.ndarray, graphs: float) -> batching.Budgets:
@@ -133,7 +115,6 @@ def _refit(used: np.ndarray, floor: np.ndarray, graphs: float) -> batching.Budge
     target = np.maximum(np.ceil(np.percentile(used, 90, axis=0)), floor)
     target[GRAPHS_SLOT] = graphs
     return batching.Budgets.from_array(target + 1)  # one padding slot per array
-
 
 
 def _single_plan(sample: BudgetSample, structures_per_batch: int, shards_per_step: int) -> batching.Budgets:
@@ -148,12 +129,10 @@ def _single_plan(sample: BudgetSample, structures_per_batch: int, shards_per_ste
     return budgets
 
 
-
 def replay_fill(sample: BudgetSample, buckets, shards_per_step: int = 1) -> np.ndarray:
     """(6,) mean over the sample's replayed batches of real entries / budget per kind, in each batch's bucket."""
     used, chosen = _replay(sample, buckets, shards_per_step)
     return np.mean(used / np.asarray([b.as_array() for b in buckets])[chosen], axis=0)
-
 
 
 def _score(fill: np.ndarray) -> float:
@@ -161,13 +140,11 @@ def _score(fill: np.ndarray) -> float:
     return float(padded.min() + MEAN_FILL_WEIGHT * padded.mean())
 
 
-
 def _bucket_floors(sample: BudgetSample, shards_per_step: int) -> list[np.ndarray]:
     """(6,) floor of the light and the heavy bucket. Only the heavy one must hold the largest structure
     alone when every step is one batch: a batch picks among the buckets that hold its first structure.
     With several batches per step the later ones keep the step's bucket, so both hold every structure."""
     return [sample.floor if shards_per_step > 1 else np.zeros_like(sample.floor), sample.floor]
-
 
 
 def _split(sample: BudgetSample, single: batching.Budgets, shards_per_step: int) -> list[batching.Budgets]:
@@ -187,7 +164,6 @@ def _split(sample: BudgetSample, single: batching.Budgets, shards_per_step: int)
         buckets = [_refit(used[chosen == j], floors[j], single.graphs - 1) if np.any(chosen == j) else b
                    for j, b in enumerate(buckets)]
     return buckets
-
 
 
 def _search(sample: BudgetSample, buckets: list[batching.Budgets], shards_per_step: int) -> list[batching.Budgets]:
@@ -218,12 +194,10 @@ def _search(sample: BudgetSample, buckets: list[batching.Budgets], shards_per_st
     return [batching.Budgets.from_array(r) for r in rows]
 
 
-
 def plan_budgets(source, settings: GraphSettings, structures_per_batch: int, seed: int, *,
                  edge_dropout: float = 0.0) -> batching.Budgets:
     """One static budget shape for a task, sized on a sample of its structures (see `_single_plan`)."""
     return _single_plan(sample_needs(source, settings, seed, edge_dropout), structures_per_batch, 1)
-
 
 
 def plan_buckets(source, settings: GraphSettings | None, structures_per_batch: int, seed: int, *,
@@ -244,7 +218,6 @@ def plan_buckets(source, settings: GraphSettings | None, structures_per_batch: i
                               <= _score(replay_fill(sample, [single], shards_per_step))):
         return (single,)
     return tuple(pair)
-
 
 
 def fill_ratios(batch: Any, label: str) -> dict[str, float]:

@@ -32,8 +32,6 @@ METADATA_SUFFIX = ".metadata.json"
 FLOAT64_LE = np.dtype("<f8")
 
 
-
-
 # Feature name -> (on-disk type, description); scalar targets are added under their own names.
 FEATURE_DOC = {
     "atomic_numbers": ("int64 list, N", "atomic numbers Z"),

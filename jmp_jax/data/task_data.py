@@ -32,7 +32,6 @@ class Task:
                                                                else self.spec.linear_reference.tolist())}
 
 
-
 def open_source(data_dir: str, source: str, split: str) -> TFRecordSource:
     """A prepared split as random-access records through its record indexes, checked against its metadata
     (each record's checksum is checked when it is read)."""
@@ -45,7 +44,6 @@ def open_source(data_dir: str, source: str, split: str) -> TFRecordSource:
     return opened
 
 
-
 def check_energy_kind(config: ml_collections.ConfigDict, data_dir: str, task) -> None:
     """A task's train and val splits hold one energy kind (total or referenced), the task's `energy_kind`
     where it names one; otherwise a one-line ValueError naming the splits."""
@@ -54,7 +52,6 @@ def check_energy_kind(config: ml_collections.ConfigDict, data_dir: str, task) ->
     metas = {f"{task['source']}-{split}": records.load_metadata(data_dir, task["source"], split) for split in splits
              if os.path.exists(records.metadata_path(data_dir, task["source"], split))}
     metadata.check_energy_kinds(task["name"], metas, task.get("energy_kind"))
-
 
 
 def load_tasks(config: ml_collections.ConfigDict) -> list[Task]:
@@ -94,7 +91,6 @@ def load_tasks(config: ml_collections.ConfigDict) -> list[Task]:
                           spec=TaskSpec(t["name"], settings, buckets, linref, sample.slot_widths),
                           normalization=norm))
     return tasks
-
 
 
 def make_pipeline(config: ml_collections.ConfigDict, tasks: Sequence[Task], *, split: str, training: bool,
