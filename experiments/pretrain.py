@@ -5,7 +5,7 @@ r"""Multi-task JMP pre-training.
 
 Runs again with the same --workdir resume from its newest checkpoint.
 """
-from jmp_jax import cli
+from jmp_jax import cli, compilation_cache
 
 cli.quiet_startup()
 
@@ -31,4 +31,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    compilation_cache.enable()
     cli.run_absl(main)

@@ -136,9 +136,8 @@ def user_environment(root, venv: str | None) -> dict:
     path = [shims] + ([os.path.join(venv, "bin")] if venv else []) + [env["PATH"]]
     # No pip configuration of this machine (local wheel folders, other indexes): pip installs the project only.
     env.update(PATH=os.pathsep.join(path), PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0", PIP_CONFIG_FILE=os.devnull,
-               PIP_DISABLE_PIP_VERSION_CHECK="1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=os.path.join(root, "xla_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JMP_JAX_DATA=os.path.join(root, "jmp_jax_cache"),
+               PIP_DISABLE_PIP_VERSION_CHECK="1", JAX_PLATFORMS="cpu",  # XLA cache: the suite's (conftest)
+               JMP_JAX_DATA=os.path.join(root, "jmp_jax_cache"),
                TF_CPP_MIN_LOG_LEVEL="2")
     if venv:
         env["VIRTUAL_ENV"] = venv

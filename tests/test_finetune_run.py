@@ -27,6 +27,7 @@ from jmp_jax.checkpoint import integrity, orbax_io
 from jmp_jax.finetune import loop, optim, weights
 from jmp_jax.finetune.data import DataSpec, SplitData
 from jmp_jax.finetune.model import FinetuneModel, backbone_for
+from jmp_jax.training.state import init_train_state, init_variables
 from jmp_jax.models.config import NAMED_CONFIGS, demo
 from jmp_jax.models.jmp import JMPModel, placeholder_batch
 from jmp_jax.pretrained import PretrainedInputError
@@ -74,7 +75,7 @@ def test_every_config_builds_for_both_sizes():
             common.get_config(dataset, variant)
 
 
-def _molecule_records(n: int, seed: int, periodic: bool = False):
+def molecule_records(n: int, seed: int, periodic: bool = False):
     rng = np.random.default_rng(seed)
     for i in range(n):
         atoms = bulk("NaCl", "rocksalt", a=5.6) if periodic else molecule(("CH3OH", "H2O", "NH3")[i % 3])
@@ -90,8 +91,8 @@ def _molecule_records(n: int, seed: int, periodic: bool = False):
 def data_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("finetune_data"))
     for split, n, seed in (("train", 5, 1), ("val", 3, 2), ("test", 3, 3)):
-        shard_writer.write_split(_molecule_records(n, seed), out, "tiny", split, units={}, source_files=[])
-    shard_writer.write_split(_molecule_records(3, 4, periodic=True), out, "tiny_crystal", "train", units={},
+        shard_writer.write_split(molecule_records(n, seed), out, "tiny", split, units={}, source_files=[])
+    shard_writer.write_split(molecule_records(3, 4, periodic=True), out, "tiny_crystal", "train", units={},
                         source_files=[])
     return out
 
@@ -129,17 +130,16 @@ def test_each_finetune_head_takes_a_training_step(data_dir):
         dspec = DataSpec(source="tiny", cutoff=5.0, max_neighbors=12, pbc=False, batch_size=2,
                          target=None if spec.kind == "forces" else c.task.target)
         split = SplitData(data_dir, dspec, "train")
-        batch = next(split.batches(split.order(0, 0)))
+        batch, real, _ = next(split.steps(split.order(0, 0), num_shards=1))
         # One interaction block: eager time grows with the op count, and every head sees the same backbone.
         model = FinetuneModel(dataclasses.replace(backbone_for(demo(), spec), num_blocks=1), spec)
-        variables = weights.random_variables(model, 0, "none", "demo")
+        variables = init_variables(model, 0, "none", "demo")
         tx, _ = optim.finetune_optimizer(variables["params"], loop.optim_config(c, 1, 3), 1)
-        state = loop.FinetuneState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                                   constants=variables["constants"], opt_state=tx.init(variables["params"]))
+        state = init_train_state(variables, tx, ema=False)
         norm = loop.loss_lib.Normalization(force_std=1.0, coefficient=c.task.loss_coefficient,
                                            class_weights=tuple(c.task.class_weights) or None)
         step = jax.jit(functools.partial(loop.train_step, model=model, tx=tx, norm=norm))
-        new, metrics = step(state, batch, jnp.float32(1.0), jax.random.key(1))
+        new, metrics = step(state, batch, real, jax.random.key(1), jnp.float32(1.0))
         assert bool(metrics["finite"]) and int(new.step) == 1, c.task.name
         moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.params, state.params)
         head = next(name for name in ("head", "force_head", "energy_head") if name in moved)
@@ -167,7 +167,7 @@ def test_checkpoint_loading_with_and_without_ema(pretrain_checkpoint, use_ema):
     path, raw, ema = pretrain_checkpoint
     spec = loop.head_spec(common.get_config("qm9", "U_0,demo").task)
     model = FinetuneModel(backbone_for(demo(), spec), spec)
-    target = weights.random_variables(model, 0, "none", "demo")
+    target = init_variables(model, 0, "none", "demo")
     loaded, info = weights.load_initial_variables(target, os.path.dirname(path), model.config, use_ema=use_ema)
     source = ema if use_ema else raw["params"]
     np.testing.assert_array_equal(loaded["params"]["embedding"]["atom_embedding"]["embedding"],
