@@ -138,7 +138,7 @@ def user_environment(root, venv: str | None) -> dict:
     env.update(PATH=os.pathsep.join(path), PIP_NO_INDEX="1", PIP_NO_BUILD_ISOLATION="0", PIP_CONFIG_FILE=os.devnull,
                PIP_DISABLE_PIP_VERSION_CHECK="1", JAX_PLATFORMS="cpu",  # XLA cache: the suite's (conftest)
                JMP_JAX_DATA=os.path.join(root, "jmp_jax_cache"),
-               TF_CPP_MIN_LOG_LEVEL="2", MPLBACKEND="Agg")
+               TF_CPP_MIN_LOG_LEVEL="2")
     if venv:
         env["VIRTUAL_ENV"] = venv
     return env
@@ -380,13 +380,13 @@ def test_notebooks_install_from_repo_url(readme_run, notebook_runs):
                             / "site-packages" / "jmp_jax" / "__init__.py")
     head = ["git", "rev-parse", "HEAD"]
     for name in ("qm9", "load", "rmd17"):  # each notebook's clone of REPO_URL
-        clone = subprocess.run(head, cwd=root / name / "jmp_jax", capture_output=True, text=True).stdout
+        clone = subprocess.run(head, cwd=root / name / "jmp_jax-repo", capture_output=True, text=True).stdout
         assert clone == subprocess.run(head, cwd=readme_run[0], capture_output=True, text=True).stdout
 
 
 def test_finetune_qm9_notebook(notebook_runs):
     root, notebooks, _ = notebook_runs
-    workdir = root / "qm9" / "jmp_jax" / "workdir" / "notebooks" / "finetune_qm9"
+    workdir = root / "qm9" / "jmp_jax-repo" / "workdir" / "notebooks" / "finetune_qm9"
     result = finite_test_metrics(workdir / "finetune" / "results.json")
     assert result["task"] == "qm9_U_0" and result["init"].startswith(str(workdir / "pretrain"))
     assert "pre-trained to step 2" in printed(notebooks["finetune_qm9"]) and plots(notebooks["finetune_qm9"]) == 1
@@ -398,7 +398,7 @@ def test_finetune_qm9_notebook(notebook_runs):
 def test_finetune_rmd17_notebook(readme_run, notebook_runs):
     root, notebooks, _ = notebook_runs
     nb = notebooks["finetune_rmd17"]
-    workdir = root / "rmd17" / "jmp_jax" / "workdir" / "notebooks" / "finetune_rmd17"
+    workdir = root / "rmd17" / "jmp_jax-repo" / "workdir" / "notebooks" / "finetune_rmd17"
     result = finite_test_metrics(workdir / "finetune" / "results.json")
     assert result["task"] == "rmd17_ethanol" and result["primary_metric"] == "force_mae"
     assert result["init"].startswith(os.path.join(readme_run[0], "workdir", "demo"))
