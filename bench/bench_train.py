@@ -57,9 +57,8 @@ def main():
         for b in batches:
             shape = tuple(x.shape for x in jax.tree.leaves(b))
             if shape not in compiled:
-                t0 = time.perf_counter()
-                compiled[shape] = step.lower(state, b).compile()
-                compile_s += time.perf_counter() - t0
+                compiled[shape], seconds = common.compile_timed(step, state, b)
+                compile_s += seconds
 
         def run(state, b):
             return compiled[tuple(x.shape for x in jax.tree.leaves(b))](state, b)

@@ -41,6 +41,13 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def compile_timed(jitted, *args) -> tuple[Callable, float]:
+    """(the compiled function for these arguments, seconds spent tracing and compiling it)."""
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
 def matmul_gflops(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
     """This machine's measured matmul rate through XLA (GFLOP/s), the yardstick for the model.
 
@@ -85,13 +92,15 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 COMMAND_ENV = ("JMP_JAX_SYSTEM_MALLOC", "XLA_FLAGS")
 
 
-def report(title: str, text: str, notes: str = "") -> None:
-    """Prints the table and appends it, with the machine and the command, to BENCHMARKS.md."""
+def report(title: str, text: str, notes: str = "", append: bool = True) -> None:
+    """Prints the table and appends it (unless `append` is False), with the machine and the command, to
+    BENCHMARKS.md."""
     settings = [f"{name}={shlex.quote(os.environ[name])} " for name in COMMAND_ENV if os.environ.get(name)]
     command = "".join(settings) + "python " + " ".join(shlex.quote(a) for a in sys.argv)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     block = (f"\n## {title}\n\n- when: {stamp}, commit {git_revision()}\n- machine: {machine()}\n"
              f"- command: `{command}`\n\n{text}\n" + (f"\n{notes}\n" if notes else ""))
     print(block)
-    with open(BENCHMARKS_MD, "a") as f:
-        f.write(block)
+    if append:
+        with open(BENCHMARKS_MD, "a") as f:
+            f.write(block)
