@@ -2,8 +2,8 @@ r"""Fine-tuning throughput: steps/s and atoms/s of the real fine-tuning step, wi
 and with a scalar head (QM9), compile time apart from the steady-state step.
 
   python bench/bench_finetune.py                        # JMP-S, float32 (random weights)
-  python bench/bench_finetune.py --precision bfloat16   # bf16 matrix-product operands, float32 accumulation
-  python bench/bench_finetune.py --config demo --steps 1 --no-report   # seconds: the smoke test
+  python bench/bench_finetune.py --precision float32,bfloat16   # and with bf16 matrix-product operands
+  python bench/bench_finetune.py --config demo --steps 1 --no-report   # the smoke test
 
 Tasks use their JMP fine-tuning configs (configs/finetune: graph settings, batch size, optimiser, loss)
 on stand-in structures with random labels: rMD17 ethanol (ase's, 9 atoms) and an aspirin-size molecule
@@ -85,7 +85,7 @@ def normalization(task) -> loss_lib.Normalization:
                                   coefficient=task.loss_coefficient)
 
 
-def bench_task(name: str, size: str, steps: int, max_batch_size: int | None) -> list:
+def bench_task(name: str, size: str, precision: str, steps: int, max_batch_size: int | None) -> list:
     dataset, key, structure, label = TASKS[name]
     config = finetune_configs.get_config(dataset, f"{key},{size}")
     jmp_batch_size = config.data.batch_size
@@ -124,7 +124,7 @@ def bench_task(name: str, size: str, steps: int, max_batch_size: int | None) -> 
     common.stage(f"{name}: timing {steps} steps")
     ms = common.median_ms(one_step, steps)
     batch_size = f"{dspec.batch_size}" + (f" (JMP: {jmp_batch_size})" if dspec.batch_size < jmp_batch_size else "")
-    return [label, "gradient forces" if spec.kind == "forces" else "scalar", batch_size, structures, atoms,
+    return [label, "gradient forces" if spec.kind == "forces" else "scalar", precision, batch_size, structures, atoms,
             budgets.nodes, f"{host_ms:.0f}", f"{compile_s:.1f}", f"{ms:.0f}", f"{1e3 / ms:.2f}",
             f"{structures / ms * 1e3:.1f}", f"{atoms / ms * 1e3:.0f}"]
 
@@ -136,15 +136,19 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--steps", type=int, default=5, help="timed steps per task after one warm-up step")
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="cap on the tasks' batch sizes (JMP's QM9 batch of 48 needs an estimated ~20 GB at JMP-S)")
-    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
-                        help="config.model.matmul_precision: bfloat16 rounds the operands of the matrix products")
+    parser.add_argument("--precision", default="float32",
+                        help="config.model.matmul_precision, or both comma-separated (each task in turn, one "
+                             "process): bfloat16 rounds the operands of the matrix products to bfloat16")
     parser.add_argument("--no-report", action="store_true", help="print the table only (BENCHMARKS.md untouched)")
     args = parser.parse_args(argv)
-    with jax.default_matmul_precision(args.precision):
-        rows = [bench_task(name, args.config, args.steps, args.max_batch_size) for name in args.tasks.split(",")]
-    header = ["task (stand-in structures)", "loss", "batch size", "structures/batch", "atoms/batch", "atom budget",
-              "host batch ms", "compile s", "median step ms", "steps/s", "structures/s", "atoms/s"]
-    common.report(f"bench_finetune: {args.config} fine-tuning step ({args.precision} products)",
+    rows = []
+    for name in args.tasks.split(","):
+        for precision in args.precision.split(","):
+            with jax.default_matmul_precision(precision):
+                rows.append(bench_task(name, args.config, precision, args.steps, args.max_batch_size))
+    header = ["task (stand-in structures)", "loss", "products", "batch size", "structures/batch", "atoms/batch",
+              "atom budget", "host batch ms", "compile s", "median step ms", "steps/s", "structures/s", "atoms/s"]
+    common.report(f"bench_finetune: {args.config} fine-tuning step",
                   common.table(header, rows), append=not args.no_report,
                   notes=f"Median of {args.steps} steps after one warm-up step, random weights and labels; peak RSS "
                         f"of the process {common.peak_rss_mib():.0f} MiB.")
