@@ -37,12 +37,14 @@ setup(
     name="jmp_jax",
     version="0.1.0",
     description="JAX/Flax GemNet-OC and JMP multi-domain pre-training",
-    packages=find_packages(include=["jmp_jax*", "experiments*", "data_prep*", "configs*"]),
+    # The library only: the tools (experiments/, data_prep/, configs/) run from a checkout, `python -m ...` in
+    # its root, and generic top-level names such as `configs` would shadow other installed packages.
+    packages=find_packages(include=["jmp_jax", "jmp_jax.*"]),
     package_data={"jmp_jax.checkpoint": ["*.json"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        # nbclient .. matplotlib: tests/test_notebooks.py executes notebooks/*.ipynb. torch, lmdb and
+        # nbclient .. matplotlib: tests/test_documented_paths.py executes notebooks/*.ipynb. torch, lmdb and
         # torch_geometric let the tests run the optional paths (the .pt reader's cross-check against torch,
         # the OCP LMDB reader); the package itself never needs them. pytest-xdist runs the test files on
         # two processes: the suite is mostly single-threaded XLA compiles. ruff: tests/test_lint.py (ruff.toml).

@@ -9,7 +9,7 @@ Tasks use their JMP fine-tuning configs (configs/finetune: graph settings, batch
 on stand-in structures with random labels: rMD17 ethanol (ase's, 9 atoms) and an aspirin-size molecule
 (n-hexane, 20 atoms; aspirin has 21), one frame per batch, 7 Å and 100 neighbours, F = -dE/dpos; QM9
 U_0 on QM9-size molecules (propane to heptane, 11-23 atoms, mean 17; QM9's mean is 18), 48 per batch,
-8 Å. Batch budgets are planned as a fine-tuning run plans them (`task_data.plan_budgets` on the task's
+8 Å. Batch budgets are planned as a fine-tuning run plans them (`budget_plan.plan_budgets` on the task's
 structures). The step is `jmp_jax.finetune.loop.train_step` (AdamW with JMP's LR groups, gradient
 clipping, donated state), timed on one batch after a warm-up step; "host batch ms" is the graph
 building and collation of that batch, which a run does on worker threads alongside the step.
@@ -31,13 +31,15 @@ from ase import Atoms  # noqa: E402
 from ase.build import molecule  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.bench_model import alkane  # noqa: E402
+from bench.bench_model import alkane, timed_compile  # noqa: E402
 from configs.finetune import common as finetune_configs  # noqa: E402
-from jmp_jax.data import task_data  # noqa: E402
-from jmp_jax.finetune import data, loop, optim, weights  # noqa: E402
+from jmp_jax.data import budget_plan  # noqa: E402
+from jmp_jax.data.pipeline import stack_shards  # noqa: E402
+from jmp_jax.finetune import data, loop, optim  # noqa: E402
 from jmp_jax.finetune import loss as loss_lib  # noqa: E402
 from jmp_jax.finetune.model import FinetuneModel, backbone_for  # noqa: E402
 from jmp_jax.graph import batching  # noqa: E402
+from jmp_jax.training.state import init_train_state, init_variables  # noqa: E402
 
 # Structures a task's budgets are planned on (a fine-tuning run samples up to 96 of its split).
 PLANNING_STRUCTURES = 96
@@ -94,7 +96,7 @@ def bench_task(name: str, size: str, precision: str, steps: int, max_batch_size:
     rng = np.random.default_rng(0)
     records = [record(structure(s), s, rng) for s in range(PLANNING_STRUCTURES)]
     common.stage(f"{name}: planning budgets and building a batch")
-    budgets = task_data.plan_budgets(records, dspec.settings(0), dspec.batch_size, config.seed)
+    budgets = budget_plan.plan_budgets(records, dspec.settings(0), dspec.batch_size, config.seed)
     t0 = time.perf_counter()
     batch = first_batch(records, dspec, budgets)
     host_ms = (time.perf_counter() - t0) * 1e3
@@ -103,16 +105,16 @@ def bench_task(name: str, size: str, precision: str, steps: int, max_batch_size:
 
     backbone = backbone_for(loop.backbone_config(config.model.backbone), spec)
     model = FinetuneModel(backbone, spec, dtype=jnp.dtype(config.model.dtype))
-    variables = weights.random_variables(model, config.seed, config.model.scale_factors, config.model.backbone)
+    variables = init_variables(model, config.seed, config.model.scale_factors, config.model.backbone)
     tx, _ = optim.finetune_optimizer(variables["params"], loop.optim_config(config, backbone.num_blocks, 1000),
                                      backbone.num_blocks)
-    state = loop.FinetuneState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                               constants=variables.get("constants", {}), opt_state=tx.init(variables["params"]))
+    state = init_train_state(variables, tx, ema=False)
     step = jax.jit(functools.partial(loop.train_step, model=model, tx=tx, norm=normalization(config.task)),
                    donate_argnums=0)
-    args = (batch, jnp.float32(1.0), jax.random.key(1))
+    # One batch shard per step, as a single-device run steps.
+    args = (stack_shards([batch]), jnp.ones((1,), jnp.float32), jax.random.key(1), jnp.float32(1.0))
     common.stage(f"{name}: compiling the step ({structures} structures, {atoms} atoms)")
-    compiled, compile_s = common.compile_timed(step, state, *args)
+    compiled, compile_s, compile_cpu_s = timed_compile(step, state, *args)
     state, metrics = compiled(state, *args)
     jax.block_until_ready(metrics)
 
@@ -125,7 +127,7 @@ def bench_task(name: str, size: str, precision: str, steps: int, max_batch_size:
     ms = common.median_ms(one_step, steps)
     batch_size = f"{dspec.batch_size}" + (f" (JMP: {jmp_batch_size})" if dspec.batch_size < jmp_batch_size else "")
     return [label, "gradient forces" if spec.kind == "forces" else "scalar", precision, batch_size, structures, atoms,
-            budgets.nodes, f"{host_ms:.0f}", f"{compile_s:.1f}", f"{ms:.0f}", f"{1e3 / ms:.2f}",
+            budgets.nodes, f"{host_ms:.0f}", f"{compile_s:.1f} ({compile_cpu_s:.1f})", f"{ms:.0f}", f"{1e3 / ms:.2f}",
             f"{structures / ms * 1e3:.1f}", f"{atoms / ms * 1e3:.0f}"]
 
 
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None):
             with jax.default_matmul_precision(precision):
                 rows.append(bench_task(name, args.config, precision, args.steps, args.max_batch_size))
     header = ["task (stand-in structures)", "loss", "products", "batch size", "structures/batch", "atoms/batch",
-              "atom budget", "host batch ms", "compile s", "median step ms", "steps/s", "structures/s", "atoms/s"]
+              "atom budget", "host batch ms", "compile s (CPU s)", "median step ms", "steps/s", "structures/s",
+              "atoms/s"]
     common.report(f"bench_finetune: {args.config} fine-tuning step",
                   common.table(header, rows), append=not args.no_report,
                   notes=f"Median of {args.steps} steps after one warm-up step, random weights and labels; peak RSS "

@@ -27,10 +27,10 @@ from ase import Atoms  # noqa: E402
 from bench import common  # noqa: E402
 from bench.bench_model import alkane, cu_slab  # noqa: E402
 from jmp_jax.ase_calculator import JMPCalculator  # noqa: E402
-from jmp_jax.finetune import weights  # noqa: E402
 from jmp_jax.models import config as config_lib  # noqa: E402
 from jmp_jax.models.jmp import JMPModel  # noqa: E402
 from jmp_jax.pretrained import FORCE_MODES, PretrainedModel, build_graphs, jmp_pretrain_tasks  # noqa: E402
+from jmp_jax.training.state import init_variables  # noqa: E402
 
 # name: (structure, head)
 STRUCTURES = {"molecule": (lambda: alkane(6, 0), "ani1x"), "slab": (lambda: cu_slab("CO", 0), "oc20")}
@@ -41,8 +41,8 @@ def random_pretrained(size: str) -> PretrainedModel:
     """A JMP checkpoint's model with random weights: JMP's four heads, JMP's fitted scale factors for its sizes."""
     config = config_lib.NAMED_CONFIGS[size]()
     tasks = jmp_pretrain_tasks()
-    variables = weights.random_variables(JMPModel(config, num_tasks=len(tasks)), 0,
-                                         "fitted" if size in ("jmp_s", "jmp_l") else "none", size)
+    variables = init_variables(JMPModel(config, num_tasks=len(tasks)), 0,
+                               "fitted" if size in ("jmp_s", "jmp_l") else "none", size)
     return PretrainedModel(config, variables, tasks)
 
 

@@ -4,6 +4,8 @@ r"""Forward and training-step speed of the full JMP-S model on CPU-sized batches
   python bench/bench_model.py --precision bfloat16  # bf16 matrix-product operands, float32 elsewhere
   python bench/bench_model.py --dtype bfloat16      # bf16 compute (float32 params, bases and sums)
   python bench/bench_model.py --config demo         # the narrow fixture model
+  python bench/bench_model.py --scan                # one scanned interaction block (model.scan_blocks)
+  python bench/bench_model.py --remat block         # blocks recomputed in the backward pass (model.remat)
 
 Batches: (a) 8 rattled n-heptane molecules (23 atoms, 8 Å, no PBC) and (b) 4 Cu(111) 4x4x4 slabs
 with a CO or OH adsorbate (12 Å, PBC), built with JMP's pre-training graph settings. The training
@@ -15,6 +17,7 @@ import argparse
 import functools
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,11 +32,13 @@ from bench import common  # noqa: E402
 from jmp_jax.graph import batching  # noqa: E402
 from jmp_jax.graph.build import GraphSettings, build_from_atoms  # noqa: E402
 from jmp_jax.models import config as config_lib  # noqa: E402
+from jmp_jax.models.gemnet import BlockExecution  # noqa: E402
 from jmp_jax.models.jmp import JMPModel  # noqa: E402
 from jmp_jax.training import optim  # noqa: E402
 from jmp_jax.data.types import TaskNormalization  # noqa: E402
 from jmp_jax.data.types import LabeledBatch
-from jmp_jax.training.train_step import init_train_state, train_step  # noqa: E402
+from jmp_jax.training.state import init_train_state  # noqa: E402
+from jmp_jax.training.train_step import train_step  # noqa: E402
 
 
 def alkane(carbons: int, seed: int) -> Atoms:
@@ -79,17 +84,25 @@ def make_batch(structures, settings: GraphSettings) -> LabeledBatch:
     return jax.tree.map(lambda x: np.asarray(x)[None], one)  # one batch shard
 
 
+def timed_compile(lowerable, *args) -> tuple[jax.stages.Compiled, float, float]:
+    """(compiled, wall s, CPU s of this process) of lowering and compiling; CPU time shows the compile's
+    own cost on a machine shared with other work."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    compiled = lowerable.lower(*args).compile()
+    return compiled, time.perf_counter() - t0, time.process_time() - c0
+
+
 def bench_batch(name: str, batch: LabeledBatch, backbone: config_lib.BackboneConfig, repeats: int, peak: float,
-                dtype: str):
+                dtype: str, execution: BlockExecution):
     common.stage(f"{name}: initialising")
-    model = JMPModel(backbone, num_tasks=1, dtype=jnp.dtype(dtype))
+    model = JMPModel(backbone, num_tasks=1, dtype=jnp.dtype(dtype), execution=execution)
     shard = jax.tree.map(lambda x: x[0], batch.graphs)
     variables = jax.jit(lambda k: model.init(k, shard))(jax.random.key(0))
     n_atoms = int(batch.graphs.graph.nodes["mask"].sum())
 
     common.stage(f"{name}: compiling the forward pass")
     forward = jax.jit(lambda v, g: model.apply(v, g)["energy"])
-    forward_compiled, forward_compile_s = common.compile_timed(forward, variables, shard)
+    forward_compiled, forward_compile_s, forward_compile_cpu = timed_compile(forward, variables, shard)
     forward_compiled(variables, shard).block_until_ready()
     fwd_ms = common.median_ms(lambda: forward_compiled(variables, shard).block_until_ready(), repeats)
 
@@ -101,7 +114,7 @@ def bench_batch(name: str, batch: LabeledBatch, backbone: config_lib.BackboneCon
     step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, task=0,
                                      norm=TaskNormalization(1.0, 1.0, 1.0, 10.0), ema_decay=0.99),
                    donate_argnums=0)
-    step_compiled, step_compile_s = common.compile_timed(step, state, batch)
+    step_compiled, step_compile_s, step_compile_cpu = timed_compile(step, state, batch)
     step_flops = step_compiled.cost_analysis().get("flops", float("nan"))
     state, metrics = step_compiled(state, batch)
     jax.block_until_ready(metrics)
@@ -112,11 +125,13 @@ def bench_batch(name: str, batch: LabeledBatch, backbone: config_lib.BackboneCon
         jax.block_until_ready(m)
 
     common.stage(f"{name}: timing the training step")
-    faults_before = common.minor_page_faults()
+    faults_before, cpu_before = common.minor_page_faults(), time.process_time()
     step_ms = common.median_ms(one_step, repeats)
+    step_cpu_s = (time.process_time() - cpu_before) / repeats
     faults_per_step = (common.minor_page_faults() - faults_before) / repeats
-    return [name, n_atoms, f"{fwd_ms:.0f}", f"{step_ms:.0f}", f"{n_atoms / step_ms * 1e3:.0f}",
-            f"{forward_compile_s + step_compile_s:.1f}", f"{step_flops / 1e9:.0f}",
+    return [name, n_atoms, f"{fwd_ms:.0f}", f"{step_ms:.0f}", f"{step_cpu_s:.1f}", f"{n_atoms / step_ms * 1e3:.0f}",
+            f"{forward_compile_s:.1f} + {step_compile_s:.1f}", f"{forward_compile_cpu:.1f} + {step_compile_cpu:.1f}",
+            f"{step_flops / 1e9:.0f}",
             f"{step_flops / (step_ms * 1e-3) / 1e9:.0f} ({100 * step_flops / (step_ms * 1e-3) / 1e9 / peak:.0f}%)",
             f"{faults_per_step:.0f}", f"{common.peak_rss_mib():.0f}"]
 
@@ -131,7 +146,10 @@ def main():
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
                         help="jax.default_matmul_precision: bfloat16 rounds the operands of the model's matrix "
                              "products to bfloat16 (float32 accumulation); activations stay in --dtype")
+    parser.add_argument("--scan", action="store_true", help="one scanned interaction block instead of unrolled ones")
+    parser.add_argument("--remat", default="none", help="model.remat: none | block | a jax.checkpoint_policies name")
     args = parser.parse_args()
+    execution = BlockExecution(scan=args.scan, remat=args.remat)
     backbone = config_lib.NAMED_CONFIGS[args.config]()
     peak = common.matmul_gflops(dtype=jnp.dtype(args.precision))
     batches = {
@@ -140,11 +158,15 @@ def main():
                                     GraphSettings.pretrain_periodic()),
     }
     with jax.default_matmul_precision(args.precision):
-        rows = [bench_batch(name, batches[name](), backbone, args.repeats, peak, args.dtype)
+        rows = [bench_batch(name, batches[name](), backbone, args.repeats, peak, args.dtype, execution)
                 for name in args.batches.split(",")]
-    header = ["batch", "atoms", "forward ms", "train step ms", "atoms/s (train)", "compile s",
+    header = ["batch", "atoms", "forward ms", "train step ms", "train step CPU s", "atoms/s (train)",
+              "compile s (forward + step)",
+              "compile CPU s (forward + step)",
               "step GFLOP (XLA)", "step GFLOP/s (% of matmul peak)", "page faults / step", "peak RSS MiB"]
-    common.report(f"bench_model: {args.config} ({args.dtype}, {args.precision} products) forward and training step",
+    blocks = f"{'scanned' if args.scan else 'unrolled'} blocks, remat {args.remat}"
+    common.report(f"bench_model: {args.config} ({args.dtype}, {args.precision} products, {blocks}) forward and "
+                  f"training step",
                   common.table(header, rows),
                   notes=f"Measured {args.precision} matmul rate of this machine through XLA (float32 "
                         f"accumulation), the peak in the table: {peak:.0f} GFLOP/s. "

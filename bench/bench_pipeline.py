@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 from bench import common  # noqa: E402
 from bench.bench_model import cu_slab  # noqa: E402
 from configs import pretrain_common  # noqa: E402
-from jmp_jax.data import task_data  # noqa: E402
+from data_prep import default_dataset  # noqa: E402
+from jmp_jax.data import budget_plan, task_data  # noqa: E402
 from jmp_jax.graph import batching, slots  # noqa: E402
 from jmp_jax.graph.build import GraphSettings, build_from_atoms, build_structure_graphs  # noqa: E402
 
@@ -59,7 +60,7 @@ def molecule_records(data_dir: str, count: int) -> list:
 def shape_plans(config: ml_collections.ConfigDict, task: task_data.Task) -> dict:
     """Budget shapes to compare: one shape planned without / with the training edge dropout, and the buckets."""
     source = task_data.open_source(task.data_dir, task.source, config.data.train_split)
-    single = functools.partial(task_data.plan_budgets, source, task.spec.settings, config.data.structures_per_batch,
+    single = functools.partial(budget_plan.plan_budgets, source, task.spec.settings, config.data.structures_per_batch,
                                config.seed)
     return {"1 shape, planned without dropout": (single(),),
             "1 shape, planned with dropout": (single(edge_dropout=config.data.edge_dropout),),
@@ -76,7 +77,7 @@ def fill_table(config: ml_collections.ConfigDict, batches: int) -> list:
             pipe = task_data.make_pipeline(config, planned, split="train", training=True, only_task=t)
             stacked = [next(pipe)[1] for _ in range(batches)]
             pipe.close()
-            fills = [task_data.fill_ratios(b, task.name) for b in stacked]
+            fills = [budget_plan.fill_ratios(b, task.name) for b in stacked]
             shapes = {tuple(x.shape for x in jax.tree.leaves(b)) for b in stacked}
             mean = {k: np.mean([f[f"fill/{task.name}/{k}"] for f in fills]) for k in FILL_KINDS}
             structures = np.mean([b.graphs.graph.globals["mask"].sum(axis=-1).mean() for b in stacked])
@@ -94,7 +95,7 @@ def main():
 
     config = pretrain_common.pretrain_config("jmp_s")
     config.data.structures_per_batch = args.structures_per_batch
-    data_dir = task_data.data_dir_of(config)
+    config.data.dir = data_dir = default_dataset.data_dir_for(config)
     slabs = [cu_slab("CO" if i % 2 else "OH", i) for i in range(args.count)]
     periodic = GraphSettings.pretrain_periodic()
     molecular = GraphSettings.pretrain_molecule()

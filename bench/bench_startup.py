@@ -5,7 +5,7 @@ training batch, and host memory per record of the record index.
   python bench/bench_startup.py --records 1000000 --baseline 2edcbb5   # also time that commit's code
 
 One shard of `--records-per-shard` repeated small molecules (energies and forces) is written by
-data_prep.records.write_split (shard + record index); the split is that shard and its index copied to every
+data_prep.shard_writer.write_split (shard + record index); the split is that shard and its index copied to every
 shard name, with the metadata's counts raised to match, so generating 10M records takes seconds. Before each
 measurement the split's files are written back and dropped from the page cache (posix_fadvise), so the
 index is read from disk. Each measurement is a fresh process (`--measure`) that reports, from its launch:
@@ -41,7 +41,7 @@ def measure(data_dir: str) -> dict:
     """Seconds since launch at each stage of start-up, and memory of the opened source (run in a fresh process)."""
     marks = {}
     from configs import pretrain_common
-    from data_prep import records  # noqa: F401 (TensorFlow, which decodes the records: an import, not the load)
+    from jmp_jax.data import records  # noqa: F401 (TensorFlow, which decodes the records: an import, not the load)
     from jmp_jax.data import task_data
     marks["imports"] = time.time() - LAUNCHED
     before = rss_mib()
@@ -73,14 +73,15 @@ def template(workdir: str, records_per_shard: int) -> str:
     import numpy as np
     from ase.build import molecule
 
-    from data_prep import records
+    from data_prep import shard_writer
+    from jmp_jax.data import records
     out = os.path.join(workdir, "template")
     rng = np.random.default_rng(0)
     shapes = [molecule(name) for name in MOLECULES]
     recs = (records.make_record(a.numbers, a.positions + 0.05 * rng.normal(size=a.positions.shape),
                                 source_id=f"m{i}", energy=-float(i % 97), forces=rng.normal(size=(len(a), 3)))
             for i, a in ((i, shapes[i % len(shapes)]) for i in range(records_per_shard)))
-    records.write_split(recs, out, SOURCE, "train", records_per_shard=records_per_shard, units={}, source_files=[])
+    shard_writer.write_split(recs, out, SOURCE, "train", records_per_shard=records_per_shard, units={}, source_files=[])
     return out
 
 
@@ -98,7 +99,7 @@ def cold_copy(src: str, dst: str) -> None:
 def split_of(template_dir: str, data_dir: str, num_shards: int, indexed: bool) -> int:
     """The template's shard (and index, if `indexed`) copied to `num_shards` shard names; returns the split's
     record count. Code from before record indexes would take the index files for shards."""
-    from data_prep import record_index, records
+    from jmp_jax.data import record_index, records
     shutil.rmtree(data_dir, ignore_errors=True)
     os.makedirs(data_dir)
     [shard] = records.shard_paths(template_dir, SOURCE, "train")

@@ -23,10 +23,12 @@ import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
 from configs import pretrain_common  # noqa: E402
-from jmp_jax.data import task_data  # noqa: E402
+from data_prep import default_dataset  # noqa: E402
+from jmp_jax.data import budget_plan, task_data  # noqa: E402
 from jmp_jax.models.jmp import JMPModel  # noqa: E402
 from jmp_jax.training import loop, optim, sharding  # noqa: E402
-from jmp_jax.training.train_step import eval_step, init_train_state, train_step  # noqa: E402
+from jmp_jax.training.state import init_train_state, init_variables  # noqa: E402
+from jmp_jax.training.train_step import eval_step, train_step  # noqa: E402
 
 PADDED_KINDS = ("nodes", "edges", "a2ee2a", "qint", "a2a")
 
@@ -46,8 +48,7 @@ def train_and_validate(config, steps: int) -> dict:
     pipe = task_data.make_pipeline(config, tasks, split="train", training=True)
     batches = [next(pipe) for _ in range(steps)]
     pipe.close()
-    variables = loop.init_variables(model, batches[0][1], config.model.backbone, config.model.scale_factors,
-                                    config.seed)
+    variables = init_variables(model, config.seed, config.model.scale_factors, config.model.backbone)
     tx, schedule = optim.pretrain_optimizer(
         variables["params"], num_blocks=backbone.num_blocks, peak_lr=config.train.lr,
         warmup_steps=config.train.warmup_steps, total_steps=config.train.num_steps, b1=config.train.b1,
@@ -77,7 +78,7 @@ def train_and_validate(config, steps: int) -> dict:
             evals[task] = jax.jit(functools.partial(eval_step, model=model, task=task, norm=norm_of(task), mesh=mesh))
         return evals[task]
 
-    fills = np.array([[task_data.fill_ratios(b, "x")[f"fill/x/{k}"] for k in PADDED_KINDS] for _, b in batches])
+    fills = np.array([[budget_plan.fill_ratios(b, "x")[f"fill/x/{k}"] for k in PADDED_KINDS] for _, b in batches])
     return {"tasks": tasks, "compiled": len(compiled), "compile_s": compile_s,
             "median_ms": 1e3 * float(np.median(times)), "mean_ms": 1e3 * float(np.mean(times)),
             "structures": float(np.mean([b.graphs.graph.globals["mask"].sum() for _, b in batches])),
@@ -96,6 +97,7 @@ def main():
     for mode in ("batch", "step"):
         config = pretrain_common.get_config_for("jmp_s", args.variant)
         config.data.task_mixing = mode
+        config.data.dir = default_dataset.data_dir_for(config)
         config.train.num_steps = args.steps
         config.log.eval_batches = args.eval_batches
         common.stage(f"task_mixing={mode}: {args.steps} steps")

@@ -22,10 +22,12 @@ import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
 from configs import pretrain_common  # noqa: E402
+from data_prep import default_dataset  # noqa: E402
 from jmp_jax.data import task_data  # noqa: E402
 from jmp_jax.models.jmp import JMPModel  # noqa: E402
 from jmp_jax.training import loop, optim  # noqa: E402
-from jmp_jax.training.train_step import init_train_state, train_step  # noqa: E402
+from jmp_jax.training.state import init_train_state, init_variables  # noqa: E402
+from jmp_jax.training.train_step import train_step  # noqa: E402
 
 
 def main():
@@ -37,6 +39,7 @@ def main():
 
     config = pretrain_common.pretrain_config(args.config)
     config.data.structures_per_batch = args.structures_per_batch
+    config.data.dir = default_dataset.data_dir_for(config)
     config.model.scale_factors = "fitted" if args.config in ("jmp_s", "jmp_l") else "none"
     tasks = task_data.load_tasks(config)
     backbone = loop.backbone_config(args.config)
@@ -47,7 +50,7 @@ def main():
         batches = [next(pipe)[1] for _ in range(args.steps + 1)]
         pipe.close()
         if t == 0:
-            variables = loop.init_variables(model, batches[0], args.config, config.model.scale_factors, 0)
+            variables = init_variables(model, 0, config.model.scale_factors, args.config)
             tx, schedule = optim.pretrain_optimizer(variables["params"], num_blocks=backbone.num_blocks,
                                                     peak_lr=3e-4, warmup_steps=2000, total_steps=100_000)
             state = init_train_state(variables, tx)
@@ -57,8 +60,9 @@ def main():
         for b in batches:
             shape = tuple(x.shape for x in jax.tree.leaves(b))
             if shape not in compiled:
-                compiled[shape], seconds = common.compile_timed(step, state, b)
-                compile_s += seconds
+                t0 = time.perf_counter()
+                compiled[shape] = step.lower(state, b).compile()
+                compile_s += time.perf_counter() - t0
 
         def run(state, b):
             return compiled[tuple(x.shape for x in jax.tree.leaves(b))](state, b)

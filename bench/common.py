@@ -41,13 +41,6 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def compile_timed(jitted, *args) -> tuple[Callable, float]:
-    """(the compiled function for these arguments, seconds spent tracing and compiling it)."""
-    t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    return compiled, time.perf_counter() - t0
-
-
 def matmul_gflops(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
     """This machine's measured matmul rate through XLA (GFLOP/s), the yardstick for the model.
 

@@ -84,14 +84,15 @@ def prepare_rmd17(data_dir: str, log_dir: str) -> list[list[str]]:
 
 def prepare_qm9_subset(data_dir: str, sizes: dict[str, int]) -> None:
     """The first sizes[split] molecules of each seed-42 QM9 split (a random subset: the split is shuffled)."""
-    from data_prep import records
+    from data_prep import shard_writer
+    from jmp_jax.data import records
     from data_prep.sources import qm9
 
     out = os.path.join(REPO, data_dir)
     if all(os.path.exists(records.metadata_path(out, "qm9", s)) for s in sizes):
         return
     for plan in qm9.plans(None, source="qm9"):
-        records.write_split(itertools.islice(plan.records(), sizes[plan.split]), out, plan.name, plan.split,
+        shard_writer.write_split(itertools.islice(plan.records(), sizes[plan.split]), out, plan.name, plan.split,
                             units=plan.units, source_files=plan.source_files, extra_metadata=plan.extra_metadata)
 
 
@@ -202,7 +203,7 @@ def main():
             f"embedded default dataset ({pretrain_note}). rMD17: official split 01 (950 train / 50 val from the train "
             f"file, all 1,000 test frames), forces-only loss, batch {args.rmd17_batch_size}. QM9 {args.qm9_target}: "
             f"{args.qm9_train} train / {args.qm9_val} val / {args.qm9_test} test molecules (the first of each "
-            f"seed-42 split, written with `data_prep.sources.qm9.plans` + `data_prep.records.write_split`), batch "
+            f"seed-42 split, written with `data_prep.sources.qm9.plans` + `data_prep.shard_writer.write_split`), batch "
             f"{args.qm9_batch_size}. Both inits use the same config, seed, epochs and schedule (1 warm-up epoch, "
             f"cosine over all epochs); the test MAE uses the weights of the best validation epoch. Wall times "
             f"include compilation, data loading and the test pass, and grow when other jobs share the CPUs; "

@@ -1,4 +1,4 @@
-"""Pieces shared by the JMP-S and JMP-L pre-training configs (the recipe of spec §3)."""
+"""Pieces shared by the JMP-S and JMP-L pre-training configs (the recipe of docs/jmp_spec.md §3)."""
 from __future__ import annotations
 
 import ml_collections
@@ -14,6 +14,8 @@ def pretrain_config(model: str) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"            # "bfloat16": bf16 compute, float32 parameters and geometry
     c.model.matmul_precision = "float32"  # "bfloat16": bf16 matrix-product operands, float32 accumulation
     c.model.scale_factors = "fitted"     # "fitted": JMP's released scale file for this size; "none": all 1
+    c.model.scan_blocks = False          # True: one compiled interaction block (jax.lax.scan); slower to compile on CPU
+    c.model.remat = "none"               # none | block | a jax.checkpoint_policies name: recompute blocks in backward
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ml_collections.FieldReference(None, field_type=str)  # None: the embedded default dataset

@@ -20,8 +20,8 @@ import pickle
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from data_prep import metadata as metadata_lib
-from data_prep import records as records_lib
+from jmp_jax.data import metadata as metadata_lib
+from data_prep import shard_writer
 from data_prep.build import plan_splits, write_options
 
 SKIPPED = "skipped"
@@ -50,7 +50,7 @@ def _read_shards(_, plan_args: dict, plan_index: int, records_per_shard: int):
     per-element cost is then paid once per shard."""
     plan = plan_splits(**plan_args)[plan_index]
     skips = metadata_lib.SplitStats()
-    for shard, shard_records in enumerate(records_lib.shard_runs(records_lib.kept_records(plan.records(), skips),
+    for shard, shard_records in enumerate(shard_writer.shard_runs(shard_writer.kept_records(plan.records(), skips),
                                                                  records_per_shard)):
         yield shard, list(shard_records)
     yield beam.pvalue.TaggedOutput(SKIPPED, (-1, skips))
@@ -58,7 +58,7 @@ def _read_shards(_, plan_args: dict, plan_index: int, records_per_shard: int):
 
 def _write_shard(shard_records: tuple[int, list[dict]], tmp_dir: str) -> tuple[int, metadata_lib.SplitStats]:
     shard, in_order = shard_records
-    return shard, records_lib.write_tmp_shard(in_order, tmp_dir, shard)
+    return shard, shard_writer.write_tmp_shard(in_order, tmp_dir, shard)
 
 
 def _save_merged_stats(keyed_stats: list[tuple[int, metadata_lib.SplitStats]], tmp_dir: str) -> None:
@@ -91,7 +91,7 @@ def build(
     output_dir: str,
     *,
     splits: list[str] | None = None,
-    records_per_shard: int = records_lib.DEFAULT_RECORDS_PER_SHARD,
+    records_per_shard: int = shard_writer.DEFAULT_RECORDS_PER_SHARD,
     workers: int | None = None,
     runner: str | None = None,
     pipeline_args: tuple[str, ...] | list[str] = (),
@@ -104,7 +104,7 @@ def build(
     plan_args = dict(source=source, input_path=input_path, splits=splits, **reader_options)
     plans = plan_splits(**plan_args)
     with contextlib.ExitStack() as stack:
-        tmp_dirs = [stack.enter_context(records_lib.split_tmp_dir(output_dir, p.name, p.split)) for p in plans]
+        tmp_dirs = [stack.enter_context(shard_writer.split_tmp_dir(output_dir, p.name, p.split)) for p in plans]
         with beam.Pipeline(options=options) as pipeline:
             for index, (plan, tmp_dir) in enumerate(zip(plans, tmp_dirs)):
                 _add_split(pipeline, plan_args, index, f"{plan.name}-{plan.split}", tmp_dir, records_per_shard)
@@ -112,6 +112,6 @@ def build(
         for plan, tmp_dir in zip(plans, tmp_dirs):
             with open(os.path.join(tmp_dir, STATS_FILE), "rb") as f:
                 stats, num_shards = pickle.load(f)
-            metas.append(records_lib.commit_split(tmp_dir, stats, num_shards, output_dir, plan.name, plan.split,
+            metas.append(shard_writer.commit_split(tmp_dir, stats, num_shards, output_dir, plan.name, plan.split,
                                                   **write_options(plan)))
         return metas

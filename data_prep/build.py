@@ -16,6 +16,9 @@ beside the npz's folder (or --splits-dir DIR): train (all but 50) and val (50, b
 shuffle of the train file's positions) from the train indices, test from the test indices.
 Without --fold a full rMD17 file gets JMP's own split (seed 42: 950 train, 50 val, rest test).
 
+--max-records N: only the first N records of each split (in the split's order; a quick look or a test),
+noted as "max_records" in its metadata.
+
 --workers N / --runner NAME: build on Apache Beam (data_prep/beam_build.py; pip install -e .[beam]),
 same files, same bytes.
 """
@@ -23,15 +26,17 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import sys
 
 from jmp_jax import cli
 
-cli.quiet_startup()  # before TensorFlow loads (data_prep.records)
+cli.quiet_startup()  # before TensorFlow loads (jmp_jax.data.records)
 
-from data_prep import records as records_lib  # noqa: E402
-from data_prep.metadata import ENERGY_KINDS, InconsistentSplitError  # noqa: E402
+from data_prep import shard_writer  # noqa: E402
+from jmp_jax.data import records as records_lib  # noqa: E402
+from jmp_jax.data.metadata import ENERGY_KINDS, InconsistentSplitError  # noqa: E402
 from data_prep.sources import READERS, InputFormatError, SplitPlan  # noqa: E402
 
 PRE_SPLIT_SOURCES = ("oc20", "oc22")
@@ -73,15 +78,22 @@ def build(
     output_dir: str,
     *,
     splits: list[str] | None = None,
-    records_per_shard: int = records_lib.DEFAULT_RECORDS_PER_SHARD,
+    records_per_shard: int = shard_writer.DEFAULT_RECORDS_PER_SHARD,
+    max_records: int | None = None,
     **reader_options,
 ) -> list[dict]:
-    """Writes every selected split of one source; returns their metadata dicts."""
-    return [
-        records_lib.write_split(plan.records(), output_dir, plan.name, plan.split,
-                                records_per_shard=records_per_shard, **write_options(plan))
-        for plan in plan_splits(source, input_path, splits, **reader_options)
-    ]
+    """Writes every selected split of one source (its first max_records records when set); returns their
+    metadata dicts."""
+    metas = []
+    for plan in plan_splits(source, input_path, splits, **reader_options):
+        options = write_options(plan)
+        stream = plan.records()
+        if max_records is not None:
+            stream = itertools.islice(stream, max_records)
+            options["extra_metadata"] = {**(options["extra_metadata"] or {}), "max_records": max_records}
+        metas.append(shard_writer.write_split(stream, output_dir, plan.name, plan.split,
+                                              records_per_shard=records_per_shard, **options))
+    return metas
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -91,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input", help="file or folder as distributed (qm9: omit to use the qm9pack package)")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--split", nargs="*", help="split name(s); see above")
-    parser.add_argument("--records-per-shard", type=int, default=records_lib.DEFAULT_RECORDS_PER_SHARD)
+    parser.add_argument("--records-per-shard", type=int, default=shard_writer.DEFAULT_RECORDS_PER_SHARD)
     parser.add_argument("--fold", type=int, nargs="*",
                         help="matbench: folds to write (default all 5); rmd17: one official fold 1..5")
     parser.add_argument("--splits-dir", help="rmd17 with --fold: folder of index_{train,test}_0K.csv "
@@ -99,12 +111,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--energy-kind", choices=ENERGY_KINDS,
                         help="oc20/oc22 LMDB input: which energy its graphs hold (default: oc20 referenced, as "
                         "OC20's preprocessing makes them; oc22 total)")
+    parser.add_argument("--max-records", type=int, help="only the first N records of each split")
     parser.add_argument("--tfds", action="store_true", help="also write TFDS metadata (one source per folder)")
     parser.add_argument("--workers", type=int, help="build on Apache Beam's DirectRunner with this many processes "
                         "(pip install -e .[beam]); output identical to the default single-process build")
     parser.add_argument("--runner", help="build on this Apache Beam runner (DataflowRunner, FlinkRunner, SparkRunner, "
                         "...); the flags not listed here are passed to it as pipeline options")
     args, pipeline_args = parser.parse_known_args(argv)
+    if args.max_records is not None and (args.max_records < 1 or args.workers is not None or args.runner):
+        parser.error("--max-records must be >= 1 and applies to the single-process build (no --workers/--runner)")
     if pipeline_args and not args.runner:
         parser.error(f"unrecognized arguments: {' '.join(pipeline_args)} (pipeline options need --runner)")
     args.pipeline_args = pipeline_args
@@ -134,7 +149,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         options = reader_options(args)
-        run = build
+        run = functools.partial(build, max_records=args.max_records)
         if args.workers is not None or args.runner:
             try:
                 from data_prep import beam_build  # optional extra: imports apache_beam
@@ -151,10 +166,10 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for meta in metas:
-        print(json.dumps(records_lib.summarize(meta)))
+        print(json.dumps(shard_writer.summarize(meta)))
     if args.tfds:
         for meta in metas:
-            records_lib.describe_for_tfds(args.output, meta["source"], meta["split"])
+            shard_writer.describe_for_tfds(args.output, meta["source"], meta["split"])
     return 0
 
 

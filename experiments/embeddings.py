@@ -182,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from jmp_jax import cli
+    from jmp_jax import cli, compilation_cache
     cli.quiet_startup()
+    compilation_cache.enable()
     cli.run(main)

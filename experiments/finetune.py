@@ -11,7 +11,7 @@ r"""Fine-tunes JMP on one task and reports its test metrics with the best valida
 workdir / checkpoints dir, or a converted JMP checkpoint (python -m jmp_jax.convert).
 --init.ema (default true): use the checkpoint's EMA weights when it has them.
 """
-from jmp_jax import cli
+from jmp_jax import cli, compilation_cache
 
 cli.quiet_startup()
 
@@ -38,4 +38,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    compilation_cache.enable()
     cli.run_absl(main)

@@ -5,13 +5,14 @@ r"""Multi-task JMP pre-training.
 
 Runs again with the same --workdir resume from its newest checkpoint.
 """
-from jmp_jax import cli
+from jmp_jax import cli, compilation_cache
 
 cli.quiet_startup()
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from data_prep import default_dataset  # noqa: E402
 from jmp_jax.training import loop  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/jmp_s.py[:variant]).")
@@ -22,10 +23,13 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    result = loop.run(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    config.data.dir = default_dataset.data_dir_for(config)  # empty: the embedded default dataset
+    result = loop.run(config, _WORKDIR.value)
     print(f"finished at step {result['step']}\n  checkpoints: {result['checkpoints']}\n"
           f"  metrics:     {result['metrics']}")
 
 
 if __name__ == "__main__":
+    compilation_cache.enable()
     cli.run_absl(main)

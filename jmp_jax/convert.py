@@ -2,7 +2,7 @@
 
   python -m jmp_jax.convert --checkpoint jmp-l.pt --output ckpt/jmp_l [--ema] [--config jmp_s|jmp_l|FILE.json]
 
-Reads the checkpoint without torch, picks the raw or EMA weights (spec §4.3), takes or infers the
+Reads the checkpoint without torch, picks the raw or EMA weights (docs/jmp_spec.md §4.3), takes or infers the
 backbone config, maps torch keys to `JMPModel(config, num_tasks)` variables with strict checks and
 writes `params` / `constants` / `metadata` items (see `jmp_jax.checkpoint.orbax_io`).
 """

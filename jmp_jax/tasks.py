@@ -1,10 +1,10 @@
-"""JMP's pre-training task table and the embedded default dataset's (spec §3.2), as plain data.
+"""JMP's pre-training task table and the embedded default dataset's (docs/jmp_spec.md §3.2), as plain data.
 
 The configs build runs from these; `pretrained` names the heads of a converted JMP checkpoint from them.
 """
 from __future__ import annotations
 
-# The four JMP source domains (spec §3.2): graph settings, normalisation (std; mean 0) and loss weights.
+# The four JMP source domains (docs/jmp_spec.md §3.2): graph settings, normalisation (std; mean 0) and loss weights.
 # energy_kind: the energy JMP's std is for, which the prepared splits must hold (metadata "energy_kind"):
 # OC20 S2EF energies referenced to each system's clean slab + gas-phase reference, as its LMDBs hold them;
 # OC22 and the molecules total (the molecules' per-element linear reference is subtracted at load time).

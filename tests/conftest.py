@@ -2,6 +2,9 @@
 
 The suite's time goes mostly into XLA compiles of small programs that then run a few steps, so cheaper
 backend optimisation saves more compile time than it costs at run time. Subprocesses inherit it.
+Every compiled program also goes into one persistent XLA cache (`.pytest_cache/jax_compilation_cache`,
+JAX_COMPILATION_CACHE_DIR overrides it) that the pytest-xdist workers and the CLIs tests launch share,
+so a program compiles once, and a later run of the suite reads back what did not change.
 
 A test skipped because a file is missing is reported as failed: the fixtures live in the repository, so a
 missing one means the suite would pass without checking what it claims (test_skip_policy.py). The only
@@ -18,6 +21,11 @@ FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expe
 
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
+                                   "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))  # least recently used entries go first
 
 
 @pytest.hookimpl(hookwrapper=True)

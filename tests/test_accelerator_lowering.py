@@ -1,7 +1,7 @@
 """The pre-training and fine-tuning steps lower for GPU and TPU from this CPU host.
 
 Nothing CPU-only may leak into an accelerator program: no host callbacks, no custom calls, and none of the
-CPU fusion barriers (`layers.fusion_barrier`, a conditional per barrier), which choose by the platform being
+CPU fusion barriers (`kernels.fusion_barrier`, a conditional per barrier), which choose by the platform being
 lowered for, not by the host's backend. Lowering traces with abstract shapes only, so nothing runs.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from jmp_jax.finetune import optim as finetune_optim
 from jmp_jax.finetune.loss import Normalization
 from jmp_jax.finetune.model import FinetuneModel, backbone_for
 from jmp_jax.graph import batching
-from jmp_jax.models import layers
+from jmp_jax.models import kernels
 from jmp_jax.models.config import demo
 from jmp_jax.models.jmp import JMPModel, variable_shapes
 from jmp_jax.graph.batching import bucketed_budgets
@@ -30,7 +30,8 @@ from jmp_jax.pretrained import build_graphs
 from jmp_jax.training import optim
 from jmp_jax.data.types import TaskNormalization
 from jmp_jax.data.types import LabeledBatch
-from jmp_jax.training.train_step import init_train_state, train_step
+from jmp_jax.training.state import init_train_state
+from jmp_jax.training.train_step import train_step
 
 ACCELERATORS = ("cuda", "tpu")
 ONE_BLOCK = dataclasses.replace(demo(), num_blocks=1)
@@ -68,12 +69,11 @@ def _finetune_step_and_args():
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), _concrete_batch(), train=False))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
     tx, _ = finetune_optim.finetune_optimizer(zeros["params"], finetune_loop.optim_config(config, 1, 10), 1)
-    state = jax.eval_shape(lambda: finetune_loop.FinetuneState(
-        step=jnp.zeros((), jnp.int32), params=zeros["params"], constants=zeros.get("constants", {}),
-        opt_state=tx.init(zeros["params"])))
+    state = jax.eval_shape(lambda: init_train_state(zeros, tx, ema=False))
     step = functools.partial(finetune_loop.train_step, model=model, tx=tx, norm=Normalization(force_std=0.5))
-    args = (state, _labeled_batch(shard_axis=False), jax.ShapeDtypeStruct((), jnp.float32),
-            jax.eval_shape(lambda: jax.random.key(1)))
+    batch = _labeled_batch(shard_axis=True).replace(task=None)
+    args = (state, batch, jax.ShapeDtypeStruct((1,), jnp.float32), jax.eval_shape(lambda: jax.random.key(1)),
+            jax.ShapeDtypeStruct((), jnp.float32))
     return step, args
 
 
@@ -108,7 +108,7 @@ def test_training_steps_lower_for_accelerators_without_cpu_parts(step_and_args, 
 
 def test_fusion_barrier_follows_the_lowering_platform():
     x = jax.ShapeDtypeStruct((8,), jnp.float32)
-    lowered = {platform: _lowered_text(layers.fusion_barrier, (x,), platform) for platform in ("cpu",) + ACCELERATORS}
+    lowered = {platform: _lowered_text(kernels.fusion_barrier, (x,), platform) for platform in ("cpu",) + ACCELERATORS}
     assert _fusion_barriers(lowered["cpu"]) == 1
     assert all(_fusion_barriers(lowered[p]) == 0 for p in ACCELERATORS)
-    np.testing.assert_array_equal(jax.jit(layers.fusion_barrier)(jnp.arange(8.0)), np.arange(8.0))
+    np.testing.assert_array_equal(jax.jit(kernels.fusion_barrier)(jnp.arange(8.0)), np.arange(8.0))

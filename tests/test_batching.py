@@ -7,10 +7,11 @@ from ase import Atoms
 from ase.build import bulk, fcc111, molecule
 from ase.constraints import FixAtoms
 
-from jmp_jax.graph import indices, radius, slots
+from jmp_jax.graph import radius, slots
 from jmp_jax.graph.batching import (PADDING_SHIFT, BudgetOverflowError, Budgets, budgets_for, collate,
                                     pack_window, simulate_packing, structure_sizes)
 from jmp_jax.graph.build import GraphSettings, build_from_atoms, build_structure_graphs
+from reference_interactions import batch_interaction_lists, interaction_lists
 
 SMALL = GraphSettings(cutoff=5.0, max_neighbors=12)
 
@@ -208,9 +209,9 @@ def test_collate_layout(structures):
 
 
 def test_batched_interaction_lists_use_the_batch_edges(structures):
-    """`indices.batch_interaction_lists` index the real edges of `collate`'s batch of the same structures."""
+    """`batch_interaction_lists` index the real edges of `collate`'s batch of the same structures."""
     batch = collate(structures, budgets_for(structures, scale=1.2, multiple=16))
-    lists = indices.batch_interaction_lists(structures)
+    lists = batch_interaction_lists(structures)
     g, aeea, qint = batch.graph, batch.a2ee2a, batch.qint
     edge_mask, main_t = g.edges["mask"], g.receivers
     _assert_triplets_valid(lists.trip_e2e, edge_mask, edge_mask, main_t, main_t)
@@ -222,7 +223,7 @@ def test_batched_interaction_lists_use_the_batch_edges(structures):
     np.testing.assert_array_equal(q.triplet_out.edge_out[q.trip_out_to_quad], q.edge_out)
     np.testing.assert_array_equal(q.triplet_in.edge_out[q.trip_in_to_quad],
                                   q.triplet_out.edge_in[q.trip_out_to_quad])
-    per_structure = [indices.interaction_lists(sg).quad.edge_out.shape[0] for sg in structures]
+    per_structure = [interaction_lists(sg).quad.edge_out.shape[0] for sg in structures]
     assert q.edge_out.shape[0] == sum(per_structure) > 0
 
 
@@ -271,7 +272,7 @@ def test_structure_without_quadruplets_collates(structures):
     """Tags all 0 (bulk only): empty qint graph, no quadruplets; the batch is still well formed."""
     bulk_only = build_structure_graphs([29, 29], [[0, 0, 0], [1.8, 1.8, 0]], np.diag([3.6, 3.6, 3.6]),
                                        (True, True, True), [0, 0], SMALL, name="bulk-only")
-    assert bulk_only.qint.num_edges == 0 and indices.interaction_lists(bulk_only).quad.edge_out.shape[0] == 0
+    assert bulk_only.qint.num_edges == 0 and interaction_lists(bulk_only).quad.edge_out.shape[0] == 0
     batch = collate([bulk_only, structures[0]], budgets_for([bulk_only, structures[0]]))
     water_qint = structures[0].qint.num_edges
     assert batch.qint.mask.sum() == batch.qint_slots.mask.sum() == water_qint > 0

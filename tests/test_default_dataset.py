@@ -13,6 +13,7 @@ if importlib.util.find_spec("qm9pack") is None:
     pytest.skip("qm9pack not installed", allow_module_level=True)
 
 from data_prep import default_dataset as dd  # noqa: E402
+from data_prep.synthetic import molecules, reactions  # noqa: E402
 
 TINY = 6
 FD_STEP = 1e-3  # Å; central differences, truncation error ~ F''' h^2 / 6, far below the tolerances
@@ -99,7 +100,7 @@ def test_emt_forces_match_finite_differences(tiny):
 @pytest.mark.parametrize("domain", ["molecules", "reactions"])
 def test_xtb_forces_match_finite_differences(tiny, domain):
     r = tiny[domain]["train"][-1]
-    energy = lambda positions: dd.xtb_label(r["atomic_numbers"], positions)[0]  # noqa: E731
+    energy = lambda positions: molecules.xtb_label(r["atomic_numbers"], positions)[0]  # noqa: E731
     for atom in (0, len(r["atomic_numbers"]) - 1):
         for axis in range(3):
             fd = _central_difference(energy, r["positions"], atom, axis)
@@ -124,15 +125,15 @@ def test_reaction_path_kinds():
     numbers, positions = ethanol.numbers, ethanol.positions
     seen = set()
     for seed in range(40):
-        path = dd._reaction_path(numbers, positions, 5, np.random.default_rng(seed))
+        path = reactions._reaction_path(numbers, positions, 5, np.random.default_rng(seed))
         if path is None:  # a clashing draw
             continue
         kind, frames = path
-        assert not dd._clashes(numbers, frames)
+        assert not reactions._clashes(numbers, frames)
         assert frames.shape == (5, len(numbers), 3)
         np.testing.assert_allclose(frames[0], positions, atol=1e-9)  # every path starts at the molecule
         dist = np.linalg.norm(frames[:, :, None] - frames[:, None], axis=-1)  # (F,N,N)
-        bonded = dd._adjacency(numbers, positions)
+        bonded = reactions._adjacency(numbers, positions)
         if kind == "stretch":  # exactly one bond grows monotonically to 2-3x, the rest of each fragment is rigid
             grown = np.argwhere(np.triu(bonded) & (dist[-1] > 1.9 * dist[0]))
             assert len(grown) == 1
@@ -150,7 +151,7 @@ def test_reaction_path_kinds():
     assert seen == {"stretch", "torsion", "htransfer"}
     squashed = positions.copy()
     squashed[1] = squashed[0] + [0.3, 0.0, 0.0]
-    assert dd._clashes(numbers, np.stack([positions, squashed]))
+    assert reactions._clashes(numbers, np.stack([positions, squashed]))
 
 
 def test_bad_input_is_a_clear_error():
@@ -163,7 +164,7 @@ def test_bad_input_is_a_clear_error():
 
 
 def test_cache_reused_rebuilt_and_never_half_written(tmp_path, monkeypatch):
-    records = pytest.importorskip("data_prep.records")
+    records = pytest.importorskip("jmp_jax.data.records")
     sizes = {"catalysis": 4}
     monkeypatch.setenv("JMP_JAX_DATA", str(tmp_path))
     path = dd.ensure_default_dataset(sizes=sizes, progress=False)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from ase.build import bulk, molecule
 
-from data_prep import records as records_lib
+from data_prep import shard_writer
+from jmp_jax.data import records as records_lib
 from experiments import embeddings
 from jmp_jax.models.config import demo
 from test_pretrained import write_random_checkpoint
@@ -32,7 +33,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("embeddings")
     checkpoint = write_random_checkpoint(root / "ckpt")
     for source, records in (("mols", molecule_records()), ("crystals", crystal_records())):
-        records_lib.write_split(records, str(root / "data"), source, "val", units={}, source_files=[])
+        shard_writer.write_split(records, str(root / "data"), source, "val", units={}, source_files=[])
     return root, checkpoint
 
 

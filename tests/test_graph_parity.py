@@ -6,7 +6,7 @@ Exactness notes (what is compared how):
   float32 lengths are exactly equal (the symmetric self-images of the Cu slabs, listed in
   stats.json). JMP lets torch's unstable sort pick among those; we keep the earliest edge. There the
   test checks that only tied boundary edges differ.
-- Batched indices (`indices.batch_interaction_lists`: the triplet / quadruplet lists, which batches no
+- Batched indices (`batch_interaction_lists`: the triplet / quadruplet lists, which batches no
   longer carry; the model's dense enumeration is checked against them in test_slots.py) built from
   JMP's own per-structure graphs match `model.*` exactly, except the
   order of input edges from the same source atom (different images) within one output edge, which
@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 
 from fixture_files import reference_path
-from jmp_jax.graph import indices, radius
+from jmp_jax.graph import radius
 from jmp_jax.graph.batching import budgets_for, collate
 from jmp_jax.graph.build import (TIE_TOLERANCE, GraphSettings, assemble_structure_graphs,
                                  build_structure_graphs, edges_from_topology)
 from jmp_jax.graph.validate import check_structure
+from reference_interactions import batch_interaction_lists, inner_index
 
 GRAPH_KINDS = ("main", "a2a", "a2ee2a", "qint")
 
@@ -129,7 +130,7 @@ def test_batch_sizes(fixture_graphs):
     budgets = budgets_for(fixture_graphs)
     for kind, size in dict(edges=1750, a2a=13262, a2ee2a=1322, qint=643).items():
         assert getattr(budgets, kind) == size + 1, kind
-    lists = indices.batch_interaction_lists(fixture_graphs)
+    lists = batch_interaction_lists(fixture_graphs)
     counts = dict(trip_e2e=lists.trip_e2e.edge_in, trip_a2e=lists.trip_a2e.edge_in, trip_e2a=lists.trip_e2a.edge_in,
                   quad_trip_in=lists.quad.triplet_in.edge_in, quad_trip_out=lists.quad.triplet_out.edge_in,
                   quads=lists.quad.edge_out)
@@ -174,7 +175,7 @@ def test_batched_indices_match_model(reference, fixture_graphs):
 
     aeea_s = batch.a2ee2a.senders
     qint_s = batch.qint.senders
-    lists = indices.batch_interaction_lists(fixture_graphs)
+    lists = batch_interaction_lists(fixture_graphs)
     for name, in_senders in (("trip_e2e", g.senders), ("trip_a2e", aeea_s), ("trip_e2a", g.senders)):
         _assert_triplets_match(getattr(lists, name), graphs[f"model.{name}.in"],
                                graphs[f"model.{name}.out"], in_senders)
@@ -199,14 +200,14 @@ def test_batched_indices_match_model(reference, fixture_graphs):
 def test_inner_indices_match_model(reference, fixture_graphs):
     _, graphs, _ = reference
     batch = _model_batch(fixture_graphs)
-    lists = indices.batch_interaction_lists(fixture_graphs)
+    lists = batch_interaction_lists(fixture_graphs)
     for name in ("trip_e2e", "trip_a2e", "trip_e2a"):
-        np.testing.assert_array_equal(indices.inner_index(getattr(lists, name).edge_out),
+        np.testing.assert_array_equal(inner_index(getattr(lists, name).edge_out),
                                       graphs[f"model.{name}.out_agg"])
-    np.testing.assert_array_equal(indices.inner_index(lists.quad.edge_out), graphs["model.quad.out_agg"])
+    np.testing.assert_array_equal(inner_index(lists.quad.edge_out), graphs["model.quad.out_agg"])
     for name in ("a2ee2a", "a2a"):
         edges = getattr(batch, name)
-        np.testing.assert_array_equal(indices.inner_index(edges.receivers[edges.mask]),
+        np.testing.assert_array_equal(inner_index(edges.receivers[edges.mask]),
                                       graphs[f"model.{name}.target_neighbor_idx"])
 
 
@@ -267,7 +268,7 @@ def test_own_graphs_give_model_index_sets(reference, own_graphs):
                 if all(ties.get(f"s{i}.{k}", 0) == 0 for k in GRAPH_KINDS)]
     assert tie_free, "expected some structures without boundary ties"
     batch = collate(own_graphs, budgets_for(own_graphs))
-    lists = indices.batch_interaction_lists(own_graphs)
+    lists = batch_interaction_lists(own_graphs)
     node_ptr = graphs["batch.ptr"]
     mine, ref = _edge_graphs(batch, own_graphs), _reference_graphs(graphs)
 

@@ -36,7 +36,7 @@ def test_error_sums_count_free_real_atoms_only():
 
 
 def test_mixed_batch_gives_every_structure_its_tasks_scales():
-    """JMP's loss on a mixed-task batch (spec §3.3): each structure normalised and weighted by its own task,
+    """JMP's loss on a mixed-task batch (docs/jmp_spec.md §3.3): each structure normalised and weighted by its own task,
     then the mean over the batch's structures."""
     norms = (TaskNormalization(energy_std=2.0, force_std=0.5, energy_coefficient=1.0, force_coefficient=10.0),
              TaskNormalization(energy_std=4.0, force_std=0.25, energy_coefficient=3.0, force_coefficient=2.0))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmp_jax.data import task_data
+from jmp_jax.data import budget_plan
 from jmp_jax.data.pipeline import Pipeline, TaskSpec, temperature_probabilities
 from jmp_jax.graph import batching
 from jmp_jax.graph.build import GraphSettings, build_structure_graphs
@@ -23,9 +23,9 @@ SIZES = [len(s) for s in SOURCES]
 @pytest.fixture(scope="module")
 def mixture():
     """Both tasks with the buckets and slot widths planned on their temperature mixture, 4 per batch."""
-    samples = [task_data.sample_needs(src, settings, seed=0) for src, settings in zip(SOURCES, SETTINGS)]
-    sample = task_data.mixture_sample(samples, temperature_probabilities(SIZES, 2.0), seed=0)
-    buckets = task_data.plan_buckets(None, None, 4, seed=0, sample=sample)
+    samples = [budget_plan.sample_needs(src, settings, seed=0) for src, settings in zip(SOURCES, SETTINGS)]
+    sample = budget_plan.mixture_sample(samples, temperature_probabilities(SIZES, 2.0), seed=0)
+    buckets = budget_plan.plan_buckets(None, None, 4, seed=0, sample=sample)
     tasks = [TaskSpec(name, settings, buckets, reference, sample.slot_widths)
              for name, settings, reference in zip(("varied", "small"), SETTINGS, REFERENCES)]
     return tasks, sample
@@ -80,7 +80,7 @@ def test_each_structure_carries_its_own_tasks_labels(mixture):
 def test_mixture_budgets_hold_every_batch_in_at_most_two_shapes_and_fill_them(mixture):
     tasks, sample = mixture
     assert 1 <= len(tasks[0].buckets) <= 2
-    assert task_data.replay_fill(sample, tasks[0].buckets)[:-1].min() >= 0.85
+    assert budget_plan.replay_fill(sample, tasks[0].buckets)[:-1].min() >= 0.85
     pipe = _pipeline(tasks, num_batch_shards=1, edge_dropout=0.1)
     shapes, fills = set(), []
     for _, batch in _take(pipe, 40):

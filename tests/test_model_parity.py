@@ -114,7 +114,7 @@ def test_float64_matches_reference(f64, reference, ours, theirs):
 
 
 def test_float64_first_layer_is_exact_float64(f64):
-    """Independent numpy float64 evaluation of the initial edge embedding m_bases (spec §1.3), which the
+    """Independent numpy float64 evaluation of the initial edge embedding m_bases (docs/jmp_spec.md §1.3), which the
     float64 reference itself cannot pin down below ~3e-8 (see module docstring)."""
     config, state_dict = fb.load_config(), fb.load_state_dict()
     with jax.enable_x64(True):

@@ -11,7 +11,8 @@ from ase.build import add_adsorbate, fcc111
 from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
 
-from data_prep import build, records
+from data_prep import build
+from jmp_jax.data import records
 from data_prep.sources import READERS, InputFormatError
 
 lmdb = pytest.importorskip("lmdb")

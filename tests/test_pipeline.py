@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from ase.build import molecule
 
-from jmp_jax.data import task_data
+from jmp_jax.data import budget_plan
 from jmp_jax.data.pipeline import Pipeline, TaskSpec, temperature_probabilities
 from jmp_jax.graph import batching
 from jmp_jax.graph.build import GraphSettings, build_structure_graphs
@@ -134,8 +134,8 @@ KINDS = ("nodes", "edges", "a2ee2a", "qint", "a2a")
 @pytest.fixture(scope="module")
 def plans():
     """One shape and the buckets planned for a set of widely varying molecules, 4 structures per batch."""
-    single = task_data.plan_budgets(VARIED_SOURCE, SETTINGS, 4, seed=0)
-    buckets = task_data.plan_buckets(VARIED_SOURCE, SETTINGS, 4, seed=0)
+    single = budget_plan.plan_budgets(VARIED_SOURCE, SETTINGS, 4, seed=0)
+    buckets = budget_plan.plan_buckets(VARIED_SOURCE, SETTINGS, 4, seed=0)
     return single, buckets
 
 

@@ -12,7 +12,8 @@ from jax.sharding import PartitionSpec as P
 
 import fixture_batch as fb
 from jmp_jax.models.jmp import JMPModel
-from jmp_jax.models.layers import Dense, batched_matmul, bf16_matmul, matmul
+from jmp_jax.models.kernels import batched_matmul, bf16_matmul, matmul
+from jmp_jax.models.layers import Dense
 
 def rounded(x: jax.Array) -> jax.Array:
     return x.astype(jnp.bfloat16).astype(jnp.float32)
@@ -117,7 +118,8 @@ def test_training_steps_with_bf16_products_lower_the_loss(fixture_model):
     from jmp_jax.training import optim
     from jmp_jax.data.types import TaskNormalization
     from jmp_jax.data.types import LabeledBatch
-    from jmp_jax.training.train_step import init_train_state, train_step
+    from jmp_jax.training.state import init_train_state
+    from jmp_jax.training.train_step import train_step
 
     _, _, graphs = fixture_model
     # One interaction block keeps the compile short; the block's layers are those of the full model.

@@ -1,5 +1,5 @@
-"""Record schema, TFRecord IO and split metadata (data_prep.records / metadata / splits), and the
-pre-training task set-up's check of the splits' energy kinds."""
+"""Record schema, TFRecord IO and split metadata (jmp_jax.data.records / metadata, data_prep.shard_writer /
+splits), and the pre-training task set-up's check of the splits' energy kinds."""
 import json
 import os
 
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import pretrain_common
-from data_prep import metadata, records, splits
+from data_prep import shard_writer, splits
+from jmp_jax.data import metadata, records
 from jmp_jax.data import task_data
 
 
@@ -20,7 +21,7 @@ def _molecule(i, energy=-100.0, n=3, **overrides):
 
 def _write(tmp_path, recs, name="toy", split="train", **kw):
     kw.setdefault("records_per_shard", 2)
-    return records.write_split(recs, str(tmp_path), name, split, units={"energy": "eV"}, source_files=[], **kw)
+    return shard_writer.write_split(recs, str(tmp_path), name, split, units={"energy": "eV"}, source_files=[], **kw)
 
 
 def test_float64_energy_and_targets_round_trip_exactly(tmp_path):
@@ -208,7 +209,7 @@ def test_describe_for_tfds_makes_a_readable_builder(tmp_path):
     import tensorflow_datasets as tfds
 
     _write(tmp_path, [_molecule(i) for i in range(3)], name="toy", split="train")
-    records.describe_for_tfds(str(tmp_path), "toy", "train")
+    shard_writer.describe_for_tfds(str(tmp_path), "toy", "train")
     builder = tfds.builder_from_directory(str(tmp_path))
     assert builder.info.splits["train"].num_examples == 3
     example = next(iter(builder.as_dataset(split="train")))

@@ -1,5 +1,5 @@
 """The per-atom slot layout: the dense triplet/quadruplet masks enumerate exactly the host index lists
-(`indices.batch_interaction_lists`, JMP's lists, see test_graph_parity.py), and the slot gathers (with
+(`batch_interaction_lists`, JMP's lists, see test_graph_parity.py), and the slot gathers (with
 their gather-only derivatives) are exact permutations."""
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from ase.build import bulk, fcc111, molecule
 
-from jmp_jax.graph import batching, indices
+from jmp_jax.graph import batching
 from jmp_jax.graph.build import GraphSettings, build_from_atoms
 from jmp_jax.graph.slots import edge_slots
 from jmp_jax.models import slot_ops
 from jmp_jax.models.bases import edge_geometry, quadruplet_geometry, slot_geometry, triplet_sph
+from reference_interactions import batch_interaction_lists
 
 
 def _structures():
@@ -42,7 +43,7 @@ def batch(graphs):
 @pytest.fixture(scope="module")
 def lists(graphs):
     """The triplet / quadruplet lists, with the batch's edge indices."""
-    return indices.batch_interaction_lists(graphs)
+    return batch_interaction_lists(graphs)
 
 
 def _geometry(batch, name):

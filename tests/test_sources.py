@@ -13,9 +13,10 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 
-from data_prep import build, records
+from data_prep import build
+from jmp_jax.data import records
 from fixture_files import data_path
-from data_prep.metadata import sha256_file
+from jmp_jax.data.metadata import sha256_file
 from data_prep.sources import READERS, InputFormatError, common, qm9
 
 KCAL = common.KCAL_MOL_EV

@@ -6,7 +6,8 @@ import numpy as np
 from ase.build import molecule
 
 from configs import pretrain_common
-from data_prep import records
+from data_prep import shard_writer
+from jmp_jax.data import records
 from jmp_jax.data import task_data
 from jmp_jax.training import loop, sharding
 
@@ -18,7 +19,7 @@ def _config(tmp_path):
         atoms = [molecule(NAMES[i % len(NAMES)]) for i in range(n)]
         recs = [records.make_record(a.numbers, a.positions, source_id=f"{split}{i}", energy=-float(i),
                                     forces=np.zeros((len(a), 3))) for i, a in enumerate(atoms)]
-        records.write_split(recs, str(tmp_path), "toy", split, records_per_shard=5, units={}, source_files=[])
+        shard_writer.write_split(recs, str(tmp_path), "toy", split, records_per_shard=5, units={}, source_files=[])
     config = pretrain_common.pretrain_config("jmp_s")
     config.data.dir = str(tmp_path)
     config.data.tasks = [dict(pretrain_common.DEFAULT_TASKS[1], name="toy", source="toy", linear_reference=False)]

@@ -1,4 +1,4 @@
-"""The table of every JMP fine-tuning task and the recipe shared by all of them (spec §4).
+"""The table of every JMP fine-tuning task and the recipe shared by all of them (docs/jmp_spec.md §4).
 
 Values follow JMP's sweep file `config/all-jmp-l-configs.py` (normalisation, batch sizes, heads,
 reductions, schedules, stopping) and the task modules `src/jmp/tasks/finetune/*.py` (graph settings).
@@ -167,12 +167,20 @@ def get_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"              # JMP trains some tasks in fp16-mixed; "bfloat16" is the JAX analogue
     c.model.matmul_precision = "float32"   # "bfloat16": bf16 matrix-product operands, float32 accumulation
     c.model.scale_factors = "fitted"       # for --init=scratch: JMP's fitted values ("none": all 1)
+    c.model.scan_blocks = False            # True: one compiled interaction block (jax.lax.scan); slower to compile on CPU
+    c.model.remat = "none"                 # none | block | a jax.checkpoint_policies name: recompute blocks in backward
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = config_dict.placeholder(str)  # folder with the task's data_prep.build shards
     c.data.batch_size = row.pop("batch_size")
     c.data.train_split, c.data.val_split, c.data.test_split = "train", "val", "test"
     c.data.num_workers = 2
+    # Batch shards per step, `batch_size` structures each (JMP's per-device batch size, as under DDP);
+    # 0: one per device. A multiple of the device count; results do not depend on how many devices share them.
+    c.data.num_batch_shards = 0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.fsdp = 1                        # devices sharing each parameter (the rest are data parallel)
 
     c.task = ml_collections.ConfigDict(row)
 
@@ -196,6 +204,8 @@ def get_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
     c.train.early_stopping_patience = 1000 if is_rmd17 else 50
     c.train.early_stopping_min_delta = 1e-8
     c.train.early_stopping_min_lr = 1e-10 if is_rmd17 else 1e-8
+    c.train.checkpoint_every = 500         # steps between resumable checkpoints (also at every epoch's end)
+    c.train.keep_checkpoints = 2
 
     if size == "demo":
         c.model.scale_factors = "none"

@@ -8,7 +8,7 @@ of ~4.96M), seed 42; frames with NaN labels are skipped (and counted) when writt
 from __future__ import annotations
 
 from data_prep import splits as splits_lib
-from data_prep.records import make_record
+from jmp_jax.data.records import make_record
 from data_prep.sources.common import ENERGY_FORCE_UNITS, HARTREE_EV, SplitPlan, h5_dataset, open_h5
 
 ENERGY_KEY = "wb97x_dz.energy"

@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from data_prep.records import make_record
+from jmp_jax.data.records import make_record
 from data_prep.sources import ocp_lmdb
 from data_prep.sources.common import ENERGY_FORCE_UNITS, InputFormatError, SplitPlan
 

@@ -20,7 +20,7 @@ class InputFormatError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SplitPlan:
-    """One output split: `records()` streams its record dicts (see data_prep.records)."""
+    """One output split: `records()` streams its record dicts (see jmp_jax.data.records)."""
 
     name: str  # output dataset name, e.g. "rmd17_ethanol"
     split: str

@@ -23,7 +23,7 @@ import pickle
 
 import numpy as np
 
-from data_prep.records import make_record
+from jmp_jax.data.records import make_record
 from data_prep.sources.common import ENERGY_FORCE_UNITS, InputFormatError, SplitPlan
 
 LMDB_SUFFIX = ".lmdb"

@@ -18,7 +18,7 @@ import re
 import numpy as np
 
 from data_prep import splits as splits_lib
-from data_prep.records import make_record
+from jmp_jax.data.records import make_record
 from data_prep.sources.common import HARTREE_EV, InputFormatError, SplitPlan
 
 CSV_NAMES = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")

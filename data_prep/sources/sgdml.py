@@ -21,7 +21,7 @@ import zipfile
 import numpy as np
 
 from data_prep import splits as splits_lib
-from data_prep.records import make_record
+from jmp_jax.data.records import make_record
 from data_prep.sources.common import ENERGY_FORCE_UNITS, KCAL_MOL_EV, InputFormatError, SplitPlan, require_file
 
 RMD17_VAL = 50

@@ -10,7 +10,7 @@ from __future__ import annotations
 import h5py
 
 from data_prep import splits as splits_lib
-from data_prep.records import make_record
+from jmp_jax.data.records import make_record
 from data_prep.sources.common import (
     BOHR_ANGSTROM,
     ENERGY_FORCE_UNITS,

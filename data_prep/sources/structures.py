@@ -21,7 +21,7 @@ import numpy as np
 from ase.data import atomic_numbers as SYMBOL_TO_Z
 
 from data_prep import splits as splits_lib
-from data_prep.records import make_record
+from jmp_jax.data.records import make_record
 from data_prep.sources.common import InputFormatError, SplitPlan, require_file
 
 

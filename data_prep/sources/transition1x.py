@@ -7,7 +7,7 @@ product / transition_state subgroups, which repeat frames of the path and are no
 from __future__ import annotations
 
 from data_prep import splits as splits_lib
-from data_prep.records import make_record
+from jmp_jax.data.records import make_record
 from data_prep.sources.common import ENERGY_FORCE_UNITS, InputFormatError, SplitPlan, h5_dataset, open_h5
 
 ENERGY_KEY = "wB97x_6-31G(d).energy"

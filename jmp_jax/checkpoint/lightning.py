@@ -1,6 +1,6 @@
 """JMP Lightning checkpoints (`jmp-s.pt`, `jmp-l.pt`): state dict, EMA weights and backbone config.
 
-Layout (spec §5): `state_dict` {torch key: tensor}, `optimizer_states[0]["ema"]` (a tuple of EMA tensors
+Layout (docs/jmp_spec.md §5): `state_dict` {torch key: tensor}, `optimizer_states[0]["ema"]` (a tuple of EMA tensors
 in `model.parameters()` order) and `hyper_parameters` (the pickled JMP config). An `.npz` whose array
 names are torch keys is accepted in place of a `.pt` (raw weights only).
 """
@@ -176,7 +176,8 @@ def infer_backbone_config(sd: Mapping[str, np.ndarray], base: BackboneConfig | N
 def backbone_config(ckpt: Mapping[str, Any], sd: Mapping[str, np.ndarray]) -> tuple[BackboneConfig, list[str]]:
     """The checkpoint's backbone config and notes on hparams fields that the weights contradict.
 
-    Shapes win: JMP's pre-training config may name `base()` sizes while holding `large()` weights (spec §1.1).
+    Shapes win: JMP's pre-training config may name `base()` sizes while holding `large()` weights
+    (docs/jmp_spec.md §1.1).
     Fields shapes cannot tell (qint_tags, absolute_rbf_cutoff, envelope exponent) come from hparams.
     """
     fields = hparams_backbone_fields(ckpt)

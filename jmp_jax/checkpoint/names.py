@@ -1,6 +1,6 @@
 """PyTorch (JMP `PretrainModel` state_dict) <-> Flax variable names, and state_dict -> Flax variables.
 
-Rules (spec §5):
+Rules (docs/jmp_spec.md §5):
 - torch key components are separated by '.'; a numeric ModuleList/Sequential index i following
   component `name` becomes the Flax module `name_{i}`;
 - GemNet `Dense` `X.linear.weight` (out, in) -> params `X/kernel` (in, out), transposed;
@@ -28,7 +28,8 @@ _NUMBERED = re.compile(r"^(.*)_(\d+)$")
 
 
 class CheckpointMismatchError(ValueError):
-    """A state_dict does not match the Flax model: lists unknown, missing and mis-shaped keys."""
+    """A checkpoint (a torch state_dict, or an orbax checkpoint's metadata / variable trees) does not match the
+    model or variable tree it is loaded into; the message lists the unknown, missing and mis-shaped keys."""
 
 
 def dropped_reason(key: str) -> str | None:

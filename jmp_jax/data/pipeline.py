@@ -25,7 +25,7 @@ from jmp_jax.graph import batching, slots
 from jmp_jax.graph.build import GraphSettings, build_structure_graphs
 from jmp_jax.data.types import LabeledBatch
 
-RecordSource = Any  # len() and [i] -> record dict (see data_prep.records for the schema)
+RecordSource = Any  # len() and [i] -> record dict (see jmp_jax.data.records for the schema)
 
 # Structures examined per batch, per graph slot of the budget, when packing.
 PACKING_WINDOW_PER_GRAPH = 2
@@ -59,7 +59,7 @@ class TaskSpec:
 
 
 def temperature_probabilities(sizes: Sequence[int], temperature: float) -> np.ndarray:
-    """p_i = (n_i / Σn)^(1/T) / Σ_j (n_j / Σn)^(1/T)  (JMP's temperature sampling, spec §3.4)."""
+    """p_i = (n_i / Σn)^(1/T) / Σ_j (n_j / Σn)^(1/T)  (JMP's temperature sampling, docs/jmp_spec.md §3.4)."""
     frac = np.asarray(sizes, np.float64) / np.sum(sizes)
     p = frac ** (1.0 / temperature)
     return p / p.sum()
@@ -165,6 +165,17 @@ def target_array(records: Sequence[dict], budgets: batching.Budgets, name: str) 
                            f"(it has {sorted(targets)})")
         values[i] = targets[name]
     return values
+
+
+def stack_shards(shards: Sequence[LabeledBatch]) -> LabeledBatch:
+    """Batch shards of equal budgets -> one batch with a leading shard axis.
+
+    A structure denser than the planned slot widths widens its shard's slots: all are widened alike.
+    """
+    widths = slots.common_widths([shard.graphs for shard in shards])
+    shards = [shard if slots.widths_of(shard.graphs) == widths
+              else shard.replace(graphs=slots.with_slots(shard.graphs, widths)) for shard in shards]
+    return jax.tree.map(lambda *xs: np.stack(xs), *shards)
 
 
 class Pipeline:
@@ -276,11 +287,7 @@ class Pipeline:
         # The first shard picks the step's bucket; the others keep it, so the shards stack into one array.
         first, bucket = self._pack_one(task, None)
         shards = [first] + [self._pack_one(task, bucket)[0] for _ in range(self.num_batch_shards - 1)]
-        # A structure denser than the planned slot widths widens its shard's slots: widen all alike.
-        widths = slots.common_widths([shard.graphs for shard in shards])
-        shards = [shard if slots.widths_of(shard.graphs) == widths
-                  else shard.replace(graphs=slots.with_slots(shard.graphs, widths)) for shard in shards]
-        batch = jax.tree.map(lambda *xs: np.stack(xs), *shards)
+        batch = stack_shards(shards)
         self.step += 1
         return task, batch, self._state_now()
 

@@ -1,6 +1,6 @@
 """Random access into TFRecord shards through their record indexes, so the pipeline can be resumed exactly.
 
-Opening a split reads the indexes written beside its shards at build time (data_prep/record_index.py):
+Opening a split reads the indexes written beside its shards at build time (jmp_jax/data/record_index.py):
 16 bytes per record, no record header touched, so start-up does not grow with the shards' size.
 
 Each record is verified when it is read: its whole frame (length header, payload, footer) comes in one read
@@ -16,7 +16,8 @@ import os
 import zlib
 from typing import Callable, Sequence
 
-from data_prep import record_index
+from jmp_jax.data import record_index
+from jmp_jax.data.records import CorruptShardError
 
 HEADER_BYTES = 12
 FOOTER_BYTES = 4
@@ -24,10 +25,6 @@ FOOTER_BYTES = 4
 # once: the last few loaded stay, keyed by their files' identity, so a split rebuilt since is loaded anew.
 CACHED_SPLITS = 8
 _loaded: dict[tuple, record_index.SplitIndex] = {}
-
-
-class CorruptShardError(ValueError):
-    """A shard whose framing or payload cannot be read."""
 
 
 def _stored_source_id(payload: bytes, decode: Callable[[bytes], dict]) -> str:

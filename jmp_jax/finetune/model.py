@@ -1,4 +1,4 @@
-"""The fine-tuning model: JMP's atom embedding + GemNet-OC backbone + one new task head (spec §1.7, §4).
+"""The fine-tuning model: JMP's atom embedding + GemNet-OC backbone + one new task head (docs/jmp_spec.md §1.7, §4).
 
 Param tree: `embedding/...` and `backbone/...` exactly as in the pre-training `JMPModel` (so pre-trained
 weights copy over by path), plus `head/...` (scalar, classification, spatial extent) or
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jmp_jax.finetune import heads
 from jmp_jax.graph.types import GraphBatch
 from jmp_jax.models.config import BackboneConfig
-from jmp_jax.models.gemnet import GemNetOCBackbone
+from jmp_jax.models.gemnet import BlockExecution, GemNetOCBackbone
 from jmp_jax.models.jmp import AtomEmbedding
 
 KINDS = ("scalar", "classification", "forces")
@@ -73,6 +73,7 @@ class FinetuneModel(nn.Module):
     config: BackboneConfig
     head: HeadSpec
     dtype: Any = jnp.float32
+    execution: BlockExecution = BlockExecution()
 
     @nn.compact
     def __call__(self, batch: GraphBatch, train: bool = False) -> dict[str, jax.Array]:
@@ -81,7 +82,7 @@ class FinetuneModel(nn.Module):
                              f"needs {self.head.direct_forces}; build the config with backbone_for()")
         h = AtomEmbedding(self.config.num_elements, self.config.emb_size_atom, name="embedding")(
             batch.graph.nodes["atomic_numbers"])
-        out = GemNetOCBackbone(self.config, dtype=self.dtype, name="backbone")(h, batch, train)
+        out = GemNetOCBackbone(self.config, self.dtype, self.execution, name="backbone")(h, batch, train)
         spec, graph_mask = self.head, batch.graph.globals["mask"]
         if spec.kind == "scalar":
             if spec.head == "spatial_extent":

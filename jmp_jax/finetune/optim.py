@@ -1,4 +1,4 @@
-"""Fine-tuning optimisation (spec §4.1): layer-wise learning-rate decay as an optax multi-transform,
+"""Fine-tuning optimisation (docs/jmp_spec.md §4.1): layer-wise learning-rate decay as an optax multi-transform,
 per-group warm-up + cosine, ReduceLROnPlateau after the cosine phase, early stopping.
 
 Groups (JMP `param_specific_util.PARAMETER_PATTERNS`): `embedding` (0.3 x lr); `blocks_i` =

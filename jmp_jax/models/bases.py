@@ -1,4 +1,4 @@
-"""Geometry, radial/circular/spherical bases and the shared basis down-projections (spec §1.3).
+"""Geometry, radial/circular/spherical bases and the shared basis down-projections (docs/jmp_spec.md §1.3).
 
 All geometry and raw bases are computed in float32 (or float64 under x64), whatever the compute dtype.
 Every GemNet-OC radial basis in JMP is the same function (fixed d/12, p=5 envelope, gaussians on
@@ -16,7 +16,8 @@ import numpy as np
 from jmp_jax.graph.types import EdgeSlots, GraphBatch
 from jmp_jax.models import slot_ops
 from jmp_jax.models.config import BackboneConfig
-from jmp_jax.models.layers import BasisEmbedding, Dense, EdgeEmbedding, fusion_barrier
+from jmp_jax.models.kernels import fusion_barrier
+from jmp_jax.models.layers import BasisEmbedding, Dense, EdgeEmbedding
 
 
 def safe_norm(x: jax.Array) -> jax.Array:

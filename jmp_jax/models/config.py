@@ -1,4 +1,4 @@
-"""GemNet-OC backbone hyper-parameters as JMP uses them (spec §1.1)."""
+"""GemNet-OC backbone hyper-parameters as JMP uses them (docs/jmp_spec.md §1.1)."""
 from __future__ import annotations
 
 import dataclasses

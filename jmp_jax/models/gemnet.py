@@ -1,15 +1,16 @@
-"""The GemNet-OC backbone as JMP uses it (spec §1.5-1.6): atom embeddings in, per-atom energy features
+"""The GemNet-OC backbone as JMP uses it (docs/jmp_spec.md §1.5-1.6): atom embeddings in, per-atom energy features
 and per-edge direct-force features out. Parameters live under `backbone/...` in JMPModel."""
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import dataclasses
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jmp_jax.graph.types import GraphBatch
-from jmp_jax.models.bases import Bases
+from jmp_jax.models.bases import Bases, BasesOutput
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.interactions import InteractionBlock, OutputBlock
 from jmp_jax.models.layers import Dense, residual_stack
@@ -35,6 +36,74 @@ class FinalMLP(nn.Module):
         return residual_stack(x, self.num_layers, "out_mlp", self.dtype, start=1)
 
 
+REMAT_CHOICES = ("none", "block")
+
+
+def remat_policy(remat: str) -> Callable | None:
+    """The `jax.checkpoint` policy of a `BlockExecution.remat` other than "none"; None (save nothing inside
+    the block) for "block"."""
+    if remat == "block":
+        return None
+    policy = getattr(jax.checkpoint_policies, remat, None)
+    if policy is None:
+        raise ValueError(f"model.remat must be one of {REMAT_CHOICES} or a jax.checkpoint_policies name, "
+                         f"not {remat!r}")
+    return policy
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockExecution:
+    """How the backbone runs its interaction blocks; parameters and results do not depend on it.
+
+    scan: one traced and compiled block applied num_blocks times (`jax.lax.scan` over the blocks'
+      parameters, stacked at trace time from their per-block entries, so the parameter tree keeps one
+      subtree per block). False unrolls the blocks, as `init` always does.
+    remat: what the backward pass recomputes of each interaction and output block instead of keeping it
+      from the forward pass: "none" keeps every intermediate, "block" only the blocks' inputs, any other
+      value names a `jax.checkpoint_policies` policy (e.g. "dots_with_no_batch_dims_saveable").
+    """
+
+    scan: bool = False
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.remat != "none":
+            remat_policy(self.remat)
+
+
+def interaction_step(execution: BlockExecution, config: BackboneConfig, dtype: Any, int_name: str,
+                     out_name: str, h: jax.Array, m: jax.Array, bases: BasesOutput, batch: GraphBatch,
+                     train: bool) -> tuple[jax.Array, ...]:
+    """Interaction block `int_name` then output block `out_name`, the unit the backbone repeats:
+    -> (h (N, A), m (E, E_dim), x_E (N, A), x_F (E, E_dim) or None).
+
+    Called inside a parent's compact method (the blocks become its children under these names; remat
+    leaves the names as they are).
+    """
+    interaction, output = InteractionBlock, OutputBlock
+    if execution.remat != "none":
+        policy = remat_policy(execution.remat)
+        interaction = nn.remat(InteractionBlock, policy=policy)
+        output = nn.remat(OutputBlock, policy=policy, static_argnums=(5,))  # `train` (self is 0)
+    h, m = interaction(config, dtype=dtype, name=int_name)(h, m, bases, batch)
+    x_e, x_f = output(config, dtype=dtype, name=out_name)(h, m, bases.output, batch.main_slots, train)
+    return h, m, x_e, x_f
+
+
+class InteractionStep(nn.Module):
+    """`interaction_step` as a module of its own (children `int_block`, `out_block`): the body of the scan."""
+
+    config: BackboneConfig
+    dtype: Any = jnp.float32
+    execution: BlockExecution = BlockExecution()
+
+    @nn.compact
+    def __call__(self, h: jax.Array, m: jax.Array, bases: BasesOutput, batch: GraphBatch,
+                 train: bool) -> tuple[jax.Array, ...]:
+        return interaction_step(self.execution, self.config, self.dtype, "int_block", "out_block", h, m, bases,
+                                batch, train)
+
+
 class GemNetOCBackbone(nn.Module):
     """GemNet-OC backbone: (h (N, A), batch, train) -> BackboneOutput.
 
@@ -46,6 +115,7 @@ class GemNetOCBackbone(nn.Module):
 
     config: BackboneConfig
     dtype: Any = jnp.float32
+    execution: BlockExecution = BlockExecution()
 
     @nn.compact
     def __call__(self, h: jax.Array, batch: GraphBatch, train: bool = False) -> BackboneOutput:
@@ -55,27 +125,52 @@ class GemNetOCBackbone(nn.Module):
         bases = Bases(cfg, dtype=self.dtype, name="bases")(h, batch)
         m = bases.m
         self.sow("intermediates", "m_bases", m)
-
-        xs_e, xs_f = [], []
-        for k in range(cfg.num_blocks + 1):
-            if k > 0:
-                h, m = InteractionBlock(cfg, dtype=self.dtype, name=f"int_blocks_{k - 1}")(h, m, bases, batch)
-                self.sow("intermediates", f"h_block{k - 1}", h)
-                self.sow("intermediates", f"m_block{k - 1}", m)
-            x_e, x_f = OutputBlock(cfg, dtype=self.dtype, name=f"out_blocks_{k}")(h, m, bases.output,
-                                                                                  batch.main_slots, train)
+        x_e, x_f = OutputBlock(cfg, dtype=self.dtype, name="out_blocks_0")(h, m, bases.output, batch.main_slots,
+                                                                           train)
+        per_block = [(x_e, x_f)]
+        if self.execution.scan and not self.is_initializing() and cfg.num_blocks > 0:
+            blocks = self._scanned_blocks(h, m, bases, batch, train)
+        else:
+            blocks = []
+            for k in range(cfg.num_blocks):
+                h, m, x_e, x_f = interaction_step(self.execution, cfg, self.dtype, f"int_blocks_{k}",
+                                                  f"out_blocks_{k + 1}", h, m, bases, batch, train)
+                blocks.append((h, m, x_e, x_f))
+        for k, (h, m, x_e, x_f) in enumerate(blocks):
+            self.sow("intermediates", f"h_block{k}", h)
+            self.sow("intermediates", f"m_block{k}", m)
+            per_block.append((x_e, x_f))
+        for k, (x_e, x_f) in enumerate(per_block):
             self.sow("intermediates", f"xE_out{k}", x_e)
-            xs_e.append(x_e)
             if x_f is not None:
                 self.sow("intermediates", f"xF_out{k}", x_f)
-                xs_f.append(x_f)
 
         energy = FinalMLP(cfg.emb_size_atom, cfg.num_global_out_layers, dtype=self.dtype,
-                          name="out_mlp_E")(jnp.concatenate(xs_e, axis=-1))
+                          name="out_mlp_E")(jnp.concatenate([x_e for x_e, _ in per_block], axis=-1))
         self.sow("intermediates", "energy_features", energy)
         forces = None
         if cfg.direct_forces:
             forces = FinalMLP(cfg.emb_size_edge, cfg.num_global_out_layers, dtype=self.dtype,
-                              name="out_mlp_F")(jnp.concatenate(xs_f, axis=-1))
+                              name="out_mlp_F")(jnp.concatenate([x_f for _, x_f in per_block], axis=-1))
             self.sow("intermediates", "force_features", forces)
         return BackboneOutput(energy, forces, bases.V_st, bases.D_st)
+
+    def _scanned_blocks(self, h: jax.Array, m: jax.Array, bases: BasesOutput, batch: GraphBatch,
+                        train: bool) -> list[tuple[jax.Array, ...]]:
+        """The blocks' (h, m, x_E, x_F) as `jax.lax.scan` computes them: one traced block, whose variables
+        (every collection: params and the fitted scale factors) are the per-block entries stacked."""
+        cfg = self.config
+        names = [(f"int_blocks_{k}", f"out_blocks_{k + 1}") for k in range(cfg.num_blocks)]
+        stacked = {col: jax.tree.map(lambda *xs: jnp.stack(xs),
+                                     *[{"int_block": tree[i], "out_block": tree[o]} for i, o in names])
+                   for col, tree in self.variables.items() if names[0][0] in tree}
+        step = InteractionStep(cfg, self.dtype, self.execution, parent=None)
+        keep_states = self.is_mutable_collection("intermediates")
+
+        def body(carry, variables):
+            h, m, x_e, x_f = step.apply(variables, *carry, bases, batch, train)
+            return (h, m), ((h, m) if keep_states else None, x_e, x_f)
+
+        _, (states, xs_e, xs_f) = jax.lax.scan(body, (h, m), stacked)
+        hs, ms = states if keep_states else ([None] * cfg.num_blocks,) * 2
+        return [(hs[k], ms[k], xs_e[k], None if xs_f is None else xs_f[k]) for k in range(cfg.num_blocks)]

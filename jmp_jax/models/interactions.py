@@ -1,4 +1,4 @@
-"""GemNet-OC interaction, atom-update and output blocks (spec §1.5, §1.6)."""
+"""GemNet-OC interaction, atom-update and output blocks (docs/jmp_spec.md §1.5, §1.6)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""JMP pre-training model: atom embedding + GemNet-OC backbone + per-task energy/force heads (spec §1.7).
+"""JMP pre-training model: atom embedding + GemNet-OC backbone + per-task energy/force heads (docs/jmp_spec.md §1.7).
 
 Param tree (mirrors the PyTorch `PretrainModel` state_dict, see `jmp_jax.checkpoint.names`):
   embedding/atom_embedding/embedding (120, A)
@@ -19,8 +19,9 @@ import jraph
 
 from jmp_jax.graph.types import EdgeSet, EdgeSlots, GraphBatch
 from jmp_jax.models.config import BackboneConfig
-from jmp_jax.models.gemnet import GemNetOCBackbone
-from jmp_jax.models.layers import dense_dot_general, scaled_silu
+from jmp_jax.models.gemnet import BlockExecution, GemNetOCBackbone
+from jmp_jax.models.kernels import dense_dot_general
+from jmp_jax.models.layers import scaled_silu
 
 HEAD_NUM_HIDDEN = 4  # JMP's mlp([d] * 5 + [1]): 4 hidden Linear(d, d) layers, then Linear(d, 1)
 
@@ -36,21 +37,32 @@ torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in",
 
 
 class HeadMLP(nn.Module):
-    """Linear+ScaledSiLU x HEAD_NUM_HIDDEN (with bias) then a bias-free Linear to 1: (..., d) -> (...,)."""
+    """(..., d) -> (..., features): `num_hidden` x (Linear(d, d) + ScaledSiLU), then Linear(d, features).
 
+    The output MLP of every head, pre-training's and fine-tuning's (JMP's `mlp([d] * (num_hidden + 1) +
+    [features])`). hidden_bias: bias on the hidden layers; the last layer has one only with `final_bias`
+    (JMP's `no_bias_scalar`: never for a single output). Params `linear_{j}/{kernel,bias}`, torch init.
+    """
+
+    features: int = 1
+    num_hidden: int = HEAD_NUM_HIDDEN
+    hidden_bias: bool = True
+    final_bias: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        for j in range(HEAD_NUM_HIDDEN):
-            x = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=torch_linear_kernel_init,
-                         bias_init=torch_linear_bias_init(width), dot_general=dense_dot_general,
-                         name=f"linear_{j}")(x)
-            x = scaled_silu(x)
-        x = nn.Dense(1, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                     kernel_init=torch_linear_kernel_init, name=f"linear_{HEAD_NUM_HIDDEN}")(x)
-        return x[..., 0].astype(jnp.promote_types(self.dtype, jnp.float32))
+
+        def linear(features: int, bias: bool, name: str) -> nn.Dense:
+            return nn.Dense(features, use_bias=bias, dtype=self.dtype, param_dtype=jnp.float32,
+                            kernel_init=torch_linear_kernel_init, bias_init=torch_linear_bias_init(width),
+                            dot_general=dense_dot_general, name=name)
+
+        for j in range(self.num_hidden):
+            x = scaled_silu(linear(width, self.hidden_bias, f"linear_{j}")(x))
+        x = linear(self.features, self.final_bias, f"linear_{self.num_hidden}")(x)
+        return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 class PretrainOutput(nn.Module):
@@ -70,8 +82,8 @@ class PretrainOutput(nn.Module):
         per_structure = jnp.ndim(task) == 1
         # Only the requested task's heads run, except at init or per structure, which need every task's.
         tasks = range(self.num_tasks) if self.is_initializing() or per_structure else (task,)
-        heads = {t: (HeadMLP(self.dtype, name=f"out_energy_{t}")(energy_features),   # (N,)
-                     HeadMLP(self.dtype, name=f"out_forces_{t}")(force_features))    # (E,)
+        heads = {t: (HeadMLP(dtype=self.dtype, name=f"out_energy_{t}")(energy_features)[..., 0],   # (N,)
+                     HeadMLP(dtype=self.dtype, name=f"out_forces_{t}")(force_features)[..., 0])    # (E,)
                  for t in tasks}
         if per_structure:
             node_task = task[batch.node_graph_index]
@@ -93,13 +105,14 @@ class JMPModel(nn.Module):
     "force_features": (E, E_dim), "V_st": (E, 3), "D_st": (E,)}; padding structures/atoms give 0.
     `task` is a static Python int, or a (G,) int array of each structure's task (mixed-task batches);
     `train` (static) enables the edge-dropout compensation. `dtype` is the compute dtype (params, geometry,
-    bases stay float32).
+    bases stay float32). `execution`: how the backbone runs its blocks (scanned by default, optional remat).
     Sows `h_embedding` and the backbone's per-layer intermediates into `intermediates`.
     """
 
     config: BackboneConfig
     num_tasks: int
     dtype: Any = jnp.float32
+    execution: BlockExecution = BlockExecution()
 
     @nn.compact
     def __call__(self, batch: GraphBatch, task: int | jax.Array = 0, train: bool = False) -> dict[str, jax.Array]:
@@ -110,7 +123,7 @@ class JMPModel(nn.Module):
         h = AtomEmbedding(self.config.num_elements, self.config.emb_size_atom, name="embedding")(
             batch.graph.nodes["atomic_numbers"])
         self.sow("intermediates", "h_embedding", h)
-        out = GemNetOCBackbone(self.config, dtype=self.dtype, name="backbone")(h, batch, train)
+        out = GemNetOCBackbone(self.config, self.dtype, self.execution, name="backbone")(h, batch, train)
         energy, forces = PretrainOutput(self.num_tasks, self.dtype, name="output")(
             out.energy_features, out.force_features, out.V_st, batch, task)
         node_mask = batch.graph.nodes["mask"]

@@ -1,4 +1,4 @@
-"""Primitive GemNet-OC layers (spec §1.2, §1.4) in Flax Linen.
+"""Primitive GemNet-OC layers (docs/jmp_spec.md §1.2, §1.4) in Flax Linen.
 
 Linen (not NNX) is used throughout the model because its functional params pytree maps one-to-one
 onto the PyTorch state_dict names (see `jmp_jax.checkpoint.names`) and feeds jit shardings, optax and
@@ -16,44 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jmp_jax.models.kernels import batched_matmul, materialize, matmul, vary_alike
+
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-
-
-def fusion_barrier(x: jax.Array) -> jax.Array:
-    """x, computed into its own buffer that every consumer reads (in programs compiled for CPU; identity
-    elsewhere).
-
-    XLA's CPU fusion duplicates cheap elementwise producers into each consumer without limit, and it
-    expands optimization_barrier before fusing. A conditional is a fusion boundary XLA keeps; both branches
-    compute the identity (written differently, or the conditional is dropped as trivial), so it only
-    costs a branch on one element. On GPU a conditional would sync with the host, and GPU fusion bounds
-    its inputs anyway. The choice follows the platform the program is lowered for, not the host's
-    default backend, so a step exported or compiled for GPU/TPU from a CPU host carries no conditional.
-    """
-    if x.size == 0:
-        return x
-    return jax.lax.platform_dependent(x, cpu=_conditional_identity, default=lambda y: y)
-
-
-def _conditional_identity(x: jax.Array) -> jax.Array:
-    return jax.lax.cond(jnp.isfinite(x.reshape(-1)[0]), lambda y: y, lambda y: y * 1.0, x)
-
-
-@jax.custom_vjp
-def materialize(x: jax.Array) -> jax.Array:
-    """Identity whose value and cotangent each go through `fusion_barrier`."""
-    return fusion_barrier(x)
-
-
-def _materialize_fwd(x):
-    return fusion_barrier(x), None
-
-
-def _materialize_bwd(_, ct):
-    return (fusion_barrier(ct),)
-
-
-materialize.defvjp(_materialize_fwd, _materialize_bwd)
 
 
 def scaled_sum(*terms: jax.Array, scale: float = INV_SQRT_2) -> jax.Array:
@@ -90,117 +55,6 @@ def he_orthogonal_torch_layout(key: jax.Array, shape: tuple[int, ...], dtype: An
 def he_orthogonal_kernel(key: jax.Array, shape: tuple[int, int], dtype: Any = jnp.float32) -> jax.Array:
     """`he_orthogonal_init` of a torch (out, in) weight, returned as a Flax (in, out) kernel."""
     return he_orthogonal_torch_layout(key, (shape[1], shape[0]), dtype).T
-
-
-# Values of jax's `default_matmul_precision` that ask for bfloat16 operands with float32 accumulation.
-BF16_PRECISIONS = ("bfloat16", "BF16_BF16_F32")
-
-
-def product_dtype(dtype: Any) -> Any:
-    """Operand dtype of the matrix products of a layer computing in `dtype`.
-
-    bfloat16 when computing in it, or when `jax.default_matmul_precision("bfloat16")` is in force:
-    TPUs and GPUs honour that setting in their own products, XLA CPU ignores it, so the layers apply it.
-    """
-    if jax.config.jax_default_matmul_precision in BF16_PRECISIONS:
-        return jnp.bfloat16
-    return dtype
-
-
-def transposed_copy(x: jax.Array) -> jax.Array:
-    """x (..., M, K) -> (..., K, M), written out as a row-major copy.
-
-    A plain transpose is folded into the product's dimension numbers; XLA CPU runs a product with a
-    transposed operand several times slower (bfloat16 2-D: ~4x; float32 batched: a naive loop), and the
-    copy costs far less.
-    """
-    return jnp.swapaxes(x[..., None, :], -3, -1)[..., 0, :]
-
-
-@jax.custom_vjp
-def batched_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a (B, M, K) @ b (B, K, N) -> (B, M, N), accumulated in float32, in a's dtype.
-
-    Its derivative multiplies row-major copies (see `transposed_copy`), so that every product of the
-    backward pass is a batched matmul of the forward's kind.
-    """
-    return _batched_matmul_fwd(a, b)[0]
-
-
-def _batched_matmul_fwd(a, b):
-    acc = jnp.promote_types(a.dtype, jnp.float32)
-    return jnp.matmul(a, b, preferred_element_type=acc).astype(a.dtype), (a, b)
-
-
-def _batched_matmul_bwd(residuals, ct):
-    a, b = residuals
-    acc = jnp.promote_types(a.dtype, jnp.float32)
-    ct = ct.astype(a.dtype)
-    da = jnp.matmul(ct, transposed_copy(b), preferred_element_type=acc)
-    db = jnp.matmul(transposed_copy(a), ct, preferred_element_type=acc)
-    return da.astype(a.dtype), db.astype(b.dtype)
-
-
-batched_matmul.defvjp(_batched_matmul_fwd, _batched_matmul_bwd)
-
-
-@jax.custom_vjp
-def bf16_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x (M, K) @ kernel (K, N) -> (M, N) float32, operands rounded to bfloat16, float32 accumulation.
-
-    Its derivative uses the same kind of products, on row-major copies (see `transposed_copy`); jax's
-    own derivative of a mixed-precision product leaves the backward products on a slow path on CPU.
-    """
-    return _bf16_matmul_fwd(x, kernel)[0]
-
-
-def _bf16_matmul_fwd(x, kernel):
-    x16, k16 = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
-    residuals = (x16, k16, jnp.zeros((), x.dtype), jnp.zeros((), kernel.dtype))
-    return jnp.dot(x16, k16, preferred_element_type=jnp.float32), residuals
-
-
-def _bf16_matmul_bwd(residuals, ct):
-    x16, k16, x_like, kernel_like = residuals
-    ct16 = ct.astype(jnp.bfloat16)
-    dx = jnp.dot(ct16, transposed_copy(k16), preferred_element_type=jnp.float32)
-    if ct.shape[1] < x16.shape[1]:  # transpose the narrower of x and ct (copies cost more than products)
-        dk = transposed_copy(jnp.dot(transposed_copy(ct16), x16, preferred_element_type=jnp.float32))
-    else:
-        dk = jnp.dot(transposed_copy(x16), ct16, preferred_element_type=jnp.float32)
-    return dx.astype(x_like.dtype), dk.astype(kernel_like.dtype)
-
-
-bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
-
-
-def vary_alike(*xs: jax.Array) -> list[jax.Array]:
-    """xs, each made varying over every shard_map axis that any of them varies over.
-
-    A custom VJP must return each cotangent as (non-)varying as its input; a replicated kernel times
-    per-shard features has a per-shard cotangent, so the kernel enters as varying and jax's derivative
-    of that cast sums the cotangent over the shards.
-    """
-    axes = [jax.typeof(x).manual_axis_type.varying for x in xs]
-    union = frozenset().union(*axes)
-    return [jax.lax.pcast(x, tuple(sorted(union - a)), to="varying") if union - a else x for x, a in zip(xs, axes)]
-
-
-def matmul(x: jax.Array, kernel: jax.Array, dtype: Any) -> jax.Array:
-    """x (..., K) @ kernel (K, N) -> (..., N) in `dtype`, with operands in `product_dtype(dtype)`."""
-    if product_dtype(dtype) != jnp.bfloat16:
-        return jnp.dot(x.astype(dtype), kernel.astype(dtype))
-    y = bf16_matmul(*vary_alike(x.reshape(-1, x.shape[-1]), kernel))
-    return y.reshape(x.shape[:-1] + (kernel.shape[-1],)).astype(dtype)
-
-
-def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
-                      preferred_element_type=None) -> jax.Array:
-    """The `dot_general` of a flax `nn.Dense` (contract the last axis of lhs with rhs's first), done by
-    `matmul`, so that nn.Dense layers follow the same product precision as `Dense`."""
-    if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
-        raise ValueError(f"dense_dot_general only contracts (..., K) with (K, N), got {dimension_numbers}")
-    return matmul(lhs, rhs, preferred_element_type or lhs.dtype)
 
 
 class Dense(nn.Module):

@@ -17,14 +17,14 @@ import ml_collections
 import numpy as np
 
 from jmp_jax.checkpoint import orbax_io
-from jmp_jax.data import task_data
+from jmp_jax.data import budget_plan, task_data
 from jmp_jax.models import config as config_lib
+from jmp_jax.models.gemnet import BlockExecution
 from jmp_jax.models.jmp import JMPModel
-from jmp_jax.checkpoint.scale_factors import load_scale_factors, scale_factor_constants
 from jmp_jax.training import checkpointing, optim, sharding
 from jmp_jax.training.metrics_log import MetricsLog
-from jmp_jax.data.types import LabeledBatch
-from jmp_jax.training.train_step import TrainState, eval_step, init_train_state, train_step
+from jmp_jax.training.state import TrainState, init_train_state, init_variables
+from jmp_jax.training.train_step import eval_step, train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,6 +61,12 @@ def backbone_config(name: str) -> config_lib.BackboneConfig:
     raise ValueError(f"model.backbone {name!r} is neither {sorted(config_lib.NAMED_CONFIGS)} nor a JSON file")
 
 
+def block_execution(config: ml_collections.ConfigDict) -> BlockExecution:
+    """How the backbone runs its blocks: `config.model.scan_blocks` and `config.model.remat` (defaults
+    where a config predates them)."""
+    return BlockExecution(scan=config.model.get("scan_blocks", False), remat=config.model.get("remat", "none"))
+
+
 def run_metadata(config: ml_collections.ConfigDict, tasks: list[task_data.Task] | None = None) -> dict:
     """What a checkpoint must agree on to be resumed or loaded (model, tasks, normalisation).
 
@@ -72,19 +78,6 @@ def run_metadata(config: ml_collections.ConfigDict, tasks: list[task_data.Task] 
     if tasks is None:
         return {**meta, "tasks": [{k: t[k] for k in ("name", "cutoff", "max_neighbors")} for t in config.data.tasks]}
     return {**meta, "tasks": [t.describe() for t in tasks]}
-
-
-def init_variables(model: JMPModel, example: LabeledBatch, backbone_name: str, scale_factors: str,
-                   seed: int) -> dict:
-    """Random parameters; scale factors fitted by JMP for this size ("fitted") or all 1 ("none")."""
-    shard = jax.tree.map(lambda x: x[0], example.graphs)
-    variables = jax.jit(lambda key: model.init(key, shard, task=0))(jax.random.key(seed))
-    if scale_factors == "fitted":
-        values = load_scale_factors(backbone_name)
-        variables = dict(variables, constants=scale_factor_constants(values, variables["constants"]))
-    elif scale_factors != "none":
-        raise ValueError(f"model.scale_factors must be 'fitted' or 'none', not {scale_factors!r}")
-    return variables
 
 
 def _summarise(metrics: list[dict]) -> dict[str, float]:
@@ -128,9 +121,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     metadata = run_metadata(config, tasks)
 
     backbone = backbone_config(config.model.backbone)
-    model = JMPModel(backbone, num_tasks=len(tasks), dtype=jnp.dtype(config.model.dtype))
-    _, example = next(iter(task_data.make_pipeline(config, tasks, split="train", training=False)))
-    variables = init_variables(model, example, config.model.backbone, config.model.scale_factors, config.seed)
+    model = JMPModel(backbone, num_tasks=len(tasks), dtype=jnp.dtype(config.model.dtype),
+                     execution=block_execution(config))
+    variables = init_variables(model, config.seed, config.model.scale_factors, config.model.backbone)
     tx, schedule = optim.pretrain_optimizer(
         variables["params"], num_blocks=backbone.num_blocks, peak_lr=config.train.lr,
         warmup_steps=config.train.warmup_steps, total_steps=config.train.num_steps, b1=config.train.b1,
@@ -142,7 +135,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     restored = checkpointing.restore(manager, found, state, metadata)
     if restored is not None:
-        state, pipeline_state = restored
+        state, pipeline_state, _ = restored
         train_pipe.restore(pipeline_state)
         print(f"resumed from step {int(state.step)} in {workdir}", file=sys.stderr)
 
@@ -194,7 +187,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     elapsed = time.time() - window_start
                     scalars = window_scalars(window, tasks)
                     scalars.update(structures_per_s=structures / elapsed, atoms_per_s=atoms / elapsed,
-                                   **task_data.fill_ratios(host_batch, batch_name(task, tasks)))
+                                   **budget_plan.fill_ratios(host_batch, batch_name(task, tasks)))
                     log.write(step, scalars)
                     last_loss = scalars["loss"]
                     window, structures, atoms, window_start = [], 0, 0, time.time()

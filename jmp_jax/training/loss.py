@@ -1,4 +1,4 @@
-"""JMP pre-training loss and metrics for one padded batch (spec §3.3).
+"""JMP pre-training loss and metrics for one padded batch (docs/jmp_spec.md §3.3).
 
 Everything is computed in normalised units (target / std, mean 0) and reduced over real entries only.
 A single-task batch uses its task's scales; a mixed-task batch gives every structure its own task's

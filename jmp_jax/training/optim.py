@@ -1,4 +1,5 @@
-"""Optimiser of JMP pre-training (spec §3.5): AdamW, warm-up + cosine, shared-basis gradient scaling, EMA."""
+"""Optimiser of JMP pre-training (docs/jmp_spec.md §3.5): AdamW, warm-up + cosine, shared-basis gradient
+scaling, EMA."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 # Basis projections shared by every interaction block: JMP divides their gradients by the number of
-# blocks that use them (spec §1.3), so a shared weight does not learn num_blocks times faster.
+# blocks that use them (docs/jmp_spec.md §1.3), so a shared weight does not learn num_blocks times faster.
 SHARED_BY_INTERACTION_BLOCKS = (
     "mlp_rbf_tint", "mlp_cbf_tint", "mlp_rbf_h", "mlp_rbf_qint", "mlp_cbf_qint", "mlp_sbf_qint",
     "mlp_rbf_aeint", "mlp_cbf_aeint", "mlp_rbf_eaint", "mlp_cbf_eaint", "mlp_rbf_aint",

@@ -10,7 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from data_prep import records
+from data_prep import shard_writer
+from jmp_jax.data import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -18,7 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 WRITE_SPLIT = """
     import sys
     import numpy as np
-    from data_prep import records
+    from data_prep import shard_writer
+    from jmp_jax.data import records
 
     def frames(n):
         for i in range(n):
@@ -46,10 +48,10 @@ def _expected(n: int) -> list[dict]:
 
 def test_builds_in_two_processes_are_byte_identical(tmp_path):
     write = """
-        records.write_split(frames(6), sys.argv[1], "toy", "train", records_per_shard=4, units={}, source_files=[])
+        shard_writer.write_split(frames(6), sys.argv[1], "toy", "train", records_per_shard=4, units={}, source_files=[])
     """
     assert _python(write, str(tmp_path / "a")).wait() == 0
-    records.write_split(_expected(6), str(tmp_path / "b"), "toy", "train", records_per_shard=4, units={},
+    shard_writer.write_split(_expected(6), str(tmp_path / "b"), "toy", "train", records_per_shard=4, units={},
                         source_files=[])
     first, second = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert sorted(first) == ["toy-train.metadata.json", "toy-train.tfrecord-00000-of-00002",
@@ -66,7 +68,7 @@ def test_killed_build_leaves_a_tmp_folder_that_the_rebuild_removes(tmp_path):
             print("written", flush=True)
             sys.stdin.read()  # waits here, mid-build, for the kill
 
-        records.write_split(stall(), sys.argv[1], "toy", "train", records_per_shard=2, units={}, source_files=[])
+        shard_writer.write_split(stall(), sys.argv[1], "toy", "train", records_per_shard=2, units={}, source_files=[])
     """
     build = _python(stalled, out, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -80,7 +82,7 @@ def test_killed_build_leaves_a_tmp_folder_that_the_rebuild_removes(tmp_path):
     assert not os.path.exists(records.metadata_path(out, "toy", "train"))
 
     expected = _expected(7)
-    records.write_split(expected, out, "toy", "train", records_per_shard=2, units={}, source_files=[])
+    shard_writer.write_split(expected, out, "toy", "train", records_per_shard=2, units={}, source_files=[])
     assert not [name for name in os.listdir(out) if name.startswith(".tmp")]
     stored = list(records.iterate_records(out, "toy", "train"))
     assert [r["source_id"] for r in stored] == [r["source_id"] for r in expected]
@@ -92,9 +94,9 @@ def test_build_whose_every_frame_is_skipped_is_an_error(tmp_path):
               for i in range(3)]
     with pytest.raises(records.RecordError, match=r"toy-train: no records to write \(every one skipped: "
                                                   r"\{'nan_positions': 3\}\)"):
-        records.write_split(frames, str(tmp_path), "toy", "train", units={}, source_files=[])
+        shard_writer.write_split(frames, str(tmp_path), "toy", "train", units={}, source_files=[])
     with pytest.raises(records.RecordError, match="toy-val: no records to write .the input holds none"):
-        records.write_split([], str(tmp_path), "toy", "val", units={}, source_files=[])
+        shard_writer.write_split([], str(tmp_path), "toy", "val", units={}, source_files=[])
     assert os.listdir(tmp_path) == []
 
 
@@ -103,4 +105,4 @@ def test_unwritable_output_folder_is_a_one_line_error(tmp_path):
     blocker.write_text("not a folder")
     frame = records.make_record([1, 1], [[0.0, 0.0, 0.0], [0.74, 0.0, 0.0]], source_id="h2", energy=-1.0)
     with pytest.raises(OSError, match=rf"^cannot write the split toy-train to {blocker}/out: Not a directory$"):
-        records.write_split([frame], str(blocker / "out"), "toy", "train", units={}, source_files=[])
+        shard_writer.write_split([frame], str(blocker / "out"), "toy", "train", units={}, source_files=[])

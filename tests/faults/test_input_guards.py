@@ -9,7 +9,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from data_prep import records
+from data_prep import shard_writer
+from jmp_jax.data import records
 from jmp_jax.graph import validate
 from jmp_jax.pretrained import PretrainedInputError
 from test_pretrained import ethanol, write_random_checkpoint
@@ -132,6 +133,6 @@ def test_build_skips_and_counts_far_coordinates(tmp_path):
     assert records.MAX_ABS_COORDINATE == validate.MAX_ABS_COORDINATE
     good = records.make_record([8, 1], [[0.0, 0.0, 0.0], [0.97, 0.0, 0.0]], source_id="near", energy=-1.0)
     far = records.make_record([8, 1], [[0.0, 0.0, 0.0], [1e6, 0.0, 0.0]], source_id="far", energy=-1.0)
-    meta = records.write_split([good, far], str(tmp_path), "toy", "train", units={}, source_files=[])
+    meta = shard_writer.write_split([good, far], str(tmp_path), "toy", "train", units={}, source_files=[])
     assert meta["num_records"] == 1 and meta["skipped"]["far_positions"] == 1
     assert [r["source_id"] for r in records.iterate_records(str(tmp_path), "toy", "train")] == ["near"]

@@ -1,0 +1,86 @@
+r"""Compile time of the JMP-S pre-training step for one batch shape (tracing + lowering, then XLA), and
+XLA's count of the step's temporary memory and work.
+
+  python bench/bench_compile.py                          # JMP-S, molecule batch, unrolled blocks
+  python bench/bench_compile.py --scan                   # one scanned interaction block
+  python bench/bench_compile.py --remat block            # with rematerialised blocks
+  python bench/bench_compile.py --compilation-cache      # as the CLIs run: run it twice, the 2nd reads back
+
+Nothing is executed: the state is abstract (jax.eval_shape), so the numbers are the compile alone. CPU
+seconds of this process are reported next to wall seconds, since the machine may be shared.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from bench import common  # noqa: E402
+from bench.bench_model import alkane, cu_slab, make_batch  # noqa: E402
+from jmp_jax import compilation_cache  # noqa: E402
+from jmp_jax.graph.build import GraphSettings  # noqa: E402
+from jmp_jax.models import config as config_lib  # noqa: E402
+from jmp_jax.models.gemnet import BlockExecution  # noqa: E402
+from jmp_jax.models.jmp import JMPModel, placeholder_batch  # noqa: E402
+from jmp_jax.training import optim  # noqa: E402
+from jmp_jax.data.types import TaskNormalization  # noqa: E402
+from jmp_jax.training.state import init_train_state  # noqa: E402
+from jmp_jax.training.train_step import train_step  # noqa: E402
+
+BATCHES = {
+    "molecules": lambda: make_batch([alkane(7, s) for s in range(8)], GraphSettings.pretrain_molecule()),
+    "slabs": lambda: make_batch([cu_slab("CO" if s % 2 == 0 else "OH", s) for s in range(4)],
+                                GraphSettings.pretrain_periodic()),
+}
+
+
+def compile_times(name: str, backbone: config_lib.BackboneConfig, execution: BlockExecution) -> list:
+    batch = BATCHES[name]()
+    model = JMPModel(backbone, num_tasks=1, execution=execution)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), placeholder_batch()))
+    tx, schedule = optim.pretrain_optimizer(variables["params"], num_blocks=backbone.num_blocks, peak_lr=3e-4,
+                                            warmup_steps=2000, total_steps=100_000)
+    state = jax.eval_shape(functools.partial(init_train_state, tx=tx), variables)
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, task=0,
+                                     norm=TaskNormalization(1.0, 1.0, 1.0, 10.0), ema_decay=0.99), donate_argnums=0)
+    common.stage(f"{name}: lowering and compiling the training step")
+    t0, c0 = time.perf_counter(), time.process_time()
+    lowered = step.lower(state, batch)
+    t1, c1 = time.perf_counter(), time.process_time()
+    compiled = lowered.compile()
+    t2, c2 = time.perf_counter(), time.process_time()
+    # XLA's own accounting: the step's temporaries (what remat trades for recomputation) and its work.
+    temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    gflop = compiled.cost_analysis().get("flops", float("nan")) / 1e9
+    return [name, f"{t1 - t0:.1f} ({c1 - c0:.1f})", f"{t2 - t1:.1f} ({c2 - c1:.1f})", f"{t2 - t0:.1f} ({c2 - c0:.1f})",
+            f"{len(lowered.as_text()) / 1e6:.1f}", f"{temp_mib:.0f}", f"{gflop:.0f}"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="jmp_s", choices=sorted(config_lib.NAMED_CONFIGS))
+    parser.add_argument("--batches", default="molecules")
+    parser.add_argument("--scan", action="store_true", help="one scanned interaction block instead of unrolled ones")
+    parser.add_argument("--remat", default="none", help="model.remat: none | block | a jax.checkpoint_policies name")
+    parser.add_argument("--compilation-cache", action="store_true",
+                        help="enable jmp_jax.compilation_cache as the CLIs do (its directory is in the notes)")
+    args = parser.parse_args()
+    cache = compilation_cache.enable() if args.compilation_cache else None
+    execution = BlockExecution(scan=args.scan, remat=args.remat)
+    rows = [compile_times(name, config_lib.NAMED_CONFIGS[args.config](), execution)
+            for name in args.batches.split(",")]
+    header = ["batch", "trace + lower s (CPU s)", "XLA compile s (CPU s)", "total s (CPU s)", "StableHLO MB",
+              "step temporaries MiB (XLA)", "step GFLOP (XLA)"]
+    blocks = f"{'scanned' if args.scan else 'unrolled'} blocks, remat {args.remat}"
+    common.report(f"bench_compile: {args.config} training step ({blocks})", common.table(header, rows),
+                  notes=f"Persistent compilation cache: {cache or 'off'}.")
+
+
+if __name__ == "__main__":
+    main()

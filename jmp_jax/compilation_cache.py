@@ -1,0 +1,61 @@
+"""jax's persistent compilation cache for the command-line entry points: a program compiled by an earlier
+run (same model, batch shape, jax version and XLA flags) is read back from disk instead of compiled again.
+
+    from jmp_jax import compilation_cache
+    compilation_cache.enable()  # in an entry point, before its first compile; never at library import
+
+Where (first that applies):
+  JMP_JAX_COMPILATION_CACHE=off      no persistent cache (also 0, false, no)
+  JMP_JAX_COMPILATION_CACHE=DIR      DIR
+  JAX_COMPILATION_CACHE_DIR=DIR      jax's own setting (the test suite shares one directory this way)
+  $XDG_CACHE_HOME/jmp_jax/xla        default; ~/.cache/jmp_jax/xla without XDG_CACHE_HOME
+
+The cache is bounded (least recently used entries are evicted beyond MAX_SIZE_BYTES unless
+JAX_COMPILATION_CACHE_MAX_SIZE says otherwise); jax's default keeps programs that took >= 1 s to compile.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+CACHE_ENV = "JMP_JAX_COMPILATION_CACHE"
+OFF_VALUES = ("off", "0", "false", "no")
+# A JMP-S training step compiles to ~10-50 MB: room for the shapes of several runs and sizes.
+MAX_SIZE_BYTES = 4 << 30
+
+
+def default_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jmp_jax", "xla")
+
+
+def cache_dir() -> str | None:
+    """The directory the settings above choose, or None when the cache is off."""
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    if setting.lower() in OFF_VALUES:
+        return None
+    return setting or os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_dir()
+
+
+def enable() -> str | None:
+    """Turns the persistent cache on (or off) in this process as the settings say; returns its directory.
+
+    An unwritable directory leaves the cache off with a one-line warning: a cache never stops a run.
+    """
+    import jax
+
+    path = cache_dir()
+    if path is not None:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as err:
+            print(f"warning: compilation cache off: cannot create {path}: {err.strerror}", file=sys.stderr)
+            path = None
+    if path is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+        jax.config.update("jax_compilation_cache_max_size", MAX_SIZE_BYTES)
+    return path

@@ -1,0 +1,72 @@
+"""`jmp_jax.compilation_cache`: where the CLIs' persistent XLA cache lives, the switch that turns it off, and
+that a second process reads back what the first compiled (CPU, this jax version)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jmp_jax import compilation_cache
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Enables the cache as an entry point does, compiles a small program and counts the cache's hits and misses.
+_PROBE = """
+import collections, json, jax, jax.numpy as jnp
+from jax import monitoring
+from jmp_jax import compilation_cache
+events = collections.Counter()
+monitoring.register_event_listener(lambda event, **kw: events.update([event.rsplit("/", 1)[-1]]))
+path = compilation_cache.enable()
+jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
+print(json.dumps({"dir": path, "hits": events["cache_hits"], "misses": events["cache_misses"]}))
+"""
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No cache setting inherited from the suite (conftest) or the user."""
+    for name in (compilation_cache.CACHE_ENV, "JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_directory_settings_in_order(clean_env, tmp_path):
+    clean_env.setenv("HOME", str(tmp_path / "home"))
+    assert compilation_cache.cache_dir() == str(tmp_path / "home" / ".cache" / "jmp_jax" / "xla")
+    clean_env.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compilation_cache.cache_dir() == str(tmp_path / "xdg" / "jmp_jax" / "xla")
+    clean_env.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    assert compilation_cache.cache_dir() == str(tmp_path / "jax")
+    clean_env.setenv(compilation_cache.CACHE_ENV, str(tmp_path / "mine"))
+    assert compilation_cache.cache_dir() == str(tmp_path / "mine")
+    for off in ("off", "0", "False", "no"):
+        clean_env.setenv(compilation_cache.CACHE_ENV, off)
+        assert compilation_cache.cache_dir() is None
+
+
+def _probe(env: dict) -> dict:
+    done = subprocess.run([sys.executable, "-c", _PROBE], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_reads_the_first_ones_program(clean_env, tmp_path):
+    cache = tmp_path / "xdg" / "jmp_jax" / "xla"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "PYTHONPATH": REPO}
+    first = _probe(env)
+    assert first["dir"] == str(cache) and first["hits"] == 0 and first["misses"] >= 1, first
+    assert os.listdir(cache), "the first run wrote no cache entry"
+    assert _probe(env) == {"dir": str(cache), "hits": first["misses"], "misses": 0}
+
+
+def test_off_switch_creates_nothing_and_reads_nothing(clean_env, tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), compilation_cache.CACHE_ENV: "off",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONPATH": REPO}
+    assert _probe(env) == {"dir": None, "hits": 0, "misses": 0}
+    assert not (tmp_path / "xdg").exists()
