@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.bench_model import cu_slab, heptane, make_batch  # noqa: E402
+from bench.bench_model import alkane, cu_slab, make_batch  # noqa: E402
 from jmp_jax import compilation_cache  # noqa: E402
 from jmp_jax.graph.build import GraphSettings  # noqa: E402
 from jmp_jax.models import config as config_lib  # noqa: E402
@@ -30,10 +30,11 @@ from jmp_jax.models.gemnet import BlockExecution  # noqa: E402
 from jmp_jax.models.jmp import JMPModel, placeholder_batch  # noqa: E402
 from jmp_jax.training import optim  # noqa: E402
 from jmp_jax.data.types import TaskNormalization  # noqa: E402
-from jmp_jax.training.train_step import init_train_state, train_step  # noqa: E402
+from jmp_jax.training.state import init_train_state  # noqa: E402
+from jmp_jax.training.train_step import train_step  # noqa: E402
 
 BATCHES = {
-    "molecules": lambda: make_batch([heptane(s) for s in range(8)], GraphSettings.pretrain_molecule()),
+    "molecules": lambda: make_batch([alkane(7, s) for s in range(8)], GraphSettings.pretrain_molecule()),
     "slabs": lambda: make_batch([cu_slab("CO" if s % 2 == 0 else "OH", s) for s in range(4)],
                                 GraphSettings.pretrain_periodic()),
 }

@@ -41,21 +41,22 @@ from jmp_jax.training.state import init_train_state  # noqa: E402
 from jmp_jax.training.train_step import train_step  # noqa: E402
 
 
-def heptane(seed: int) -> Atoms:
-    """n-heptane C7H16 (23 atoms): a zig-zag carbon chain with tetrahedral hydrogens, rattled."""
+def alkane(carbons: int, seed: int) -> Atoms:
+    """n-alkane C_nH_(2n+2) (n >= 2; heptane: 23 atoms, hexane: 20): a zig-zag carbon chain with tetrahedral
+    hydrogens, rattled."""
     cc, ch, half = 1.54, 1.09, np.deg2rad(109.5) / 2
-    # Carbons 0..6 plus virtual continuations -1 and 7, which mark where the end methyls' third H goes.
-    chain = np.array([[i * cc * np.sin(half), (i % 2) * cc * np.cos(half), 0.0] for i in range(-1, 8)])
+    # Carbons 1..n plus virtual continuations 0 and n+1, which mark where the end methyls' third H goes.
+    chain = np.array([[i * cc * np.sin(half), (i % 2) * cc * np.cos(half), 0.0] for i in range(-1, carbons + 1)])
     z = np.array([0.0, 0.0, 1.0])
     hydrogens = []
-    for i in range(1, 8):
+    for i in range(1, carbons + 1):
         c, prev, nxt = chain[i], chain[i - 1], chain[i + 1]
         away = -((prev - c) / cc + (nxt - c) / cc)
         away /= np.linalg.norm(away)
         hydrogens += [c + ch * (np.cos(half) * away + s * np.sin(half) * z) for s in (-1.0, 1.0)]
-        if i in (1, 7):
+        if i in (1, carbons):
             hydrogens.append(c + ch * ((prev if i == 1 else nxt) - c) / cc)
-    atoms = Atoms("C7H16", positions=np.vstack([chain[1:8], hydrogens]))
+    atoms = Atoms(f"C{carbons}H{2 * carbons + 2}", positions=np.vstack([chain[1:carbons + 1], hydrogens]))
     atoms.rattle(0.02, seed=seed)
     return atoms
 
@@ -152,7 +153,7 @@ def main():
     backbone = config_lib.NAMED_CONFIGS[args.config]()
     peak = common.matmul_gflops(dtype=jnp.dtype(args.precision))
     batches = {
-        "molecules": lambda: make_batch([heptane(s) for s in range(8)], GraphSettings.pretrain_molecule()),
+        "molecules": lambda: make_batch([alkane(7, s) for s in range(8)], GraphSettings.pretrain_molecule()),
         "slabs": lambda: make_batch([cu_slab("CO" if s % 2 == 0 else "OH", s) for s in range(4)],
                                     GraphSettings.pretrain_periodic()),
     }

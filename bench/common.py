@@ -85,13 +85,15 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 COMMAND_ENV = ("JMP_JAX_SYSTEM_MALLOC", "XLA_FLAGS")
 
 
-def report(title: str, text: str, notes: str = "") -> None:
-    """Prints the table and appends it, with the machine and the command, to BENCHMARKS.md."""
+def report(title: str, text: str, notes: str = "", append: bool = True) -> None:
+    """Prints the table and appends it (unless `append` is False), with the machine and the command, to
+    BENCHMARKS.md."""
     settings = [f"{name}={shlex.quote(os.environ[name])} " for name in COMMAND_ENV if os.environ.get(name)]
     command = "".join(settings) + "python " + " ".join(shlex.quote(a) for a in sys.argv)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     block = (f"\n## {title}\n\n- when: {stamp}, commit {git_revision()}\n- machine: {machine()}\n"
              f"- command: `{command}`\n\n{text}\n" + (f"\n{notes}\n" if notes else ""))
     print(block)
-    with open(BENCHMARKS_MD, "a") as f:
-        f.write(block)
+    if append:
+        with open(BENCHMARKS_MD, "a") as f:
+            f.write(block)

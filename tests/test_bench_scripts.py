@@ -1,0 +1,62 @@
+"""The throughput and latency benchmarks run end to end on the narrow demo model (so they do not rot),
+print their table and leave BENCHMARKS.md alone under --no-report."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from bench import bench_finetune, bench_inference, bench_model, common
+from configs.finetune import common as finetune_configs
+from jmp_jax.data import budget_plan
+from jmp_jax.finetune import loop
+from jmp_jax.finetune import loss as loss_lib
+
+
+def table_rows(printed: str) -> list[list[str]]:
+    """Cells of the data rows of the one markdown table in `printed`."""
+    lines = [line for line in printed.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+@pytest.fixture
+def benchmarks_md_unchanged():
+    before = os.stat(common.BENCHMARKS_MD).st_mtime_ns, open(common.BENCHMARKS_MD).read()
+    yield
+    assert (os.stat(common.BENCHMARKS_MD).st_mtime_ns, open(common.BENCHMARKS_MD).read()) == before
+
+
+def test_bench_finetune_smoke(capsys, benchmarks_md_unchanged):
+    bench_finetune.main(["--config", "demo", "--tasks", "qm9_U_0", "--steps", "1", "--max-batch-size", "3",
+                         "--no-report"])
+    rows = table_rows(capsys.readouterr().out)
+    assert [r[:6] for r in rows] == [["QM9 U_0 (C3-C7 alkanes)", "scalar", "float32", "3 (JMP: 48)", "3",
+                                      str(11 + 14 + 17)]]
+    compile_s, step_ms, steps_per_s, atoms_per_s = (float(rows[0][i].split()[0]) for i in (8, 9, 10, 12))
+    assert compile_s > 0 and step_ms > 0 and steps_per_s == pytest.approx(1e3 / step_ms, rel=0.01, abs=0.006)
+    assert atoms_per_s == pytest.approx(42 * steps_per_s, rel=0.01, abs=1)
+
+
+def test_bench_finetune_rmd17_task_follows_jmp_recipe():
+    """The gradient-force rows (not compiled here): one frame per batch with its force labels, JMP's force
+    loss (coefficient 100, the molecule's force std) and JMP's rMD17 cutoff."""
+    config = finetune_configs.get_config("rmd17", "aspirin,demo")
+    spec = loop.data_spec(config)
+    rng = np.random.default_rng(0)
+    records = [bench_finetune.record(bench_model.alkane(6, s), s, rng) for s in range(4)]
+    budgets = budget_plan.plan_budgets(records, spec.settings(0), spec.batch_size, config.seed)
+    batch = bench_finetune.first_batch(records, spec, budgets)
+    assert int(batch.graphs.graph.globals["mask"].sum()) == 1 and spec.settings(20).cutoff == 7.0
+    np.testing.assert_allclose(batch.forces[:20], records[0]["forces"], rtol=1e-6)
+    assert bench_finetune.normalization(config.task) == loss_lib.Normalization(
+        force_std=finetune_configs.RMD17_FORCE_STD["aspirin"], coefficient=100.0)
+
+
+def test_bench_inference_smoke(capsys, benchmarks_md_unchanged):
+    bench_inference.main(["--config", "demo", "--structures", "molecule", "--forces", "direct", "--calls", "2",
+                          "--no-report"])
+    rows = table_rows(capsys.readouterr().out)
+    assert [r[:4] for r in rows] == [["molecule", "20", "ani1x", "direct"]]
+    assert float(rows[0][4]) > 0 and float(rows[0][5]) > 0 and float(rows[0][6]) > 0
+    assert rows[0][9] == "0 of 4"  # the molecule's moved steps keep the first call's padded shape
