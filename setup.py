@@ -44,7 +44,7 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        # nbclient .. matplotlib: tests/test_notebooks.py executes notebooks/*.ipynb. torch, lmdb and
+        # nbclient .. matplotlib: tests/test_documented_paths.py executes notebooks/*.ipynb. torch, lmdb and
         # torch_geometric let the tests run the optional paths (the .pt reader's cross-check against torch,
         # the OCP LMDB reader); the package itself never needs them. pytest-xdist runs the test files on
         # two processes: the suite is mostly single-threaded XLA compiles. ruff: tests/test_lint.py (ruff.toml).

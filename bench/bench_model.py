@@ -37,7 +37,8 @@ from jmp_jax.models.jmp import JMPModel  # noqa: E402
 from jmp_jax.training import optim  # noqa: E402
 from jmp_jax.data.types import TaskNormalization  # noqa: E402
 from jmp_jax.data.types import LabeledBatch
-from jmp_jax.training.train_step import init_train_state, train_step  # noqa: E402
+from jmp_jax.training.state import init_train_state  # noqa: E402
+from jmp_jax.training.train_step import train_step  # noqa: E402
 
 
 def heptane(seed: int) -> Atoms:

@@ -27,7 +27,8 @@ from data_prep import default_dataset  # noqa: E402
 from jmp_jax.data import budget_plan, task_data  # noqa: E402
 from jmp_jax.models.jmp import JMPModel  # noqa: E402
 from jmp_jax.training import loop, optim, sharding  # noqa: E402
-from jmp_jax.training.train_step import eval_step, init_train_state, train_step  # noqa: E402
+from jmp_jax.training.state import init_train_state, init_variables  # noqa: E402
+from jmp_jax.training.train_step import eval_step, train_step  # noqa: E402
 
 PADDED_KINDS = ("nodes", "edges", "a2ee2a", "qint", "a2a")
 
@@ -47,8 +48,7 @@ def train_and_validate(config, steps: int) -> dict:
     pipe = task_data.make_pipeline(config, tasks, split="train", training=True)
     batches = [next(pipe) for _ in range(steps)]
     pipe.close()
-    variables = loop.init_variables(model, batches[0][1], config.model.backbone, config.model.scale_factors,
-                                    config.seed)
+    variables = init_variables(model, config.seed, config.model.scale_factors, config.model.backbone)
     tx, schedule = optim.pretrain_optimizer(
         variables["params"], num_blocks=backbone.num_blocks, peak_lr=config.train.lr,
         warmup_steps=config.train.warmup_steps, total_steps=config.train.num_steps, b1=config.train.b1,

@@ -26,7 +26,8 @@ from data_prep import default_dataset  # noqa: E402
 from jmp_jax.data import task_data  # noqa: E402
 from jmp_jax.models.jmp import JMPModel  # noqa: E402
 from jmp_jax.training import loop, optim  # noqa: E402
-from jmp_jax.training.train_step import init_train_state, train_step  # noqa: E402
+from jmp_jax.training.state import init_train_state, init_variables  # noqa: E402
+from jmp_jax.training.train_step import train_step  # noqa: E402
 
 
 def main():
@@ -49,7 +50,7 @@ def main():
         batches = [next(pipe)[1] for _ in range(args.steps + 1)]
         pipe.close()
         if t == 0:
-            variables = loop.init_variables(model, batches[0], args.config, config.model.scale_factors, 0)
+            variables = init_variables(model, 0, config.model.scale_factors, args.config)
             tx, schedule = optim.pretrain_optimizer(variables["params"], num_blocks=backbone.num_blocks,
                                                     peak_lr=3e-4, warmup_steps=2000, total_steps=100_000)
             state = init_train_state(variables, tx)

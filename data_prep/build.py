@@ -16,6 +16,9 @@ beside the npz's folder (or --splits-dir DIR): train (all but 50) and val (50, b
 shuffle of the train file's positions) from the train indices, test from the test indices.
 Without --fold a full rMD17 file gets JMP's own split (seed 42: 950 train, 50 val, rest test).
 
+--max-records N: only the first N records of each split (in the split's order; a quick look or a test),
+noted as "max_records" in its metadata.
+
 --workers N / --runner NAME: build on Apache Beam (data_prep/beam_build.py; pip install -e .[beam]),
 same files, same bytes.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import sys
 
@@ -75,14 +79,21 @@ def build(
     *,
     splits: list[str] | None = None,
     records_per_shard: int = shard_writer.DEFAULT_RECORDS_PER_SHARD,
+    max_records: int | None = None,
     **reader_options,
 ) -> list[dict]:
-    """Writes every selected split of one source; returns their metadata dicts."""
-    return [
-        shard_writer.write_split(plan.records(), output_dir, plan.name, plan.split,
-                                records_per_shard=records_per_shard, **write_options(plan))
-        for plan in plan_splits(source, input_path, splits, **reader_options)
-    ]
+    """Writes every selected split of one source (its first max_records records when set); returns their
+    metadata dicts."""
+    metas = []
+    for plan in plan_splits(source, input_path, splits, **reader_options):
+        options = write_options(plan)
+        stream = plan.records()
+        if max_records is not None:
+            stream = itertools.islice(stream, max_records)
+            options["extra_metadata"] = {**(options["extra_metadata"] or {}), "max_records": max_records}
+        metas.append(shard_writer.write_split(stream, output_dir, plan.name, plan.split,
+                                              records_per_shard=records_per_shard, **options))
+    return metas
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,12 +111,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--energy-kind", choices=ENERGY_KINDS,
                         help="oc20/oc22 LMDB input: which energy its graphs hold (default: oc20 referenced, as "
                         "OC20's preprocessing makes them; oc22 total)")
+    parser.add_argument("--max-records", type=int, help="only the first N records of each split")
     parser.add_argument("--tfds", action="store_true", help="also write TFDS metadata (one source per folder)")
     parser.add_argument("--workers", type=int, help="build on Apache Beam's DirectRunner with this many processes "
                         "(pip install -e .[beam]); output identical to the default single-process build")
     parser.add_argument("--runner", help="build on this Apache Beam runner (DataflowRunner, FlinkRunner, SparkRunner, "
                         "...); the flags not listed here are passed to it as pipeline options")
     args, pipeline_args = parser.parse_known_args(argv)
+    if args.max_records is not None and (args.max_records < 1 or args.workers is not None or args.runner):
+        parser.error("--max-records must be >= 1 and applies to the single-process build (no --workers/--runner)")
     if pipeline_args and not args.runner:
         parser.error(f"unrecognized arguments: {' '.join(pipeline_args)} (pipeline options need --runner)")
     args.pipeline_args = pipeline_args
@@ -135,7 +149,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         options = reader_options(args)
-        run = build
+        run = functools.partial(build, max_records=args.max_records)
         if args.workers is not None or args.runner:
             try:
                 from data_prep import beam_build  # optional extra: imports apache_beam

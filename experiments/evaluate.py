@@ -68,6 +68,18 @@ def truth_from_records(records: Sequence[dict], target: str | None = None, class
     return truth
 
 
+def predict_in_chunks(predict, records: Sequence[dict]) -> dict:
+    """predict(list of Atoms) -> dict over the records, STRUCTURES_PER_CALL at a time: arrays concatenated,
+    lists (per-atom forces) joined."""
+    parts: dict[str, list] = {}
+    for start in range(0, len(records), STRUCTURES_PER_CALL):
+        out = predict([record_to_atoms(r) for r in records[start:start + STRUCTURES_PER_CALL]])
+        for key, value in out.items():
+            parts.setdefault(key, []).append(value)
+    return {key: [f for part in value for f in part] if key == "forces" else np.concatenate(value)
+            for key, value in parts.items()}
+
+
 @dataclasses.dataclass
 class PretrainedHead:
     """One head of a `load_pretrained` model: total energies (eV), forces (eV/Å); the energy stands for a target."""
@@ -86,68 +98,36 @@ class PretrainedHead:
 
     def predict(self, records: Sequence[dict], target: str | None) -> dict:
         """{"energy": (B,) eV, "forces": list of (n_i, 3) eV/Å[, "target": (B,)]}."""
-        energies, force_list = [], []
-        for start in range(0, len(records), STRUCTURES_PER_CALL):
-            atoms = [record_to_atoms(r) for r in records[start:start + STRUCTURES_PER_CALL]]
-            out = self.model.predict(atoms, head=self.head, forces=self.forces, batch_size=self.batch_size)
-            energies.append(out["energy"])
-            force_list.extend(out["forces"])
-        prediction = {"energy": np.concatenate(energies), "forces": force_list}
+        prediction = predict_in_chunks(
+            lambda atoms: self.model.predict(atoms, head=self.head, forces=self.forces, batch_size=self.batch_size),
+            records)
         if target is not None:
             prediction["target"] = prediction["energy"]
         return prediction
 
 
 class FinetunedHead:
-    """The task head of a fine-tuning checkpoint (metadata "finetune"), in physical units: scalar targets
-    de-normalised (x * std + mean), forces times force_std (eV/Å), class logits as they are."""
+    """The task head of a fine-tuned model (`jmp_jax.FinetunedModel`), in physical units: a scalar target,
+    class logits, or forces (eV/Å; the energy of a forces-only task is defined up to a constant, not scored)."""
 
-    def __init__(self, variables: dict, metadata: dict, batch_size: int = 16):
-        import jax
-        import ml_collections
-        from jmp_jax.finetune import data as finetune_data, loop, model as finetune_model
-        from jmp_jax.models.config import BackboneConfig
-
-        self.task, self.norm = dict(metadata["finetune"]["task"]), dict(metadata["finetune"]["normalization"])
-        self.spec = loop.head_spec(ml_collections.ConfigDict(self.task))
-        config = finetune_model.backbone_for(BackboneConfig.from_jmp_dict(metadata["config"]), self.spec)
-        module = finetune_model.FinetuneModel(config, self.spec)
-        t = self.task
-        self.data_spec = finetune_data.DataSpec(
-            source=t["source"], cutoff=t["cutoff"], max_neighbors=t["max_neighbors"], pbc=t["pbc"],
-            batch_size=batch_size, conditional_max_neighbors=t.get("conditional_max_neighbors", False))
-        self.variables, self.batch_size = variables, batch_size
-        self.default_target = (t.get("target") or None) if self.spec.kind != "forces" else None
-        self.classifier = self.spec.kind == "classification"
-        self.forces = ("gradient" if self.spec.gradient_forces else "direct") if self.spec.kind == "forces" else None
-        self._forward = jax.jit(lambda v, b: finetune_model.predict(module, v, b))
+    def __init__(self, model, batch_size: int = 16):
+        self.model, self.batch_size = model, batch_size
+        kind = model.spec.kind
+        self.default_target = (model.task.get("target") or None) if kind != "forces" else None
+        self.classifier = kind == "classification"
+        self.forces = model.force_mode(None) if kind == "forces" else None
 
     @property
     def info(self) -> dict:
-        return {"head": self.task["name"], "head_index": 0, "kind": self.spec.kind, "forces_mode": self.forces}
+        return {"head": self.model.task["name"], "head_index": 0, "kind": self.model.spec.kind,
+                "forces_mode": self.forces}
 
     def predict(self, records: Sequence[dict], target: str | None) -> dict:
         """{"target": (B,)} | {"logits": (B, C)} | {"forces": list of (n_i, 3) eV/Å}, by the head's kind."""
-        from jmp_jax.finetune.data import build_graphs
-        from jmp_jax.graph import batching
-        from jmp_jax.graph.batching import bucketed_budgets
-
-        values = []
-        for start in range(0, len(records), self.batch_size):
-            chunk = records[start:start + self.batch_size]
-            graphs = [build_graphs(r, self.data_spec, start + i) for i, r in enumerate(chunk)]
-            out = self._forward(self.variables, batching.collate(graphs, bucketed_budgets(graphs)))
-            if self.spec.kind == "forces":
-                forces = np.asarray(out["forces"], np.float64) * self.norm["force_std"]
-                offsets = np.cumsum([0] + [g.num_atoms for g in graphs])
-                values += [forces[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-            else:
-                values.append(np.asarray(out["logits" if self.classifier else "scalar"], np.float64)[:len(chunk)])
-        if self.spec.kind == "forces":
-            return {"forces": values}
-        if self.classifier:
-            return {"logits": np.concatenate(values)}
-        return {"target": np.concatenate(values) * self.norm["target_std"] + self.norm["target_mean"]}
+        out = predict_in_chunks(lambda atoms: self.model.predict(atoms, batch_size=self.batch_size), records)
+        if self.forces:
+            return {"forces": out["forces"]}
+        return {"logits": out["logits"]} if self.classifier else {"target": out[self.model.target]}
 
 
 def read_tasks(path: str | None) -> list[dict] | None:
@@ -167,28 +147,17 @@ def load_head(checkpoint: str, *, source: str, head: str | None, forces: str | N
     dir, or step dir). head: index or task name (pre-trained; default: the head named like source, else 0).
     tasks: per-head statistics for pre-trained checkpoints whose metadata has none (see `load_pretrained`)."""
     import jmp_jax
-    from jmp_jax.checkpoint import orbax_io
 
-    if os.path.isdir(os.path.join(checkpoint, "best")):  # a fine-tuning workdir
-        checkpoint = os.path.join(checkpoint, "best")
-    if not os.path.isdir(os.path.join(checkpoint, "checkpoints")):  # not a pre-training workdir
-        metadata = orbax_io.read_metadata(checkpoint)
-        if "finetune" in metadata:
-            variables, metadata = orbax_io.load_variables(checkpoint, use_ema=ema)
-            finetuned = FinetunedHead(variables, metadata, batch_size)
-            if head not in (None, "0", finetuned.task["name"]):
-                raise evaluation.EvaluationInputError(
-                    f"{checkpoint} is fine-tuned for {finetuned.task['name']!r}; it has no head {head!r}")
-            if forces is not None and forces != finetuned.forces:
-                raise evaluation.EvaluationInputError(
-                    f"{checkpoint} predicts {finetuned.forces or 'no'} forces; --forces {forces} does not apply")
-            return finetuned
     model = jmp_jax.load_pretrained(checkpoint, ema=ema, tasks=tasks)
     if head is None:
         index = model.head_index(source) if source in model.task_names else 0
     else:
         index = model.head_index(int(head) if head.isdigit() else head)
-    return PretrainedHead(model, index, forces or "direct", batch_size)
+    if isinstance(model, jmp_jax.FinetunedModel):
+        if forces is not None:
+            model.force_mode(forces)
+        return FinetunedHead(model, batch_size)
+    return PretrainedHead(model, index, model.force_mode(forces), batch_size)
 
 
 def format_table(metrics: dict) -> str:

@@ -6,7 +6,7 @@ from jmp_jax.host_memory import retain_freed_host_memory
 # Whether freed host memory is kept in the process (see jmp_jax/host_memory.py); benches report it.
 host_memory_retained = retain_freed_host_memory()
 
-__all__ = ["load_pretrained", "PretrainedModel"]
+__all__ = ["load_pretrained", "PretrainedModel", "FinetunedModel"]
 
 
 def __getattr__(name: str):

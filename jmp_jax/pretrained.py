@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,6 @@ from ase import Atoms
 from ase.data import chemical_symbols
 
 from jmp_jax.graph import batching
-from jmp_jax.graph.batching import bucketed_budgets
 from jmp_jax.graph.build import GraphSettings, StructureGraphs, build_from_atoms
 from jmp_jax.graph.types import GraphBatch
 from jmp_jax.graph.validate import MAX_ATOMIC_NUMBER
@@ -116,9 +115,11 @@ def default_settings(atoms, cutoff: float | None, max_neighbors: int | None, pbc
         max_neighbors=int(max_neighbors) if max_neighbors is not None else DEFAULT_MAX_NEIGHBORS, pbc=flags)
 
 
-def build_graphs(atoms_list, *, cutoff=None, max_neighbors=None, pbc=None) -> list[StructureGraphs]:
-    """Per-structure graphs of an ase.Atoms or a sequence of them (settings: `default_settings`).
+def build_graphs(atoms_list, *, cutoff=None, max_neighbors=None, pbc=None,
+                 settings: Callable[[Atoms], GraphSettings] | None = None) -> list[StructureGraphs]:
+    """Per-structure graphs of an ase.Atoms or a sequence of them.
 
+    settings: graph settings per structure; default `default_settings` with cutoff / max_neighbors / pbc.
     Errors name the structure by its list index.
     """
     atoms_list = [atoms_list] if isinstance(atoms_list, Atoms) else list(atoms_list)
@@ -132,31 +133,64 @@ def build_graphs(atoms_list, *, cutoff=None, max_neighbors=None, pbc=None) -> li
         if unknown.size:
             raise PretrainedInputError(f"atoms_list[{i}]: unknown element Z={atoms.numbers[unknown[0]]} at atom "
                                        f"{unknown[0]} (valid: 1..{KNOWN_ELEMENTS})")
-    return [build_from_atoms(atoms, default_settings(atoms, cutoff, max_neighbors, pbc),
-                             name=f"atoms_list[{i}] ({atoms.get_chemical_formula()})")
+    settings = settings or (lambda atoms: default_settings(atoms, cutoff, max_neighbors, pbc))
+    return [build_from_atoms(atoms, settings(atoms), name=f"atoms_list[{i}] ({atoms.get_chemical_formula()})")
             for i, atoms in enumerate(atoms_list)]
 
 
-class PretrainedModel:
-    """A JMP model with weights, task heads and a compiled forward.
+def padded_batches(graphs: Sequence[StructureGraphs], batch_size: int, dtype
+                   ) -> Iterator[tuple[Sequence[StructureGraphs], GraphBatch]]:
+    """(chunk, padded batch) per run of at most batch_size structures, budgets bucketed (few compiled shapes)."""
+    if batch_size < 1:
+        raise PretrainedInputError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(graphs), batch_size):
+        chunk = graphs[start:start + batch_size]
+        yield chunk, batching.collate(chunk, batching.bucketed_budgets(chunk), dtype=dtype)
 
-    Attributes: config (BackboneConfig), variables ({"params", "constants"}), tasks (list[TaskInfo]),
-    metadata (the checkpoint's JSON), dtype (compute dtype; float64 needs `jax.enable_x64`),
+
+def per_structure(per_atom: np.ndarray, chunk: Sequence[StructureGraphs]) -> list[np.ndarray]:
+    """A padded per-atom array (N, ...) cut into the chunk's structures [(n_i, ...)]."""
+    ends = np.cumsum([sg.num_atoms for sg in chunk])
+    return [per_atom[end - sg.num_atoms:end] for sg, end in zip(chunk, ends)]
+
+
+class CheckpointModel:
+    """What a pre-trained and a fine-tuned model share: weights, a Flax module and the compute dtype.
+
+    Attributes: path (the checkpoint read, or None), config (BackboneConfig), variables ({"params",
+    "constants"}), metadata (the checkpoint's JSON), dtype (compute dtype; float64 needs `jax.enable_x64`),
     num_compiles (how many times the forward has been traced = compiled, for checking shape reuse).
     """
 
-    def __init__(self, config: BackboneConfig, variables: Mapping[str, Any], tasks: Sequence[TaskInfo],
-                 metadata: Mapping[str, Any] | None = None, dtype=jnp.float32):
-        if not tasks:
-            raise PretrainedInputError("a PretrainedModel needs at least one task head")
-        self.config, self.tasks, self.dtype = config, list(tasks), jnp.dtype(dtype)
+    def __init__(self, config: BackboneConfig, variables: Mapping[str, Any], metadata: Mapping[str, Any] | None,
+                 dtype, path: str | None):
+        self.config, self.dtype, self.path = config, jnp.dtype(dtype), path
         self.variables = dict(variables)
         if self.dtype == jnp.float64:
             # Float32 weights would pull parts of a float64 forward (e.g. concatenations with h) back to float32.
             self.variables = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), self.variables)
         self.metadata = dict(metadata or {})
-        self.module = JMPModel(config, num_tasks=len(self.tasks), dtype=self.dtype)
         self.num_compiles = 0
+
+    @property
+    def float_dtype(self):
+        """Host dtype of the batches' coordinates."""
+        return np.float64 if self.dtype == jnp.float64 else np.float32
+
+
+class PretrainedModel(CheckpointModel):
+    """A JMP model with weights, pre-training task heads and a compiled forward (see `CheckpointModel`).
+
+    tasks: list[TaskInfo], one per head.
+    """
+
+    def __init__(self, config: BackboneConfig, variables: Mapping[str, Any], tasks: Sequence[TaskInfo],
+                 metadata: Mapping[str, Any] | None = None, dtype=jnp.float32, path: str | None = None):
+        if not tasks:
+            raise PretrainedInputError("a PretrainedModel needs at least one task head")
+        super().__init__(config, variables, metadata, dtype, path)
+        self.tasks = list(tasks)
+        self.module = JMPModel(config, num_tasks=len(self.tasks), dtype=self.dtype)
         self._forward = jax.jit(self._forward_impl, static_argnames=("task", "mode"))
 
     @property
@@ -200,44 +234,44 @@ class PretrainedModel:
         out = apply(variables, batch, task=task)
         return {"energy": out["energy"], "forces": out["forces"]}
 
+    def force_mode(self, forces: str | None) -> str:
+        """The force mode asked for: "direct" (default, as pre-trained) or "gradient"."""
+        if forces is None:
+            return "direct"
+        if forces not in FORCE_MODES:
+            raise PretrainedInputError(f"forces must be one of {FORCE_MODES}, got {forces!r}")
+        return forces
+
     def _run(self, graphs: Sequence[StructureGraphs], task: int, mode: str, batch_size: int):
         """Yields (chunk of graphs, padded numpy outputs) per batch of at most batch_size structures."""
-        if batch_size < 1:
-            raise PretrainedInputError(f"batch_size must be >= 1, got {batch_size}")
-        float_dtype = np.float64 if self.dtype == jnp.float64 else np.float32
-        for start in range(0, len(graphs), batch_size):
-            chunk = graphs[start:start + batch_size]
-            batch = batching.collate(chunk, bucketed_budgets(chunk), dtype=float_dtype)
-            out = self._forward(self.variables, batch, task=task, mode=mode)
-            yield chunk, jax.tree.map(np.asarray, out)
+        for chunk, batch in padded_batches(graphs, batch_size, self.float_dtype):
+            yield chunk, jax.tree.map(np.asarray, self._forward(self.variables, batch, task=task, mode=mode))
 
-    def predict(self, atoms_list, head: int | str = 0, *, forces: str = "direct", cutoff: float | None = None,
+    def predict(self, atoms_list, head: int | str = 0, *, forces: str | None = None, cutoff: float | None = None,
                 max_neighbors: int | None = None, pbc=None, batch_size: int = 16) -> dict[str, Any]:
         """Energies and forces of structures with one task head.
 
         atoms_list: ase.Atoms or a sequence of them (B structures). head: index or task name.
-        forces: "direct" (the head's force MLP, what JMP pre-trains) or "gradient" (-dE/dpos, conservative).
+        forces: "direct" (default: the head's force MLP, what JMP pre-trains) or "gradient" (-dE/dpos,
+          conservative).
         cutoff / max_neighbors / pbc: graph overrides (see `default_settings`).
-        batch_size: structures per padded batch (each batch's budgets are bucketed, see `bucketed_budgets`).
+        batch_size: structures per padded batch (each batch's budgets are bucketed, see `batching.bucketed_budgets`).
         Tags: an Atoms' tags array is read as OC20 tags (0 sub-surface, 1 surface, 2 adsorbate; quadruplet
         edges must touch a 1 or 2); without one every atom gets 2. ase.build slabs store layer numbers in
         their tags: reset them (atoms.set_tags(2)) unless they follow OC20's convention.
         Returns {"energy": (B,) float64 eV, "forces": list of B (n_i, 3) float64 eV/Å}: head outputs times
         the task's energy_std / force_std (gradient forces: energy_std), plus the linear reference energy.
         """
-        if forces not in FORCE_MODES:
-            raise PretrainedInputError(f"forces must be one of {FORCE_MODES}, got {forces!r}")
+        forces = self.force_mode(forces)
         task_index = self.head_index(head)
         task = self.tasks[task_index]
         graphs = build_graphs(atoms_list, cutoff=cutoff, max_neighbors=max_neighbors, pbc=pbc)
         force_scale = task.force_std if forces == "direct" else task.energy_std
         energies, force_list = [], []
         for chunk, out in self._run(graphs, task_index, forces, batch_size):
-            start = 0
-            for i, sg in enumerate(chunk):
-                energies.append(float(out["energy"][i]) * task.energy_std + task.reference_energy(sg.atomic_numbers))
-                force_list.append(out["forces"][start:start + sg.num_atoms].astype(np.float64) * force_scale)
-                start += sg.num_atoms
+            energies += [float(out["energy"][i]) * task.energy_std + task.reference_energy(sg.atomic_numbers)
+                         for i, sg in enumerate(chunk)]
+            force_list += [f.astype(np.float64) * force_scale for f in per_structure(out["forces"], chunk)]
         energy = np.asarray(energies)
         if not (np.all(np.isfinite(energy)) and all(np.all(np.isfinite(f)) for f in force_list)):
             warnings.warn("JMP predicted non-finite energies or forces", RuntimeWarning, stacklevel=2)
@@ -255,11 +289,119 @@ class PretrainedModel:
         graphs = build_graphs(atoms_list, cutoff=cutoff, max_neighbors=max_neighbors, pbc=pbc)
         result = []
         for chunk, layers in self._run(graphs, 0, "embed", batch_size):
-            start = 0
-            for sg in chunk:
-                result.append({k: layers[k][start:start + sg.num_atoms] for k in self.embedding_keys})
-                start += sg.num_atoms
+            cut = {k: per_structure(layers[k], chunk) for k in self.embedding_keys}
+            result += [{k: cut[k][i] for k in self.embedding_keys} for i in range(len(chunk))]
         return result
+
+
+class FinetunedModel(CheckpointModel):
+    """A fine-tuned checkpoint (`experiments.finetune`): the backbone and its one task head.
+
+    Graphs are built with the task's own settings and the outputs de-normalised with the statistics it was
+    trained with (both stored under the metadata key "finetune"), so `predict` gives what the fine-tuning
+    evaluation scores. Attributes (besides `CheckpointModel`'s): task (the task config as stored: name, kind,
+    target, cutoff, ...), spec (finetune.model.HeadSpec), normalization (dict), data_spec (finetune.data.DataSpec).
+    """
+
+    def __init__(self, config: BackboneConfig, variables: Mapping[str, Any], metadata: Mapping[str, Any],
+                 dtype=jnp.float32, path: str | None = None):
+        from jmp_jax.finetune.model import FinetuneModel
+        super().__init__(config, variables, metadata, dtype, path)
+        self.task, self.spec, self.data_spec = finetune_task(self.metadata, path)
+        self.normalization = dict(self.metadata["finetune"]["normalization"])
+        self.module = FinetuneModel(config, self.spec, dtype=self.dtype)
+        self._forward = jax.jit(self._forward_impl)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [self.task["name"]]
+
+    @property
+    def target(self) -> str | None:
+        """The scalar target's name (key of `predict`'s output), None for force and classification tasks."""
+        return self.task.get("target") if self.spec.kind == "scalar" else None
+
+    @property
+    def gives_energy(self) -> bool:
+        """Gradient-force heads predict an energy whose gradient gives the forces (up to a constant offset)."""
+        return self.spec.kind == "forces" and self.spec.gradient_forces
+
+    def _where(self) -> str:
+        return f"{self.path or 'fine-tuned checkpoint'} (task {self.task['name']!r}, a {self.spec.kind} head)"
+
+    def head_index(self, head: int | str) -> int:
+        """0: the checkpoint's one head, given as 0 or by its task name."""
+        if head in (0, self.task["name"]) and not isinstance(head, bool):
+            return 0
+        raise PretrainedInputError(f"unknown head {head!r}; {self._where()} has one head: 0={self.task['name']!r}")
+
+    def force_mode(self, forces: str | None) -> str:
+        """The mode the head was trained with ("gradient" or "direct"); asking for the other is an error."""
+        if self.spec.kind != "forces":
+            raise PretrainedInputError(f"{self._where()} predicts no forces (metadata key finetune.task.kind)")
+        own = "gradient" if self.spec.gradient_forces else "direct"
+        if forces not in (None, own):
+            raise PretrainedInputError(f"{self._where()} was fine-tuned with {own} forces (metadata key "
+                                       f"finetune.task.gradient_forces); forces={forces!r} does not apply")
+        return own
+
+    def _forward_impl(self, variables, batch: GraphBatch) -> dict[str, jax.Array]:
+        from jmp_jax.finetune.model import predict
+        self.num_compiles += 1  # runs only while tracing, i.e. once per compiled shape
+        return predict(self.module, variables, batch)
+
+    def predict(self, atoms_list, head: int | str = 0, *, forces: str | None = None, batch_size: int = 16
+                ) -> dict[str, Any]:
+        """The task head's predictions for structures (ase.Atoms or a sequence of B), in physical units.
+
+        Returns by the head's kind:
+          scalar:          {target name: (B,) float64}, e.g. {"U_0": ...} (the task's units, as in its records),
+          classification:  {"logits": (B, C) float64},
+          forces:          {"forces": list of B (n_i, 3) float64 eV/Å} and, for gradient-force heads,
+                           "energy": (B,) eV whose gradient the forces are, up to a constant offset per system
+                           (forces-only training leaves the offset free).
+        forces: None or the head's own mode (see `force_mode`). Graph settings are the task's (its cutoff,
+        neighbour caps and PBC); atoms tags as in `PretrainedModel.predict`.
+        """
+        self.head_index(head)
+        if forces is not None:
+            self.force_mode(forces)
+        graphs = build_graphs(atoms_list, settings=lambda atoms: self.data_spec.settings(len(atoms)))
+        parts: dict[str, list] = {}
+        for chunk, batch in padded_batches(graphs, batch_size, self.float_dtype):
+            out = jax.tree.map(lambda x: np.asarray(x, np.float64), self._forward(self.variables, batch))
+            for key, value in self._physical(out, chunk).items():
+                parts.setdefault(key, []).extend(value)
+        return {key: value if key == "forces" else np.asarray(value) for key, value in parts.items()}
+
+    def _physical(self, out: dict[str, np.ndarray], chunk: Sequence[StructureGraphs]) -> dict[str, list]:
+        """One padded batch's outputs in physical units, per structure."""
+        n, norm = len(chunk), self.normalization
+        if self.spec.kind == "scalar":
+            return {self.target: list(out["scalar"][:n] * norm["target_std"] + norm["target_mean"])}
+        if self.spec.kind == "classification":
+            return {"logits": list(out["logits"][:n])}
+        result = {"forces": [f * norm["force_std"] for f in per_structure(out["forces"], chunk)]}
+        if self.gives_energy:
+            result["energy"] = list(out["energy"][:n] * norm["force_std"])
+        return result
+
+
+def finetune_task(metadata: Mapping[str, Any], path: str | None):
+    """(task dict, HeadSpec, DataSpec) of a fine-tuning checkpoint's metadata key "finetune"."""
+    import ml_collections
+
+    from jmp_jax.finetune.data import DataSpec
+    from jmp_jax.finetune.loop import head_spec
+    task = dict(metadata["finetune"].get("task") or {})
+    try:
+        spec = head_spec(ml_collections.ConfigDict(task))
+        data_spec = DataSpec(source=task["source"], cutoff=task["cutoff"], max_neighbors=task["max_neighbors"],
+                             pbc=task["pbc"], batch_size=1,
+                             conditional_max_neighbors=task.get("conditional_max_neighbors", False))
+    except (KeyError, AttributeError, ValueError) as err:
+        raise PretrainedInputError(f"{path}: metadata key finetune.task is incomplete or invalid: {err}") from err
+    return task, spec, data_spec
 
 
 def _config_from_metadata(metadata: Mapping[str, Any], path: str) -> BackboneConfig:
@@ -270,14 +412,26 @@ def _config_from_metadata(metadata: Mapping[str, Any], path: str) -> BackboneCon
     return BackboneConfig.from_jmp_dict(fields)
 
 
-def load_pretrained(path: str | os.PathLike, *, ema: bool = True, tasks: Sequence[Mapping[str, Any]] | None = None,
-                    dtype=jnp.float32) -> PretrainedModel:
-    """Loads a converter output directory, a training checkpoint directory or run workdir (latest step), or a
-    step directory of either.
+def checkpoint_root(path: str | os.PathLike) -> str:
+    """The checkpoint directory of a path: a pre-training workdir's checkpoints/, a fine-tuning workdir's best/,
+    else the path itself (a converter output, a checkpoints dir or a step dir)."""
+    path = os.fspath(path)
+    for inner in ("checkpoints", "best"):
+        if os.path.isdir(os.path.join(path, inner)):
+            return os.path.join(path, inner)
+    return path
 
-    ema: use the EMA weights when the checkpoint has them (training checkpoints).
+
+def load_pretrained(path: str | os.PathLike, *, ema: bool = True, tasks: Sequence[Mapping[str, Any]] | None = None,
+                    dtype=jnp.float32) -> PretrainedModel | FinetunedModel:
+    """Loads a converter output directory, a pre-training run workdir or its checkpoints (latest step), a
+    fine-tuning run workdir (its best checkpoint), or a step directory of any of them.
+
+    A fine-tuning checkpoint (metadata key "finetune") gives a `FinetunedModel` with its own task head; every
+    other a `PretrainedModel`.
+    ema: use the EMA weights when the checkpoint has them (pre-training checkpoints).
     tasks: per-head {"name", "energy_std", "force_std", ["linear_reference"]} overriding the metadata's;
-      needed for checkpoints whose metadata describes no tasks (except JMP's own 4-head checkpoints).
+      needed for pre-trained checkpoints whose metadata describes no tasks (except JMP's own 4-head ones).
     dtype: compute dtype (jnp.float64 needs `jax.enable_x64`).
     """
     if tasks is not None and (isinstance(tasks, (str, bytes, Mapping)) or not isinstance(tasks, Sequence)
@@ -285,13 +439,35 @@ def load_pretrained(path: str | os.PathLike, *, ema: bool = True, tasks: Sequenc
         raise PretrainedInputError(f"tasks must be a list of dicts, one per head ({{'name', 'energy_std', "
                                    f"'force_std'}}), got {type(tasks).__name__} {str(tasks)[:80]}")
     from jmp_jax.checkpoint import orbax_io  # orbax is heavy; only loading needs it
-    path = os.fspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):  # a training run's workdir
-        path = os.path.join(path, "checkpoints")
+    path = checkpoint_root(path)
     if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
         raise PretrainedInputError("dtype=float64 needs jax x64 (wrap the calls in `with jax.enable_x64(True):`)")
+    metadata = orbax_io.read_metadata(path)
+    if "finetune" in metadata:
+        if tasks is not None:
+            raise PretrainedInputError(f"{path}: tasks= is for pre-trained checkpoints; this one is fine-tuned "
+                                       f"(metadata key 'finetune') and carries its own task")
+        return _load_finetuned(path, metadata, dtype)
     variables, metadata = orbax_io.load_variables(path, use_ema=ema)
     config = _config_from_metadata(metadata, path)
     if tasks is not None:
         metadata = dict(metadata, tasks=[dict(t) for t in tasks])
-    return PretrainedModel(config, variables, tasks_from_metadata(metadata), metadata, dtype=dtype)
+    return PretrainedModel(config, variables, tasks_from_metadata(metadata), metadata, dtype=dtype, path=path)
+
+
+def _load_finetuned(path: str, metadata: Mapping[str, Any], dtype) -> FinetunedModel:
+    """The fine-tuned model its metadata describes, its stored tree checked against that model's before reading."""
+    from jmp_jax.checkpoint import orbax_io
+    from jmp_jax.cli import one_line
+    from jmp_jax.finetune.model import FinetuneModel, backbone_for
+    from jmp_jax.models.jmp import placeholder_batch
+    _, spec, _ = finetune_task(metadata, path)
+    config = backbone_for(_config_from_metadata(metadata, path), spec)
+    module = FinetuneModel(config, spec)
+    expected = jax.eval_shape(lambda: module.init(jax.random.key(0), placeholder_batch()))
+    try:
+        variables, metadata = orbax_io.load_variables(path, use_ema=False, target=expected)
+    except orbax_io.CheckpointMismatchError as err:
+        raise PretrainedInputError(f"{path}: weights do not match the model of its metadata (keys 'config', "
+                                   f"'finetune.task'): {one_line(err)}") from err
+    return FinetunedModel(config, variables, metadata, dtype=dtype, path=path)

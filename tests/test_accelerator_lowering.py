@@ -30,7 +30,8 @@ from jmp_jax.pretrained import build_graphs
 from jmp_jax.training import optim
 from jmp_jax.data.types import TaskNormalization
 from jmp_jax.data.types import LabeledBatch
-from jmp_jax.training.train_step import init_train_state, train_step
+from jmp_jax.training.state import init_train_state
+from jmp_jax.training.train_step import train_step
 
 ACCELERATORS = ("cuda", "tpu")
 ONE_BLOCK = dataclasses.replace(demo(), num_blocks=1)
@@ -68,12 +69,11 @@ def _finetune_step_and_args():
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), _concrete_batch(), train=False))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
     tx, _ = finetune_optim.finetune_optimizer(zeros["params"], finetune_loop.optim_config(config, 1, 10), 1)
-    state = jax.eval_shape(lambda: finetune_loop.FinetuneState(
-        step=jnp.zeros((), jnp.int32), params=zeros["params"], constants=zeros.get("constants", {}),
-        opt_state=tx.init(zeros["params"])))
+    state = jax.eval_shape(lambda: init_train_state(zeros, tx, ema=False))
     step = functools.partial(finetune_loop.train_step, model=model, tx=tx, norm=Normalization(force_std=0.5))
-    args = (state, _labeled_batch(shard_axis=False), jax.ShapeDtypeStruct((), jnp.float32),
-            jax.eval_shape(lambda: jax.random.key(1)))
+    batch = _labeled_batch(shard_axis=True).replace(task=None)
+    args = (state, batch, jax.ShapeDtypeStruct((1,), jnp.float32), jax.eval_shape(lambda: jax.random.key(1)),
+            jax.ShapeDtypeStruct((), jnp.float32))
     return step, args
 
 

@@ -32,7 +32,7 @@ def test_direct_calculator_matches_predict(checkpoint):
     assert energy == pytest.approx(expected["energy"][0], rel=1e-6)
     assert atoms.get_potential_energy(force_consistent=True) == energy  # free_energy
     np.testing.assert_allclose(forces, expected["forces"][0], rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="forces must be 'direct' or 'gradient'"):
+    with pytest.raises(ValueError, match="forces must be one of"):
         JMPCalculator(calc.model, forces="numerical")
     with pytest.raises(ValueError, match="unknown head 2"):
         JMPCalculator(calc.model, head=2)

@@ -51,6 +51,19 @@ def test_cli_split_filter(tmp_path, md17_file):
     assert build.main(["--source", "rmd17", "--input", md17_file, "--output", out, "--split", "bogus"]) == 2
 
 
+def test_cli_max_records_keeps_the_first_records_of_each_split(tmp_path, md17_file):
+    out, full = str(tmp_path / "out"), str(tmp_path / "full")
+    assert build.main(["--source", "rmd17", "--input", md17_file, "--output", out, "--max-records", "3"]) == 0
+    assert build.main(["--source", "rmd17", "--input", md17_file, "--output", full, "--split", "val"]) == 0
+    for split in ("train", "val", "test"):
+        meta = records.load_metadata(out, "rmd17_benzene", split)
+        assert meta["num_records"] == 3 and meta["max_records"] == 3
+    first = [r["source_id"] for r in records.iterate_records(out, "rmd17_benzene", "val")]
+    assert first == [r["source_id"] for r in records.iterate_records(full, "rmd17_benzene", "val")][:3]
+    with pytest.raises(SystemExit):
+        build.main(["--source", "rmd17", "--input", md17_file, "--output", out, "--max-records", "3", "--workers", "2"])
+
+
 def test_cli_errors_name_the_input(tmp_path, capsys):
     bad = tmp_path / "rmd17_broken.npz"
     bad.write_bytes(b"not an npz")

@@ -8,11 +8,13 @@ import pytest
 from ase.build import molecule
 from ase.data import atomic_masses
 
-from jmp_jax.finetune import heads, optim, weights
+from jmp_jax.finetune import heads, optim
 from jmp_jax.finetune.model import FinetuneModel, HeadSpec, backbone_for, predict, with_positions
 from jmp_jax.graph import batching
 from jmp_jax.graph.build import GraphSettings, build_from_atoms
+from jmp_jax.training.state import init_variables
 from jmp_jax.models.config import demo
+from jmp_jax.models.jmp import HeadMLP
 
 SETTINGS = GraphSettings(cutoff=5.0, max_neighbors=12, pbc=(False, False, False))
 MOLECULES = ("H2O", "CH3OH")
@@ -54,7 +56,7 @@ def test_spatial_extent_head(batch):
     assert all("bias" not in layer for layer in layers.values())
 
     got = np.asarray(head.apply(params, features, batch))
-    x = np.asarray(heads.OutputMLP(1, num_hidden=5, hidden_bias=False).apply(
+    x = np.asarray(HeadMLP(1, num_hidden=5, hidden_bias=False).apply(
         {"params": layers}, features))[:, 0]
     nodes = batch.graph.nodes
     pos, z, mask = (np.asarray(nodes[k]) for k in ("positions", "atomic_numbers", "mask"))
@@ -78,7 +80,7 @@ def test_gradient_forces_equal_minus_finite_difference_energy_derivative():
         batch = _batch(np.float64)
         # One interaction block keeps the float64 compile short; the blocks are all alike.
         model = FinetuneModel(backbone_for(dataclasses.replace(demo(), num_blocks=1), spec), spec, dtype=jnp.float64)
-        variables = jax.tree.map(lambda a: a.astype(jnp.float64), weights.random_variables(model, 0, "none", "demo"))
+        variables = jax.tree.map(lambda a: a.astype(jnp.float64), init_variables(model, 0, "none", "demo"))
         forces = np.asarray(jax.jit(lambda v, b: predict(model, v, b)["forces"])(variables, batch))
         energy = jax.jit(lambda v, b: model.apply(v, b)["energy"].sum())
         pos = batch.graph.nodes["positions"]

@@ -1,26 +1,36 @@
-"""Fine-tuning configs, one training step per head kind, checkpoint loading (EMA / raw), a tiny full run."""
+"""Fine-tuning configs, one training step per head kind, checkpoint loading (EMA / raw), tiny full runs and their
+checkpoints in `load_pretrained` and the ASE calculator."""
 import dataclasses
 import functools
 import importlib
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from ase import units
 from ase.build import bulk, molecule
+from ase.md.velocitydistribution import thermalize_momenta
+from ase.md.verlet import VelocityVerlet
 
 from configs.finetune import common
+import jmp_jax
 from data_prep import shard_writer
+from experiments import evaluate
+from jmp_jax.ase_calculator import JMPCalculator
 from jmp_jax.data import records
 from jmp_jax.checkpoint import integrity, orbax_io
 from jmp_jax.finetune import loop, optim, weights
 from jmp_jax.finetune.data import DataSpec, SplitData
 from jmp_jax.finetune.model import FinetuneModel, backbone_for
+from jmp_jax.training.state import init_train_state, init_variables
 from jmp_jax.models.config import NAMED_CONFIGS, demo
 from jmp_jax.models.jmp import JMPModel, placeholder_batch
+from jmp_jax.pretrained import PretrainedInputError
 
 QM9_TARGETS = tuple(common.QM9_NORMALIZATION)
 
@@ -65,7 +75,7 @@ def test_every_config_builds_for_both_sizes():
             common.get_config(dataset, variant)
 
 
-def _molecule_records(n: int, seed: int, periodic: bool = False):
+def molecule_records(n: int, seed: int, periodic: bool = False):
     rng = np.random.default_rng(seed)
     for i in range(n):
         atoms = bulk("NaCl", "rocksalt", a=5.6) if periodic else molecule(("CH3OH", "H2O", "NH3")[i % 3])
@@ -81,8 +91,8 @@ def _molecule_records(n: int, seed: int, periodic: bool = False):
 def data_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("finetune_data"))
     for split, n, seed in (("train", 5, 1), ("val", 3, 2), ("test", 3, 3)):
-        shard_writer.write_split(_molecule_records(n, seed), out, "tiny", split, units={}, source_files=[])
-    shard_writer.write_split(_molecule_records(3, 4, periodic=True), out, "tiny_crystal", "train", units={},
+        shard_writer.write_split(molecule_records(n, seed), out, "tiny", split, units={}, source_files=[])
+    shard_writer.write_split(molecule_records(3, 4, periodic=True), out, "tiny_crystal", "train", units={},
                         source_files=[])
     return out
 
@@ -120,17 +130,16 @@ def test_each_finetune_head_takes_a_training_step(data_dir):
         dspec = DataSpec(source="tiny", cutoff=5.0, max_neighbors=12, pbc=False, batch_size=2,
                          target=None if spec.kind == "forces" else c.task.target)
         split = SplitData(data_dir, dspec, "train")
-        batch = next(split.batches(split.order(0, 0)))
+        batch, real, _ = next(split.steps(split.order(0, 0), num_shards=1))
         # One interaction block: eager time grows with the op count, and every head sees the same backbone.
         model = FinetuneModel(dataclasses.replace(backbone_for(demo(), spec), num_blocks=1), spec)
-        variables = weights.random_variables(model, 0, "none", "demo")
+        variables = init_variables(model, 0, "none", "demo")
         tx, _ = optim.finetune_optimizer(variables["params"], loop.optim_config(c, 1, 3), 1)
-        state = loop.FinetuneState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                                   constants=variables["constants"], opt_state=tx.init(variables["params"]))
+        state = init_train_state(variables, tx, ema=False)
         norm = loop.loss_lib.Normalization(force_std=1.0, coefficient=c.task.loss_coefficient,
                                            class_weights=tuple(c.task.class_weights) or None)
         step = jax.jit(functools.partial(loop.train_step, model=model, tx=tx, norm=norm))
-        new, metrics = step(state, batch, jnp.float32(1.0), jax.random.key(1))
+        new, metrics = step(state, batch, real, jax.random.key(1), jnp.float32(1.0))
         assert bool(metrics["finite"]) and int(new.step) == 1, c.task.name
         moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.params, state.params)
         head = next(name for name in ("head", "force_head", "energy_head") if name in moved)
@@ -158,7 +167,7 @@ def test_checkpoint_loading_with_and_without_ema(pretrain_checkpoint, use_ema):
     path, raw, ema = pretrain_checkpoint
     spec = loop.head_spec(common.get_config("qm9", "U_0,demo").task)
     model = FinetuneModel(backbone_for(demo(), spec), spec)
-    target = weights.random_variables(model, 0, "none", "demo")
+    target = init_variables(model, 0, "none", "demo")
     loaded, info = weights.load_initial_variables(target, os.path.dirname(path), model.config, use_ema=use_ema)
     source = ema if use_ema else raw["params"]
     np.testing.assert_array_equal(loaded["params"]["embedding"]["atom_embedding"]["embedding"],
@@ -185,20 +194,123 @@ def test_checkpoint_loading_rejects_another_backbone(pretrain_checkpoint):
         weights.load_initial_variables(target, path, other)
 
 
-def test_tiny_finetune_run_from_checkpoint(data_dir, pretrain_checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def qm9_run(data_dir, pretrain_checkpoint, tmp_path_factory):
+    """A tiny QM9 U_0 fine-tuning run (2 epochs) from the demo pre-training checkpoint: (workdir, result)."""
     path, _, _ = pretrain_checkpoint
     c = common.get_config("qm9", "U_0,demo")
     c.data.dir = data_dir
     c.task.source, c.task.cutoff, c.task.max_neighbors = "tiny", 5.0, 12
     c.data.batch_size = 2
     c.train.max_epochs = 2
-    result = loop.run(c, str(tmp_path), init=path)
+    workdir = tmp_path_factory.mktemp("qm9_run")
+    return workdir, loop.run(c, str(workdir), init=path)
+
+
+@pytest.fixture(scope="module")
+def rmd17_run(data_dir, tmp_path_factory):
+    """A tiny rMD17-recipe run (gradient forces, force loss) of a 1-block demo backbone from scratch, one epoch:
+    (workdir, result). One block halves the compile of the second-order training step."""
+    workdir = tmp_path_factory.mktemp("rmd17_run")
+    backbone = workdir / "backbone.json"
+    backbone.write_text(json.dumps(dataclasses.replace(demo(), num_blocks=1).to_dict()))
+    c = common.get_config("rmd17", "ethanol,demo")
+    c.model.backbone = str(backbone)
+    c.data.dir = data_dir
+    c.task.source, c.task.cutoff, c.task.max_neighbors = "tiny", 5.0, 12
+    c.data.batch_size = 2
+    c.train.max_epochs = 1
+    return workdir, loop.run(c, str(workdir), init="scratch")
+
+
+def test_tiny_finetune_run_from_checkpoint(qm9_run, pretrain_checkpoint):
+    workdir, result = qm9_run
+    path, _, _ = pretrain_checkpoint
     assert result["init"] == os.path.abspath(path) and result["epochs"] == 2
     assert np.isfinite(result["test"]["mae"]) and result["primary_metric"] == "mae"
-    with open(tmp_path / "results.json") as f:
+    with open(workdir / "results.json") as f:
         assert json.load(f)["test"] == result["test"]
     assert integrity.verify(result["best_checkpoint"])  # checksummed once written
     best, meta = orbax_io.load_variables(result["best_checkpoint"], use_ema=False)
     assert "head" in best["params"] and meta["finetune"]["task"]["target"] == "U_0"
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and "val/mae" in json.loads(lines[0])
+
+
+def split_atoms(data_dir: str, split: str):
+    """(records, ase.Atoms) of a prepared split of the tiny source."""
+    records = evaluate.read_records(data_dir, "tiny", split)
+    return records, [evaluate.record_to_atoms(r) for r in records]
+
+
+def test_finetuned_scalar_checkpoint_predicts_what_its_evaluation_scored(data_dir, qm9_run):
+    workdir, result = qm9_run
+    model = jmp_jax.load_pretrained(workdir)  # the run's workdir: its best checkpoint
+    assert isinstance(model, jmp_jax.FinetunedModel) and model.path == str(workdir / "best")
+    assert model.task_names == ["qm9_U_0"] and model.target == "U_0" and "head" in model.variables["params"]
+    records, atoms = split_atoms(data_dir, "test")
+    predicted = model.predict(atoms, head="qm9_U_0")
+    assert set(predicted) == {"U_0"} and predicted["U_0"].shape == (len(atoms),)
+    labels = np.array([r["targets"]["U_0"] for r in records])
+    # The test metric of the run (best weights, the split's budgets) from this checkpoint's predictions.
+    assert np.mean(np.abs(predicted["U_0"] - labels)) == pytest.approx(result["test"]["mae"], rel=1e-5)
+
+    def one_line_error(call, pattern):
+        with pytest.raises(PretrainedInputError, match=pattern) as caught:
+            call()
+        assert "\n" not in str(caught.value)
+
+    where = re.escape(f"{workdir / 'best'} (task 'qm9_U_0', a scalar head)")
+    one_line_error(lambda: JMPCalculator(model), f"^{where} predicts no forces \\(metadata key finetune.task.kind\\)$")
+    one_line_error(lambda: JMPCalculator(str(workdir), forces="gradient"), f"^{where} predicts no forces")
+    one_line_error(lambda: model.predict(atoms, head="oc20"), f"^unknown head 'oc20'; {where} has one head")
+    one_line_error(lambda: jmp_jax.load_pretrained(workdir, tasks=[{"name": "x", "energy_std": 1, "force_std": 1}]),
+                   "best: tasks= is for pre-trained checkpoints; this one is fine-tuned")
+
+
+def test_finetuned_force_checkpoint_backs_predict_and_an_md_step(data_dir, rmd17_run):
+    workdir, result = rmd17_run
+    model = jmp_jax.load_pretrained(result["best_checkpoint"])  # a step directory of best/
+    assert model.force_mode(None) == "gradient" and model.gives_energy and model.num_compiles == 0
+    records, atoms = split_atoms(data_dir, "test")
+    predicted = model.predict(atoms)
+    assert set(predicted) == {"energy", "forces"} and predicted["energy"].shape == (len(atoms),)
+    error = np.concatenate(predicted["forces"]) - np.concatenate([r["forces"] for r in records])
+    assert np.mean(np.abs(error)) == pytest.approx(result["test"]["force_mae"], rel=1e-5)
+
+    # The energy is the one the forces derive from (eV, same scale): a small step along F lowers it by ~|F|·step.
+    moved = atoms[0].copy()
+    direction = predicted["forces"][0] / np.linalg.norm(predicted["forces"][0])
+    moved.positions += 1e-3 * direction
+    change = model.predict([moved])["energy"][0] - predicted["energy"][0]
+    assert change == pytest.approx(-1e-3 * np.linalg.norm(predicted["forces"][0]), rel=0.05)
+
+    # The calculator from the workdir path, in a velocity-Verlet MD step.
+    md_atoms = atoms[0].copy()
+    md_atoms.calc = JMPCalculator(str(workdir))
+    thermalize_momenta(md_atoms, 300, rng=np.random.default_rng(0))
+    start = md_atoms.positions.copy()
+    VelocityVerlet(md_atoms, timestep=0.5 * units.fs).run(2)
+    assert np.isfinite(md_atoms.get_total_energy()) and np.abs(md_atoms.positions - start).max() > 1e-4
+    expected = model.predict([md_atoms])
+    np.testing.assert_allclose(md_atoms.get_forces(), expected["forces"][0], rtol=1e-5, atol=1e-6)
+    assert md_atoms.get_potential_energy() == pytest.approx(expected["energy"][0], rel=1e-6)
+
+    with pytest.raises(PretrainedInputError, match=r"was fine-tuned with gradient forces \(metadata key "
+                                                   r"finetune.task.gradient_forces\); forces='direct' does not apply"):
+        JMPCalculator(model, forces="direct")
+    with pytest.raises(PretrainedInputError, match="cutoff cannot be overridden"):
+        JMPCalculator(model, cutoff=6.0)
+
+
+def test_checkpoint_from_another_config_is_refused(qm9_run, rmd17_run, tmp_path):
+    """The rMD17 run's weights under the QM9 run's metadata: one line naming the file and the first leaves."""
+    variables, _ = orbax_io.load_variables(rmd17_run[1]["best_checkpoint"], use_ema=False)
+    metadata = orbax_io.read_metadata(qm9_run[1]["best_checkpoint"])
+    orbax_io.save_variables(tmp_path / "mixed", variables, metadata)
+    with pytest.raises(PretrainedInputError) as caught:
+        jmp_jax.load_pretrained(tmp_path / "mixed")
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'mixed'}: weights do not match the model of its metadata (keys 'config', "
+                              "'finetune.task'): checkpoint from another config") and "\n" not in message
+    assert "missing head/mlp/linear_0/kernel" in message and "unexpected energy_head" in message

@@ -118,7 +118,8 @@ def test_training_steps_with_bf16_products_lower_the_loss(fixture_model):
     from jmp_jax.training import optim
     from jmp_jax.data.types import TaskNormalization
     from jmp_jax.data.types import LabeledBatch
-    from jmp_jax.training.train_step import init_train_state, train_step
+    from jmp_jax.training.state import init_train_state
+    from jmp_jax.training.train_step import train_step
 
     _, _, graphs = fixture_model
     # One interaction block keeps the compile short; the block's layers are those of the full model.

@@ -27,8 +27,12 @@ def env(tmp_path_factory):
     data = root / "data"
     default_dataset.build_default_dataset(str(data), sizes={"catalysis": 24, "molecules": 24, "reactions": 16},
                                           progress=False)
-    environ = dict(os.environ, JAX_PLATFORMS="cpu")
-    return {"root": root, "data": str(data), "environ": environ}
+    return {"root": root, "data": str(data), "environ": subprocess_environ()}
+
+
+def subprocess_environ() -> dict[str, str]:
+    """The environment of the runs: CPU, and the suite's shared XLA cache (set in conftest)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu")
 
 
 def command(env, workdir, *extra):
@@ -37,11 +41,15 @@ def command(env, workdir, *extra):
 
 
 def run(env, workdir, *extra, devices=1):
-    environ = dict(env["environ"])
+    return run_command(command(env, workdir, *extra), env["environ"], devices)
+
+
+def run_command(cmd: list[str], environ: dict[str, str], devices: int = 1) -> subprocess.CompletedProcess:
+    """Runs `cmd` from the repository root on `devices` CPU devices; asserts that it succeeds."""
+    environ = dict(environ)
     if devices > 1:
         environ["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    done = subprocess.run(command(env, workdir, *extra), cwd=REPO, env=environ, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -156,7 +164,7 @@ import jax, jax.numpy as jnp, optax
 from jmp_jax.models import config as config_lib
 from jmp_jax.models.jmp import JMPModel, placeholder_batch
 from jmp_jax.training import optim, sharding
-from jmp_jax.training.train_step import init_train_state
+from jmp_jax.training.state import init_train_state
 mesh = sharding.make_mesh(fsdp=4)
 model = JMPModel(config_lib.demo(), num_tasks=2)
 variables = jax.eval_shape(lambda: model.init(jax.random.key(0), placeholder_batch()))

@@ -175,6 +175,12 @@ def get_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
     c.data.batch_size = row.pop("batch_size")
     c.data.train_split, c.data.val_split, c.data.test_split = "train", "val", "test"
     c.data.num_workers = 2
+    # Batch shards per step, `batch_size` structures each (JMP's per-device batch size, as under DDP);
+    # 0: one per device. A multiple of the device count; results do not depend on how many devices share them.
+    c.data.num_batch_shards = 0
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.fsdp = 1                        # devices sharing each parameter (the rest are data parallel)
 
     c.task = ml_collections.ConfigDict(row)
 
@@ -198,6 +204,8 @@ def get_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
     c.train.early_stopping_patience = 1000 if is_rmd17 else 50
     c.train.early_stopping_min_delta = 1e-8
     c.train.early_stopping_min_lr = 1e-10 if is_rmd17 else 1e-8
+    c.train.checkpoint_every = 500         # steps between resumable checkpoints (also at every epoch's end)
+    c.train.keep_checkpoints = 2
 
     if size == "demo":
         c.model.scale_factors = "none"

@@ -28,7 +28,8 @@ _NUMBERED = re.compile(r"^(.*)_(\d+)$")
 
 
 class CheckpointMismatchError(ValueError):
-    """A state_dict does not match the Flax model: lists unknown, missing and mis-shaped keys."""
+    """A checkpoint (a torch state_dict, or an orbax checkpoint's metadata / variable trees) does not match the
+    model or variable tree it is loaded into; the message lists the unknown, missing and mis-shaped keys."""
 
 
 def dropped_reason(key: str) -> str | None:

@@ -5,7 +5,7 @@ Layout: a `CheckpointManager` directory `<root>/<step>/` holding the items
   `ema_params`  (StandardSave, optional) EMA weights, written by the training loop;
   `constants`   (StandardSave, omitted when empty) non-trainable scale factors;
   `metadata`    (JsonSave) {"format", "config": BackboneConfig.to_dict(), "num_tasks", "source", "ema"}.
-The training loop adds its own items (optimizer state, ...) to the same Composite via `save_args`.
+Every writer goes through `save_step`; training runs add their own items (optimizer state, ...) there.
 Saved steps carry a checksum manifest (`jmp_jax.checkpoint.integrity`), verified for the items read here.
 """
 from __future__ import annotations
@@ -19,14 +19,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jmp_jax.checkpoint import integrity
+from jmp_jax.checkpoint.names import CheckpointMismatchError
 from jmp_jax.models.config import BackboneConfig
 
 PARAMS, EMA_PARAMS, CONSTANTS, METADATA = "params", "ema_params", "constants", "metadata"
 FORMAT = "jmp_jax.variables/1"
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not match the config / variable tree it is restored into."""
 
 
 def make_metadata(config: BackboneConfig, num_tasks: int, source: str, ema: bool) -> dict[str, Any]:
@@ -53,13 +50,28 @@ def save_args(variables: Mapping[str, Any], metadata: Mapping[str, Any],
     return args
 
 
+def save_step(manager: ocp.CheckpointManager, step: int, variables: Mapping[str, Any], metadata: Mapping[str, Any],
+              *, ema_params: Any = None, arrays: Mapping[str, Any] | None = None,
+              json_items: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+    """The checkpoint writer: one step of `variables` (+ EMA) and `metadata`, with a run's own array items
+    (optimizer state, ...) and JSON items (input position, ...). False if the step exists (a rerun reached
+    a step it had saved before: same contents) or the manager's interval skips it.
+    """
+    if step in manager.all_steps():
+        return False
+    args = save_args(variables, metadata, ema_params)
+    args.update({name: ocp.args.StandardSave(tree) for name, tree in (arrays or {}).items()})
+    args.update({name: ocp.args.JsonSave(value) for name, value in (json_items or {}).items()})
+    return manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+
 def save_variables(directory: str | os.PathLike, variables: Mapping[str, Any], metadata: Mapping[str, Any],
                    step: int = 0) -> str:
     """Writes one step of `variables` + `metadata` under `directory`; returns the step directory."""
     directory = os.path.abspath(os.fspath(directory))
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
     with integrity.SealingCheckpointManager(directory, options=options) as manager:
-        manager.save(step, args=ocp.args.Composite(**save_args(variables, metadata)), force=True)
+        save_step(manager, step, variables, metadata, force=True)
         manager.wait_until_finished()
     return os.path.join(directory, str(step))
 

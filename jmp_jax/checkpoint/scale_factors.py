@@ -14,6 +14,8 @@ import numpy as np
 from jmp_jax.checkpoint import names
 
 SCALE_SETS = {"jmp_s": "small", "jmp_l": "large"}
+# Backbone parts that exist only with direct forces (JMP ignores them when loading a scalar model).
+DIRECT_FORCE_PARTS = ("out_mlp_F", "seq_forces", "dense_rbf_F", "scale_rbf_F")
 
 
 class ScaleFactorMismatchError(ValueError):
@@ -52,3 +54,16 @@ def scale_factor_constants(values: Mapping[str, float], expected_constants: Mapp
     if problems:
         raise ScaleFactorMismatchError("; ".join(problems))
     return tree
+
+
+def is_direct_force_part(key: tuple) -> bool:
+    """Whether a flattened variable path belongs to the direct-force branch (e.g. `seq_forces_1`)."""
+    return any(str(part).startswith(DIRECT_FORCE_PARTS) for part in key)
+
+
+def fitted_constants(name: str, expected_constants: Mapping[str, Any], direct_forces: bool = True) -> dict:
+    """The `constants` collection with JMP's fitted values for 'jmp_s' / 'jmp_l'; a backbone without the
+    direct-force branch takes the values of its other ScaleFactors."""
+    values = {path: v for path, v in load_scale_factors(name).items()
+              if direct_forces or not is_direct_force_part(tuple(path.split(".")))}
+    return scale_factor_constants(values, expected_constants)

@@ -167,6 +167,17 @@ def target_array(records: Sequence[dict], budgets: batching.Budgets, name: str) 
     return values
 
 
+def stack_shards(shards: Sequence[LabeledBatch]) -> LabeledBatch:
+    """Batch shards of equal budgets -> one batch with a leading shard axis.
+
+    A structure denser than the planned slot widths widens its shard's slots: all are widened alike.
+    """
+    widths = slots.common_widths([shard.graphs for shard in shards])
+    shards = [shard if slots.widths_of(shard.graphs) == widths
+              else shard.replace(graphs=slots.with_slots(shard.graphs, widths)) for shard in shards]
+    return jax.tree.map(lambda *xs: np.stack(xs), *shards)
+
+
 class Pipeline:
     """Iterator of (task_index, stacked LabeledBatch of numpy arrays); `state()` / `restore()` for resume.
 
@@ -276,11 +287,7 @@ class Pipeline:
         # The first shard picks the step's bucket; the others keep it, so the shards stack into one array.
         first, bucket = self._pack_one(task, None)
         shards = [first] + [self._pack_one(task, bucket)[0] for _ in range(self.num_batch_shards - 1)]
-        # A structure denser than the planned slot widths widens its shard's slots: widen all alike.
-        widths = slots.common_widths([shard.graphs for shard in shards])
-        shards = [shard if slots.widths_of(shard.graphs) == widths
-                  else shard.replace(graphs=slots.with_slots(shard.graphs, widths)) for shard in shards]
-        batch = jax.tree.map(lambda *xs: np.stack(xs), *shards)
+        batch = stack_shards(shards)
         self.step += 1
         return task, batch, self._state_now()
 

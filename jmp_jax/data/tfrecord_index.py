@@ -17,6 +17,7 @@ import zlib
 from typing import Callable, Sequence
 
 from jmp_jax.data import record_index
+from jmp_jax.data.records import CorruptShardError
 
 HEADER_BYTES = 12
 FOOTER_BYTES = 4
@@ -24,10 +25,6 @@ FOOTER_BYTES = 4
 # once: the last few loaded stay, keyed by their files' identity, so a split rebuilt since is loaded anew.
 CACHED_SPLITS = 8
 _loaded: dict[tuple, record_index.SplitIndex] = {}
-
-
-class CorruptShardError(ValueError):
-    """A shard whose framing or payload cannot be read."""
 
 
 def _stored_source_id(payload: bytes, decode: Callable[[bytes], dict]) -> str:

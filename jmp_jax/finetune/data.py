@@ -1,4 +1,5 @@
-"""Fine-tuning batches: one prepared split (data_prep TFRecord shards) -> padded LabeledBatches, one pass.
+"""Fine-tuning batches: one prepared split (data_prep TFRecord shards) -> padded LabeledBatches, one pass;
+for a training or evaluation step, `num_shards` of them stacked on a leading axis (one or more per device).
 
 Batches hold at most `batch_size` structures (JMP's batch size) and close early when the next structure
 would overflow the static budgets, so one compiled step serves (almost) every batch; a structure too big
@@ -13,7 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from jmp_jax.data import budget_plan, task_data
-from jmp_jax.data.pipeline import label_arrays, target_array
+from jmp_jax.data.pipeline import label_arrays, stack_shards, target_array
 from jmp_jax.graph import batching
 from jmp_jax.graph.build import GraphSettings, StructureGraphs, build_structure_graphs
 from jmp_jax.graph.batching import bucketed_budgets
@@ -89,20 +90,56 @@ class SplitData:
         for start in range(0, len(order), CHUNK):
             yield from executor.map(load, order[start:start + CHUNK])
 
-    def batches(self, order: np.ndarray) -> Iterator[LabeledBatch]:
-        """Numpy batches covering `order` once, in that order."""
+    def packs(self, order: np.ndarray) -> Iterator[tuple[list[dict], list[StructureGraphs], batching.Budgets, int]]:
+        """Greedy packing of `order` once, in that order: (records, graphs, budgets, records of `order`
+        consumed with this pack). A pack depends only on the records from its first on, so packing
+        `order[k:]` from a pack's end `k` gives the same packs that followed it (how a run resumes)."""
         records, graphs, used = [], [], batching.Budgets.zeros()
         with concurrent.futures.ThreadPoolExecutor(self.num_workers) as executor:
-            for record, g in self._built(order, executor):
+            for position, (record, g) in enumerate(self._built(order, executor)):
                 size = batching.structure_sizes(g)
                 if records and (len(records) == self.spec.batch_size or not (used + size).fits_in(self.budgets)):
-                    yield make_batch(records, graphs, self.budgets, self.spec)
+                    yield records, graphs, self.budgets, position
                     records, graphs, used = [], [], batching.Budgets.zeros()
                 if not size.fits_in(self.budgets):
-                    yield make_batch([record], [g], bucketed_budgets([g]), self.spec)
+                    yield [record], [g], bucketed_budgets([g]), position + 1
                     continue
                 records.append(record)
                 graphs.append(g)
                 used = used + size
         if records:
-            yield make_batch(records, graphs, self.budgets, self.spec)
+            yield records, graphs, self.budgets, len(order)
+
+    def batches(self, order: np.ndarray) -> Iterator[LabeledBatch]:
+        """Numpy batches covering `order` once, in that order."""
+        for records, graphs, budgets, _ in self.packs(order):
+            yield make_batch(records, graphs, budgets, self.spec)
+
+    def steps(self, order: np.ndarray, num_shards: int, start: int = 0
+              ) -> Iterator[tuple[LabeledBatch, np.ndarray, int]]:
+        """The steps of one pass over `order[start:]`: (batch of `num_shards` packs stacked on a leading
+        axis, real (S,) float32: 1 for a pack, 0 for a padding shard, position in `order` after the step).
+
+        The last step of a pass may have fewer packs: padding shards repeat its last pack (shapes stay
+        alike) and count for nothing (`real`).
+        """
+        group, end = [], start
+        for records, graphs, budgets, consumed in self.packs(order[start:]):
+            group.append((records, graphs, budgets))
+            end = start + consumed
+            if len(group) == num_shards:
+                yield (*stacked_step(group, num_shards, self.spec), end)
+                group = []
+        if group:
+            yield (*stacked_step(group, num_shards, self.spec), end)
+
+
+def stacked_step(group: Sequence[tuple[list[dict], list[StructureGraphs], batching.Budgets]], num_shards: int,
+                 spec: DataSpec) -> tuple[LabeledBatch, np.ndarray]:
+    """Packs -> (batch with a leading axis of `num_shards` shards, real (S,)); all shards take the largest
+    budgets of the packs (they differ only when a structure too big for the planned budgets came alone)."""
+    budgets = batching.Budgets.from_array(np.max([b.as_array() for _, _, b in group], axis=0))
+    shards = [make_batch(records, graphs, budgets, spec) for records, graphs, _ in group]
+    real = np.zeros(num_shards, np.float32)
+    real[:len(shards)] = 1.0
+    return stack_shards(shards + [shards[-1]] * (num_shards - len(shards))), real

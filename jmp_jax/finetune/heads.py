@@ -14,44 +14,12 @@ import numpy as np
 from ase.data import atomic_masses
 
 from jmp_jax.graph.types import GraphBatch
-from jmp_jax.models.jmp import torch_linear_bias_init, torch_linear_kernel_init
-from jmp_jax.models.kernels import dense_dot_general
-from jmp_jax.models.layers import scaled_silu
+from jmp_jax.models.jmp import HeadMLP
 
 REDUCTIONS = ("sum", "mean", "max")
-# JMP's `mlp([d] * 5 + [k])`: 4 hidden Linear(d, d) + act, then Linear(d, k).
-MLP_HIDDEN = 4
 # The spatial-extent head stacks `output.num_mlps` = 5 hidden layers before its Linear(d, 1).
 SPATIAL_EXTENT_HIDDEN = 5
 ATOMIC_MASSES = np.asarray(atomic_masses, np.float32)  # index Z (ase; Z = 0 is a dummy entry)
-
-
-class OutputMLP(nn.Module):
-    """(..., d) -> (..., features): `num_hidden` x (Linear(d, d) + ScaledSiLU), then Linear(d, features).
-
-    hidden_bias: bias on the hidden layers. The last layer has a bias only if `final_bias`
-    (JMP's `no_bias_scalar`: never for a single output). Params `linear_{j}/{kernel,bias}`, torch init.
-    """
-
-    features: int
-    num_hidden: int = MLP_HIDDEN
-    hidden_bias: bool = True
-    final_bias: bool = False
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        width = x.shape[-1]
-
-        def linear(features: int, bias: bool, name: str) -> nn.Dense:
-            return nn.Dense(features, use_bias=bias, dtype=self.dtype, param_dtype=jnp.float32,
-                            kernel_init=torch_linear_kernel_init, bias_init=torch_linear_bias_init(width),
-                            dot_general=dense_dot_general, name=name)
-
-        for j in range(self.num_hidden):
-            x = scaled_silu(linear(width, self.hidden_bias, f"linear_{j}")(x))
-        x = linear(self.features, self.final_bias, f"linear_{self.num_hidden}")(x)
-        return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 def reduce_atoms(values: jax.Array, batch: GraphBatch, reduction: str) -> jax.Array:
@@ -80,7 +48,7 @@ class ScalarHead(nn.Module):
 
     @nn.compact
     def __call__(self, energy_features: jax.Array, batch: GraphBatch) -> jax.Array:
-        x = OutputMLP(1, hidden_bias=self.hidden_bias, dtype=self.dtype, name="mlp")(energy_features)[:, 0]
+        x = HeadMLP(1, hidden_bias=self.hidden_bias, dtype=self.dtype, name="mlp")(energy_features)[:, 0]
         return reduce_atoms(x, batch, self.reduction)
 
 
@@ -95,7 +63,7 @@ class ClassificationHead(nn.Module):
     @nn.compact
     def __call__(self, energy_features: jax.Array, batch: GraphBatch, train: bool) -> jax.Array:
         x = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0.0)(energy_features)
-        x = OutputMLP(self.num_classes, final_bias=True, dtype=self.dtype, name="mlp")(x)
+        x = HeadMLP(self.num_classes, final_bias=True, dtype=self.dtype, name="mlp")(x)
         return reduce_atoms(x, batch, self.reduction)
 
 
@@ -106,7 +74,7 @@ class SpatialExtentHead(nn.Module):
 
     @nn.compact
     def __call__(self, energy_features: jax.Array, batch: GraphBatch) -> jax.Array:
-        x = OutputMLP(1, num_hidden=SPATIAL_EXTENT_HIDDEN, hidden_bias=False, dtype=self.dtype,
+        x = HeadMLP(1, num_hidden=SPATIAL_EXTENT_HIDDEN, hidden_bias=False, dtype=self.dtype,
                       name="mlp")(energy_features)[:, 0]
         nodes = batch.graph.nodes
         return reduce_atoms(x * squared_distance_to_center_of_mass(nodes["positions"], nodes["atomic_numbers"],
@@ -133,7 +101,7 @@ class DirectForceHead(nn.Module):
 
     @nn.compact
     def __call__(self, force_features: jax.Array, V_st: jax.Array, batch: GraphBatch) -> jax.Array:
-        f = OutputMLP(1, dtype=self.dtype, name="mlp")(force_features)[:, 0]
+        f = HeadMLP(1, dtype=self.dtype, name="mlp")(force_features)[:, 0]
         f = jnp.where(batch.graph.edges["mask"], f, 0.0)
         return jax.ops.segment_sum(f[:, None] * V_st.astype(f.dtype), batch.graph.receivers,
                                    num_segments=batch.num_nodes)

@@ -3,8 +3,8 @@
   scalar:          L = c * mean_graphs |ŷ - (y - mean) / std|                         (L1)
   classification:  L = Σ_graphs w[y] * CE(logits, y)                                  (reduction "sum")
   forces:          L = c * mean_atoms ||F̂ - F / std_F||_2,  c = 100 by default        (not structure-wise)
-Metrics are returned as sums (exact over any number of batches); `summarize` turns them into MAEs /
-balanced accuracy.
+Metrics are returned as sums and counts (`*_sum` / `*_count`: exact over any number of batches and shards);
+`summarize` turns them into MAEs / balanced accuracy.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def task_loss(out: dict[str, jax.Array], batch: LabeledBatch, spec: HeadSpec,
         loss = norm.coefficient * jnp.where(graph_mask, err, 0.0).sum() / real_graphs
         physical = pred * norm.target_std + norm.target_mean
         return loss, {"abs_sum": jnp.where(graph_mask, jnp.abs(physical - y), 0.0).sum(),
-                      "count": graph_mask.sum().astype(jnp.float32)}
+                      "target_count": graph_mask.sum().astype(jnp.float32)}
     if spec.kind == "classification":
         return _classification_loss(out["logits"].astype(jnp.float32), batch.targets, graph_mask, spec, norm)
     node_mask = batch.graphs.graph.nodes["mask"]
@@ -68,17 +68,17 @@ def _classification_loss(logits, targets, graph_mask, spec: HeadSpec, norm: Norm
     loss = jnp.where(graph_mask, weights[labels] * nll, 0.0).sum()
     one_hot = jax.nn.one_hot(labels, spec.num_classes) * graph_mask[:, None]
     correct = one_hot * (jnp.argmax(logits, axis=-1) == labels)[:, None]
-    return loss, {"class_total": one_hot.sum(0), "class_correct": correct.sum(0)}
+    return loss, {"class_count": one_hot.sum(0), "class_correct_count": correct.sum(0)}
 
 
 def summarize(sums: list[dict], kind: str) -> dict[str, float]:
     """Metric values from the per-batch sums of one pass over a split."""
     total = {k: np.sum([np.asarray(s[k], np.float64) for s in sums], axis=0) for k in sums[0]}
     if kind == "scalar":
-        return {"mae": float(total["abs_sum"] / max(total["count"], 1.0))}
+        return {"mae": float(total["abs_sum"] / max(total["target_count"], 1.0))}
     if kind == "forces":
         return {"force_mae": float(total["force_abs_sum"] / max(total["force_count"], 1.0))}
-    present = total["class_total"] > 0
-    recall = total["class_correct"][present] / total["class_total"][present]
+    present = total["class_count"] > 0
+    recall = total["class_correct_count"][present] / total["class_count"][present]
     return {"balanced_accuracy": float(recall.mean()) if present.any() else 0.0,
-            "accuracy": float(total["class_correct"].sum() / max(total["class_total"].sum(), 1.0))}
+            "accuracy": float(total["class_correct_count"].sum() / max(total["class_count"].sum(), 1.0))}

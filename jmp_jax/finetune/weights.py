@@ -1,4 +1,5 @@
-"""Initial weights of a fine-tuning model (docs/jmp_spec.md §4.3): random, or embedding + backbone from a checkpoint.
+"""Initial weights of a fine-tuning model (docs/jmp_spec.md §4.3): embedding + backbone from a checkpoint
+(random ones: `training.state.init_variables`).
 
 A checkpoint is anything `orbax_io.load_variables` reads: a pre-training run's checkpoints (EMA weights
 by default) or a converted released JMP checkpoint. Pre-training heads (`output/...`) and, for models
@@ -11,42 +12,17 @@ import dataclasses
 import os
 from typing import Any
 
-import jax
 import numpy as np
 from flax import traverse_util
 
 from jmp_jax.models.config import BackboneConfig
-from jmp_jax.models.jmp import placeholder_batch
-from jmp_jax.checkpoint.scale_factors import load_scale_factors, scale_factor_constants
+from jmp_jax.checkpoint.scale_factors import is_direct_force_part
 
 TRANSFERRED = ("embedding", "backbone")
-# Backbone parts that exist only with direct forces (JMP ignores them when loading a scalar model).
-DIRECT_FORCE_PARTS = ("out_mlp_F", "seq_forces", "dense_rbf_F", "scale_rbf_F")
 
 
 class InitCheckpointError(ValueError):
     """The checkpoint cannot initialise this fine-tuning model (other backbone, missing/mis-shaped leaves)."""
-
-
-def random_variables(model, seed: int, scale_factors: str, backbone_name: str) -> dict:
-    """Random parameters; scale factors JMP fitted for this size ("fitted") or all 1 ("none").
-
-    Initialised eagerly on a tiny all-padding batch: parameter shapes do not depend on the batch, and
-    compiling the whole init is slower than running it op by op.
-    """
-    variables = dict(model.init(jax.random.key(seed), placeholder_batch()))
-    if scale_factors == "fitted":
-        values = {name: v for name, v in load_scale_factors(backbone_name).items()
-                  if model.config.direct_forces or not is_direct_force_part(tuple(name.split(".")))}
-        variables["constants"] = scale_factor_constants(values, variables["constants"])
-    elif scale_factors != "none":
-        raise ValueError(f"model.scale_factors must be 'fitted' or 'none', not {scale_factors!r}")
-    return variables
-
-
-def is_direct_force_part(key: tuple) -> bool:
-    """Whether a flattened variable path belongs to the direct-force branch (e.g. `seq_forces_1`)."""
-    return any(str(part).startswith(DIRECT_FORCE_PARTS) for part in key)
 
 
 def _flat(tree: Any) -> dict[tuple, Any]:

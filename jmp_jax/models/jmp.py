@@ -37,21 +37,32 @@ torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in",
 
 
 class HeadMLP(nn.Module):
-    """Linear+ScaledSiLU x HEAD_NUM_HIDDEN (with bias) then a bias-free Linear to 1: (..., d) -> (...,)."""
+    """(..., d) -> (..., features): `num_hidden` x (Linear(d, d) + ScaledSiLU), then Linear(d, features).
 
+    The output MLP of every head, pre-training's and fine-tuning's (JMP's `mlp([d] * (num_hidden + 1) +
+    [features])`). hidden_bias: bias on the hidden layers; the last layer has one only with `final_bias`
+    (JMP's `no_bias_scalar`: never for a single output). Params `linear_{j}/{kernel,bias}`, torch init.
+    """
+
+    features: int = 1
+    num_hidden: int = HEAD_NUM_HIDDEN
+    hidden_bias: bool = True
+    final_bias: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        for j in range(HEAD_NUM_HIDDEN):
-            x = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=torch_linear_kernel_init,
-                         bias_init=torch_linear_bias_init(width), dot_general=dense_dot_general,
-                         name=f"linear_{j}")(x)
-            x = scaled_silu(x)
-        x = nn.Dense(1, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                     kernel_init=torch_linear_kernel_init, name=f"linear_{HEAD_NUM_HIDDEN}")(x)
-        return x[..., 0].astype(jnp.promote_types(self.dtype, jnp.float32))
+
+        def linear(features: int, bias: bool, name: str) -> nn.Dense:
+            return nn.Dense(features, use_bias=bias, dtype=self.dtype, param_dtype=jnp.float32,
+                            kernel_init=torch_linear_kernel_init, bias_init=torch_linear_bias_init(width),
+                            dot_general=dense_dot_general, name=name)
+
+        for j in range(self.num_hidden):
+            x = scaled_silu(linear(width, self.hidden_bias, f"linear_{j}")(x))
+        x = linear(self.features, self.final_bias, f"linear_{self.num_hidden}")(x)
+        return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 class PretrainOutput(nn.Module):
@@ -71,8 +82,8 @@ class PretrainOutput(nn.Module):
         per_structure = jnp.ndim(task) == 1
         # Only the requested task's heads run, except at init or per structure, which need every task's.
         tasks = range(self.num_tasks) if self.is_initializing() or per_structure else (task,)
-        heads = {t: (HeadMLP(self.dtype, name=f"out_energy_{t}")(energy_features),   # (N,)
-                     HeadMLP(self.dtype, name=f"out_forces_{t}")(force_features))    # (E,)
+        heads = {t: (HeadMLP(dtype=self.dtype, name=f"out_energy_{t}")(energy_features)[..., 0],   # (N,)
+                     HeadMLP(dtype=self.dtype, name=f"out_forces_{t}")(force_features)[..., 0])    # (E,)
                  for t in tasks}
         if per_structure:
             node_task = task[batch.node_graph_index]

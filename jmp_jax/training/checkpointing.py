@@ -1,11 +1,13 @@
-"""Training checkpoints with orbax: one step directory holds separate items, so downstream code can read
-the EMA weights alone.
+"""Checkpoints of a training run (pre-training or fine-tuning) with orbax: one step directory holds separate
+items, so downstream code can read the (EMA) weights alone.
 
-Items per step: `params`, `ema_params`, `constants`, `opt_state`, `counters` (step, non-finite streak),
-`pipeline` (input position, JSON) and `metadata` (model config, tasks, normalisation, JSON).
-`jmp_jax.checkpoint.orbax_io` reads the same `params` / `ema_params` / `constants` / `metadata` items.
-Every step gets a checksum manifest once written (`jmp_jax.checkpoint.integrity`); resuming skips and sets
-aside damaged steps, falling back to the newest one that restores completely.
+Items per step: `params`, `ema_params` (runs with an EMA), `constants`, `opt_state`, `counters` (step,
+non-finite streak), `pipeline` (input position and the loop's host-side state, JSON), `metadata` (model
+config, tasks, normalisation, JSON) and a run's own array items (fine-tuning: `best_params`).
+`jmp_jax.checkpoint.orbax_io` writes them (`save_step`) and reads the same `params` / `ema_params` /
+`constants` / `metadata` items. Every step gets a checksum manifest once written
+(`jmp_jax.checkpoint.integrity`); resuming skips and sets aside damaged steps, falling back to the newest one
+that restores completely.
 """
 from __future__ import annotations
 
@@ -16,10 +18,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jmp_jax.checkpoint import integrity
-from jmp_jax.training.train_step import TrainState
-
-ARRAY_ITEMS = ("params", "ema_params", "constants", "opt_state", "counters")
+from jmp_jax.checkpoint import integrity, orbax_io
+from jmp_jax.training.state import TrainState
 
 
 def make_manager(workdir: str, *, save_every: int, keep: int) -> integrity.SealingCheckpointManager:
@@ -31,19 +31,22 @@ def make_manager(workdir: str, *, save_every: int, keep: int) -> integrity.Seali
 
 
 def _state_items(state: TrainState) -> dict[str, Any]:
-    return {"params": state.params, "ema_params": state.ema_params, "constants": state.constants,
-            "opt_state": state.opt_state,
-            "counters": {"step": state.step, "nonfinite_in_a_row": state.nonfinite_in_a_row}}
+    """The state's array items; empty ones (no EMA, no scale factors) are not stored."""
+    items = {"params": state.params, "ema_params": state.ema_params, "constants": state.constants,
+             "opt_state": state.opt_state,
+             "counters": {"step": state.step, "nonfinite_in_a_row": state.nonfinite_in_a_row}}
+    return {name: tree for name, tree in items.items() if tree}
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState, pipeline_state: dict, metadata: dict,
-         *, force: bool = False) -> bool:
-    if step in manager.all_steps():
-        return False
-    items = {k: ocp.args.StandardSave(v) for k, v in _state_items(state).items()}
-    items["pipeline"] = ocp.args.JsonSave(pipeline_state)
-    items["metadata"] = ocp.args.JsonSave(metadata)
-    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+         *, arrays: dict[str, Any] | None = None, force: bool = False) -> bool:
+    """Saves `state`, the JSON `pipeline_state` and a run's own `arrays` as checkpoint `step` (False if that
+    step exists already)."""
+    items = _state_items(state)
+    variables = {"params": items.pop("params"), "constants": items.pop("constants", None)}
+    return orbax_io.save_step(manager, step, variables, metadata, ema_params=items.pop("ema_params", None),
+                              arrays={**items, **(arrays or {})}, json_items={"pipeline": pipeline_state},
+                              force=force)
 
 
 def _step_path(manager: ocp.CheckpointManager, step: int) -> str:
@@ -103,14 +106,17 @@ def _lookup(tree: Any, dotted: str) -> Any:
 
 
 def restore(manager: ocp.CheckpointManager, found: tuple[int, dict] | None, template: TrainState,
-            expected_metadata: dict) -> tuple[TrainState, dict] | None:
-    """Restores `found` (from `newest_intact`) into `template`'s structure and shardings, falling back to
-    older steps while one does not read; None when no step is left.
+            expected_metadata: dict, arrays: dict[str, Any] | None = None
+            ) -> tuple[TrainState, dict, dict[str, Any]] | None:
+    """(state, pipeline state, the run's own arrays) of `found` (from `newest_intact`), restored into the
+    structure and shardings of `template` and `arrays`, falling back to older steps while one does not
+    read; None when no step is left.
 
     A step of another configuration is refused (ValueError naming the keys). A sealed step whose verified
     files orbax cannot restore is an error too (the files are as saved, so the cause is not damage).
     """
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_items(template))
+    arrays = arrays or {}
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {**_state_items(template), **arrays})
     args = {k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
     args["pipeline"] = ocp.args.JsonRestore()
     while found is not None:
@@ -125,8 +131,9 @@ def restore(manager: ocp.CheckpointManager, found: tuple[int, dict] | None, temp
             _set_aside(manager, step, err)
             found = newest_intact(manager)
             continue
-        state = TrainState(step=got["counters"]["step"], params=got["params"], constants=got["constants"],
-                           opt_state=got["opt_state"], ema_params=got["ema_params"],
+        state = TrainState(step=got["counters"]["step"], params=got["params"],
+                           constants=got.get("constants", template.constants), opt_state=got["opt_state"],
+                           ema_params=got.get("ema_params"),
                            nonfinite_in_a_row=got["counters"]["nonfinite_in_a_row"])
-        return state, got["pipeline"]
+        return state, got["pipeline"], {name: got[name] for name in arrays}
     return None

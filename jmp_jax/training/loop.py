@@ -21,11 +21,10 @@ from jmp_jax.data import budget_plan, task_data
 from jmp_jax.models import config as config_lib
 from jmp_jax.models.gemnet import BlockExecution
 from jmp_jax.models.jmp import JMPModel
-from jmp_jax.checkpoint.scale_factors import load_scale_factors, scale_factor_constants
 from jmp_jax.training import checkpointing, optim, sharding
 from jmp_jax.training.metrics_log import MetricsLog
-from jmp_jax.data.types import LabeledBatch
-from jmp_jax.training.train_step import TrainState, eval_step, init_train_state, train_step
+from jmp_jax.training.state import TrainState, init_train_state, init_variables
+from jmp_jax.training.train_step import eval_step, train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -81,19 +80,6 @@ def run_metadata(config: ml_collections.ConfigDict, tasks: list[task_data.Task] 
     return {**meta, "tasks": [t.describe() for t in tasks]}
 
 
-def init_variables(model: JMPModel, example: LabeledBatch, backbone_name: str, scale_factors: str,
-                   seed: int) -> dict:
-    """Random parameters; scale factors fitted by JMP for this size ("fitted") or all 1 ("none")."""
-    shard = jax.tree.map(lambda x: x[0], example.graphs)
-    variables = jax.jit(lambda key: model.init(key, shard, task=0))(jax.random.key(seed))
-    if scale_factors == "fitted":
-        values = load_scale_factors(backbone_name)
-        variables = dict(variables, constants=scale_factor_constants(values, variables["constants"]))
-    elif scale_factors != "none":
-        raise ValueError(f"model.scale_factors must be 'fitted' or 'none', not {scale_factors!r}")
-    return variables
-
-
 def _summarise(metrics: list[dict]) -> dict[str, float]:
     """Mean of every metric over steps; exact MAEs from the error sums."""
     out = {}
@@ -137,8 +123,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     backbone = backbone_config(config.model.backbone)
     model = JMPModel(backbone, num_tasks=len(tasks), dtype=jnp.dtype(config.model.dtype),
                      execution=block_execution(config))
-    _, example = next(iter(task_data.make_pipeline(config, tasks, split="train", training=False)))
-    variables = init_variables(model, example, config.model.backbone, config.model.scale_factors, config.seed)
+    variables = init_variables(model, config.seed, config.model.scale_factors, config.model.backbone)
     tx, schedule = optim.pretrain_optimizer(
         variables["params"], num_blocks=backbone.num_blocks, peak_lr=config.train.lr,
         warmup_steps=config.train.warmup_steps, total_steps=config.train.num_steps, b1=config.train.b1,
@@ -150,7 +135,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     restored = checkpointing.restore(manager, found, state, metadata)
     if restored is not None:
-        state, pipeline_state = restored
+        state, pipeline_state, _ = restored
         train_pipe.restore(pipeline_state)
         print(f"resumed from step {int(state.step)} in {workdir}", file=sys.stderr)
 

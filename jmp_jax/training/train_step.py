@@ -1,37 +1,17 @@
-"""The jit-compiled pre-training step: forward, loss, gradient, guarded update, EMA."""
+"""The pre-training step on the training core (`training.state`): its loss, forward to loss per batch shard."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from jmp_jax.data.types import LabeledBatch, TaskNormalization
 from jmp_jax.training import loss as loss_lib
-from jmp_jax.training import sharding
-from jmp_jax.training.optim import ema_update
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    constants: Any      # scale factors: fixed, never trained
-    opt_state: Any
-    ema_params: Any
-    nonfinite_in_a_row: jax.Array
-
-
-def init_train_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, constants=variables.get("constants", {}),
-                      opt_state=tx.init(params), ema_params=jax.tree.map(jnp.array, params),
-                      nonfinite_in_a_row=jnp.zeros((), jnp.int32))
+from jmp_jax.training.state import TrainState, mean_over_shards, update_step
 
 
 def shard_loss_and_errors(params, constants, batch: LabeledBatch, *, model: nn.Module, task: int | None,
@@ -69,32 +49,6 @@ def shard_loss_and_errors(params, constants, batch: LabeledBatch, *, model: nn.M
     return total, {**parts, **errors, **per_task}
 
 
-def map_shards(fn: Callable, stacked: Any) -> Any:
-    """`jax.lax.map(fn, stacked)`; a single shard is passed to `fn` directly: a loop around the model, even
-    of one trip, makes XLA keep every backward-pass residual in a stacked buffer and doubles the compile."""
-    if jax.tree.leaves(stacked)[0].shape[0] != 1:
-        return jax.lax.map(fn, stacked)
-    return jax.tree.map(lambda x: x[None], fn(jax.tree.map(lambda x: x[0], stacked)))
-
-
-def _mean_over_shards(fn: Callable, params, constants, batch: LabeledBatch, mesh: Mesh | None):
-    """Each shard's loss is its own mean (as each DDP rank's is); the global loss averages them.
-
-    Every device runs `fn` on its own shards one after another (`lax.map`): vmapping the model would
-    batch its gathers and scatters, which XLA runs about 3x slower on CPU.
-    """
-    mesh = mesh if mesh is not None else sharding.make_mesh()
-
-    def local(params, constants, local_batch):
-        losses, aux = map_shards(lambda b: fn(params, constants, b), local_batch)
-        aux = {k: (jax.lax.psum(v.sum(0), sharding.DATA_AXES) if k.endswith(("_sum", "_count"))
-                   else jax.lax.pmean(v.mean(), sharding.DATA_AXES)) for k, v in aux.items()}
-        return jax.lax.pmean(losses.mean(), sharding.DATA_AXES), aux
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(sharding.DATA_AXES)),
-                         out_specs=(P(), P()))(params, constants, batch)
-
-
 def train_step(state: TrainState, batch: LabeledBatch, *, model: nn.Module, tx: optax.GradientTransformation,
                schedule: optax.Schedule, task: int | None,
                norm: TaskNormalization | tuple[TaskNormalization, ...],
@@ -106,23 +60,8 @@ def train_step(state: TrainState, batch: LabeledBatch, *, model: nn.Module, tx: 
     `batch` has a leading shard axis split over `mesh` (default: every device on the data axis).
     """
     fn = functools.partial(shard_loss_and_errors, model=model, task=task, norm=norm, training=True)
-    (loss, aux), grads = jax.value_and_grad(
-        lambda p: _mean_over_shards(fn, p, state.constants, batch, mesh), has_aux=True)(state.params)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # Zeroed gradients keep NaN out of the optimiser state; the update is then discarded anyway.
-    safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-    updates, opt_state = tx.update(safe_grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema_params, params, ema_decay)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = TrainState(
-        step=state.step + finite.astype(jnp.int32),
-        params=keep(params, state.params), constants=state.constants,
-        opt_state=keep(opt_state, state.opt_state), ema_params=keep(ema, state.ema_params),
-        nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1))
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite, **aux}
-    return new_state, metrics
+    new_state, metrics = update_step(state, batch, shard_loss=fn, tx=tx, ema_decay=ema_decay, mesh=mesh)
+    return new_state, {**metrics, "lr": schedule(state.step)}
 
 
 def eval_step(params, constants, batch: LabeledBatch, *, model: nn.Module, task: int | None,
@@ -130,5 +69,5 @@ def eval_step(params, constants, batch: LabeledBatch, *, model: nn.Module, task:
               mesh: Mesh | None = None) -> dict[str, jax.Array]:
     """Loss and error sums with the given (usually EMA) parameters, no edge dropout."""
     fn = functools.partial(shard_loss_and_errors, model=model, task=task, norm=norm, training=False)
-    loss, aux = _mean_over_shards(fn, params, constants, batch, mesh)
+    loss, aux = mean_over_shards(fn, params, constants, batch, mesh)
     return {"loss": loss, **aux}

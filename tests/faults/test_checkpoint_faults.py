@@ -17,7 +17,7 @@ from jmp_jax.checkpoint import integrity, orbax_io
 from jmp_jax.models.config import demo
 from jmp_jax.training import checkpointing
 from jmp_jax.training.metrics_log import MetricsLog
-from jmp_jax.training.train_step import init_train_state
+from jmp_jax.training.state import init_train_state
 
 METADATA = {"format": "test", "config": {"emb_size_atom": 8}, "tasks": [{"name": "a", "cutoff": 6.0}]}
 
@@ -73,7 +73,7 @@ def resume_after(tmp_path, capsys, damage) -> None:
     manager = save_steps(tmp_path, [1, 2])
     causes = damage(os.path.join(manager.directory, "2"))
     capsys.readouterr()
-    state, pipeline = resume(manager)
+    state, pipeline, _ = resume(manager)
     assert int(state.step) == 1 and pipeline == {"position": 1}
     np.testing.assert_array_equal(state.params["w"], np.ones((4, 3)))
     assert_one_skip_line(capsys, 2, causes)
@@ -136,7 +136,7 @@ def test_unsealed_step_that_does_not_restore_falls_back(tmp_path, capsys):
 def test_retention_after_a_fallback_neither_deletes_nor_trips_on_the_damaged_step(tmp_path, capsys):
     manager = save_steps(tmp_path, [1, 2, 3], keep=2)
     os.remove(largest_file(os.path.join(manager.directory, "3"), "params"))
-    state, _ = resume(manager)
+    state, _, _ = resume(manager)
     assert int(state.step) == 2
     for step in (3, 4, 5, 6):  # the run goes on and saves the damaged step's number again
         assert checkpointing.save(manager, step, tiny_state(step), {"position": step}, METADATA, force=True)

@@ -12,7 +12,7 @@ from configs import pretrain_common
 from data_prep import record_index as record_index_tool, shard_writer
 from jmp_jax.data import record_index, records
 from experiments import evaluate
-from jmp_jax.data import task_data, tfrecord_index
+from jmp_jax.data import task_data
 
 NAMES = ("H2O", "NH3", "CH4", "C2H6", "CH3OH", "HCN", "C2H4")
 
@@ -62,9 +62,9 @@ def test_flipped_coordinate_byte_is_caught_naming_shard_record_and_source_id(tmp
     expected = rf"{os.path.basename(shard)}: record 1 \(source id 'mol4' as stored\) fails its checksum"
     source = task_data.open_source(data_dir, "toy", "train")
     assert source[3]["source_id"] == "mol3"  # the records beside it still read
-    with pytest.raises(tfrecord_index.CorruptShardError, match=expected):
+    with pytest.raises(records.CorruptShardError, match=expected):
         source[4]
-    with pytest.raises(tfrecord_index.CorruptShardError, match=expected):
+    with pytest.raises(records.CorruptShardError, match=expected):
         evaluate.read_records(data_dir, "toy", "train")
 
 
@@ -73,7 +73,7 @@ def test_flipped_length_header_byte_is_caught(tmp_path):
     shard = records.shard_paths(data_dir, "toy", "train")[0]
     offset, _ = _payload(shard, 2)
     _edit(shard, lambda data: data.__setitem__(offset - 12, data[offset - 12] ^ 0x01))
-    with pytest.raises(tfrecord_index.CorruptShardError, match=rf"{os.path.basename(shard)}: record 2 .*checksum"):
+    with pytest.raises(records.CorruptShardError, match=rf"{os.path.basename(shard)}: record 2 .*checksum"):
         task_data.open_source(data_dir, "toy", "train")[2]
 
 
@@ -106,7 +106,7 @@ def test_opening_a_split_reads_its_indexes_not_its_records(tmp_path):
     assert len(source) == 7
     np.testing.assert_array_equal(source.natoms, [len(molecule(NAMES[i])) for i in range(7)])
     assert source[6]["source_id"] == "mol6"
-    with pytest.raises(tfrecord_index.CorruptShardError, match=rf"{os.path.basename(shard)}: record 0 fails"):
+    with pytest.raises(records.CorruptShardError, match=rf"{os.path.basename(shard)}: record 0 fails"):
         source[3]
 
 
