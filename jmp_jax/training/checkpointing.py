@@ -17,6 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from jmp_jax.checkpoint import integrity
+from jmp_jax.data.pipeline import merge_states
+from jmp_jax.data.process_exchange import ProcessExchange
 from jmp_jax.training.train_step import TrainState
 
 ARRAY_ITEMS = ("params", "ema_params", "constants", "opt_state", "counters")
@@ -37,9 +39,17 @@ def _state_items(state: TrainState) -> dict[str, Any]:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState, pipeline_state: dict, metadata: dict,
-         *, force: bool = False) -> bool:
-    if step in manager.all_steps():
+         *, force: bool = False, exchange: ProcessExchange | None = None) -> bool:
+    """Saves the step when it is due (or `force`); every process calls it at every step.
+
+    exchange: under `jax.distributed`, joins every process's input position (`pipeline_state` holds this
+    process's batch shards) into the saved one, so that each process resumes its own.
+    """
+    if step in manager.all_steps() or not (force or manager.should_save(step)):
         return False
+    if exchange is not None:
+        exchange.delete_mine("pipeline/")  # the last save's: every process has read them since
+        pipeline_state = merge_states(exchange.allgather(f"pipeline/{step}", pipeline_state))
     items = {k: ocp.args.StandardSave(v) for k, v in _state_items(state).items()}
     items["pipeline"] = ocp.args.JsonSave(pipeline_state)
     items["metadata"] = ocp.args.JsonSave(metadata)
