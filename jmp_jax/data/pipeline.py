@@ -71,32 +71,32 @@ def temperature_probabilities(sizes: Sequence[int], temperature: float) -> np.nd
 class TaskStream:
     """One lane's endless, epoch-wise shuffled order of one task's records, with graphs built ahead.
 
-    Every epoch's permutation is shared by all lanes; lane k takes its records k, k + num_lanes, ...
+    The epochs' permutations, one after the other, are shared by all lanes: lane k takes its entries k,
+    k + num_lanes, ... (so lanes may outnumber records, and an epoch's last records go to the first lanes).
     """
 
     def __init__(self, source: RecordSource, spec: TaskSpec, *, seed: int, task_index: int, shuffle: bool,
                  edge_dropout: float, lane: int, num_lanes: int, executor: concurrent.futures.Executor,
                  lookahead: int):
-        if len(source) < num_lanes:
-            raise ValueError(f"task {spec.name!r}: {len(source)} records cannot feed {num_lanes} batch shards")
+        if not len(source):
+            raise ValueError(f"task {spec.name!r} has no records")
         self.source, self.spec = source, spec
         self.seed, self.task_index, self.shuffle = seed, task_index, shuffle
         self.edge_dropout = edge_dropout
         self.lane, self.num_lanes = lane, num_lanes
         self.executor, self.lookahead = executor, lookahead
-        self.per_epoch = len(source) // num_lanes
         self.cursor = 0
         self.deferred: list[int] = []
         self._futures: dict[int, concurrent.futures.Future] = {}
         self._order_cache: tuple[int, np.ndarray] | None = None
 
     def record_index(self, position: int) -> int:
-        epoch, k = divmod(position, self.per_epoch)
+        n = len(self.source)
+        epoch, k = divmod(self.lane + self.num_lanes * position, n)
         if self._order_cache is None or self._order_cache[0] != epoch:
-            n = len(self.source)
             order = (np.random.default_rng([self.seed, self.task_index, epoch]).permutation(n)
                      if self.shuffle else np.arange(n))
-            self._order_cache = (epoch, order[self.lane::self.num_lanes])
+            self._order_cache = (epoch, order)
         return int(self._order_cache[1][k])
 
     def _build(self, position: int, index: int):

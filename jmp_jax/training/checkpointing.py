@@ -61,10 +61,16 @@ def _step_path(manager: ocp.CheckpointManager, step: int) -> str:
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int, err: integrity.CheckpointDamagedError) -> None:
-    """Moves the damaged step out of the manager's reach and says so in one line."""
-    moved = integrity.set_aside(_step_path(manager, step))
+    """Moves the damaged step out of the manager's reach and says so in one line.
+
+    Under `jax.distributed` every process finds the same damage (they verify the same files); the first
+    moves the step, the others wait for it.
+    """
+    if jax.process_index() == 0:
+        moved = integrity.set_aside(_step_path(manager, step))
+        print(f"skipped {err}; moved it to {moved}", file=sys.stderr)
+    ocp.multihost.sync_global_processes(f"jmp_jax_set_aside_{step}")  # a step is set aside once per start
     manager.reload()
-    print(f"skipped {err}; moved it to {moved}", file=sys.stderr)
 
 
 def newest_intact(manager: ocp.CheckpointManager) -> tuple[int, dict] | None:
