@@ -11,8 +11,11 @@ import os
 
 import jax
 from jax._src import clusters  # jax's own cluster detection, which initialize() without arguments uses
+from jax._src.distributed import global_state as distributed_state  # its client; no public accessor
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# How long a process waits at a barrier for the others (their set-up: data indexes, budget planning, restore).
+BARRIER_TIMEOUT_S = 3600
 
 
 def cluster_detected() -> bool:
@@ -39,3 +42,13 @@ def initialize() -> bool:
     except ValueError as err:
         raise ValueError(f"jax.distributed: {err} (set {', '.join(ENV_VARS)}, or run under SLURM / a TPU pod)") from err
     return True
+
+
+def barrier(name: str) -> None:
+    """Waits until every process has reached `name` (nothing to wait for in a one-process run).
+
+    Before their first collectives: a process that joins a new communicator more than ~30 s after its
+    peers fails it (XLA's CPU collectives over gloo), and set-up times differ between processes.
+    """
+    if jax.process_count() > 1:
+        distributed_state.client.wait_at_barrier(f"jmp_jax/{name}", BARRIER_TIMEOUT_S * 1000)

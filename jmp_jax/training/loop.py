@@ -143,6 +143,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         warmup_steps=config.train.warmup_steps, total_steps=config.train.num_steps, b1=config.train.b1,
         b2=config.train.b2, weight_decay=config.train.weight_decay, clip_norm=config.train.clip_norm,
         warmup_start_factor=config.train.warmup_start_factor, min_lr_factor=config.train.min_lr_factor)
+    distributed.barrier("set-up")
     abstract_state = jax.eval_shape(functools.partial(init_train_state, tx=tx), variables)
     state_shardings = sharding.state_shardings(abstract_state, mesh)
     state = jax.jit(functools.partial(init_train_state, tx=tx), out_shardings=state_shardings)(variables)
@@ -153,6 +154,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         train_pipe.restore(pipeline_state)
         print(f"resumed from step {int(state.step)} in {workdir}", file=sys.stderr)
 
+    distributed.barrier("restored")
     batch_sharding = sharding.batch_sharding(mesh)
     steps: dict[int, Any] = {}
     evals: dict[int, Any] = {}
