@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 from test_finetune_run import molecule_records
-from test_pretrain_system import REPO, run_command, subprocess_environ
+from fixture_pretrain import REPO, run_command, subprocess_environ
 
 from data_prep import shard_writer
 from jmp_jax.models.config import demo

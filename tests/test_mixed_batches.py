@@ -32,7 +32,7 @@ def mixture():
 
 
 def _pipeline(tasks, **kw) -> Pipeline:
-    args = dict(seed=5, temperature=2.0, num_batch_shards=2, num_workers=2, process_index=0, process_count=1,
+    args = dict(seed=5, temperature=2.0, num_batch_shards=2, num_workers=2,
                 task_mixing="batch")
     return Pipeline(tasks, SOURCES, **{**args, **kw})
 
@@ -108,7 +108,7 @@ def test_mixed_batches_are_deterministic_and_resume_exactly(mixture):
     state = first.state()
     tail = _take(first, 5)
     first.close()
-    assert state["deferred"]  # the window left structures in line: resuming must restore them
+    assert state["lanes"]["0"]["deferred"]  # the window left structures in line: resuming must restore them
     again = _pipeline(tasks, edge_dropout=0.1)
     for a, b in zip(_take(again, 3), head):
         _same(a, b)

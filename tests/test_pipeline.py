@@ -1,10 +1,15 @@
 """The mixed-task input pipeline: mixing proportions, determinism, exact resume, budgets and budget buckets."""
+import concurrent.futures
+import threading
+
+import jax
 import numpy as np
 import pytest
 from ase.build import molecule
 
 from jmp_jax.data import budget_plan
-from jmp_jax.data.pipeline import Pipeline, TaskSpec, temperature_probabilities
+from jmp_jax.data.pipeline import Pipeline, TaskSpec, merge_states, temperature_probabilities
+from jmp_jax.data.process_exchange import ProcessExchange
 from jmp_jax.graph import batching
 from jmp_jax.graph.build import GraphSettings, build_structure_graphs
 
@@ -44,7 +49,7 @@ TASKS = [TaskSpec("big", SETTINGS, _budgets(SOURCES[0], 3)), TaskSpec("small", S
 
 
 def _pipeline(**kw) -> Pipeline:
-    args = dict(seed=7, temperature=2.0, num_batch_shards=2, num_workers=2, process_index=0, process_count=1)
+    args = dict(seed=7, temperature=2.0, num_batch_shards=2, num_workers=2)
     return Pipeline(TASKS, SOURCES, **{**args, **kw})
 
 
@@ -101,19 +106,53 @@ def test_batches_are_padded_to_the_task_budgets_and_carry_labels():
     pipe.close()
 
 
-def test_records_are_split_across_processes():
-    seen = []
-    for index in range(2):
-        pipe = _pipeline(process_index=index, process_count=2)
-        seen.append({pipe.streams[0].record_index(p) for p in range(pipe.streams[0].per_epoch)})
+def test_records_are_split_across_lanes_and_processes_pack_parts_of_the_same_batches():
+    seen = [{lane.streams[0].record_index(p) for p in range(20)} for lane in _pipeline().lanes]
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 40
+    # Two processes with one lane each (their exchange stubbed by one store): together the batches of one.
+    store = _SharedStore()
+    parts = [_pipeline(lanes=[k], exchange=ProcessExchange("test", store, k, 2)) for k in range(2)]
+    whole = _pipeline()
+    for _ in range(3):  # the parts wait for each other's values: their own threads, as their own processes
+        (task, batch), *others = [next(whole), *concurrent.futures.ThreadPoolExecutor(2).map(next, parts)]
+        assert all(t == task for t, _ in others)
+        for k, (_, part) in enumerate(others):
+            np.testing.assert_array_equal(part.energy[0], batch.energy[k])
+            np.testing.assert_array_equal(part.graphs.a2a.senders[0], batch.graphs.a2a.senders[k])
+    merged = merge_states([p.state() for p in parts])
+    assert merged == whole.state()
+    for p in [whole, *parts]:
+        p.close()
+
+
+class _SharedStore:
+    """The key-value calls `ProcessExchange` makes, on one dict (as the coordination service keeps them)."""
+
+    def __init__(self):
+        self.values, self.changed = {}, threading.Condition()
+
+    def key_value_set(self, key, value):
+        with self.changed:
+            assert key not in self.values, key
+            self.values[key] = value
+            self.changed.notify_all()
+
+    def blocking_key_value_get(self, key, timeout_ms):
+        with self.changed:
+            if not self.changed.wait_for(lambda: key in self.values, timeout_ms / 1000):
+                raise jax.errors.JaxRuntimeError(f"DEADLINE_EXCEEDED: {key}")
+            return self.values[key]
+
+    def key_value_delete(self, key):
+        with self.changed:
+            self.values.pop(key, None)
 
 
 @pytest.mark.parametrize("buckets", [2, (2, 3)])
 def test_structure_that_never_fits_is_a_clear_error(buckets):
     tiny = tuple(_flat(n) for n in np.atleast_1d(buckets))
     pipe = Pipeline([TaskSpec("tiny", SETTINGS, tiny)], [SOURCES[0]], seed=0, temperature=1.0,
-                    num_batch_shards=1, process_index=0, process_count=1)
+                    num_batch_shards=1)
     with pytest.raises(batching.BudgetOverflowError, match="tiny"):
         next(pipe)
     pipe.close()
@@ -140,7 +179,7 @@ def plans():
 
 
 def _varied_pipeline(buckets, **kw) -> Pipeline:
-    args = dict(seed=3, temperature=1.0, num_batch_shards=1, num_workers=2, process_index=0, process_count=1)
+    args = dict(seed=3, temperature=1.0, num_batch_shards=1, num_workers=2)
     return Pipeline([TaskSpec("varied", SETTINGS, buckets)], [VARIED_SOURCE], **{**args, **kw})
 
 

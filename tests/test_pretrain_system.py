@@ -1,74 +1,30 @@
 """System tests of `python -m experiments.pretrain` on the tiny `:test` config.
 
-Every run is a real subprocess (as a user runs it); they share one small default dataset and the
-suite's persistent XLA compilation cache (conftest), so only the first run pays for compiling.
+Every run is a real subprocess (as a user runs it); they share one small default dataset and a
+persistent XLA compilation cache, so only the first run pays for compiling (`fixture_pretrain`).
 """
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
+from fixture_pretrain import (REPO, assert_same_losses_on_other_devices, command, device_environ, run, step_losses,
+                              wait_for_checkpoint)
+
 pytest.importorskip("tblite")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("catalysis", "molecules")
 NUM_STEPS = 8  # the `:test` config's train.num_steps
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from data_prep import default_dataset
-    root = tmp_path_factory.mktemp("pretrain")
-    data = root / "data"
-    default_dataset.build_default_dataset(str(data), sizes={"catalysis": 24, "molecules": 24, "reactions": 16},
-                                          progress=False)
-    return {"root": root, "data": str(data), "environ": subprocess_environ()}
-
-
-def subprocess_environ() -> dict[str, str]:
-    """The environment of the runs: CPU, and the suite's shared XLA cache (set in conftest)."""
-    return dict(os.environ, JAX_PLATFORMS="cpu")
-
-
-def command(env, workdir, *extra):
-    return [sys.executable, "-m", "experiments.pretrain", "--config=configs/jmp_s.py:test",
-            f"--config.data.dir={env['data']}", f"--workdir={workdir}", *extra]
-
-
-def run(env, workdir, *extra, devices=1):
-    return run_command(command(env, workdir, *extra), env["environ"], devices)
-
-
-def run_command(cmd: list[str], environ: dict[str, str], devices: int = 1) -> subprocess.CompletedProcess:
-    """Runs `cmd` from the repository root on `devices` CPU devices; asserts that it succeeds."""
-    environ = dict(environ)
-    if devices > 1:
-        environ["XLA_FLAGS"] = f"{environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    done = subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def step_losses(workdir) -> dict[int, float]:
-    """Loss of every step; a step logged twice (re-run after a restart) keeps its last value."""
-    losses = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if "loss" in record:
-                losses[record["step"]] = record["loss"]
-    return losses
-
-
-@pytest.fixture(scope="module")
-def reference(env):
-    workdir = env["root"] / "reference"
-    done = run(env, workdir)
+def reference(pretrain_env):
+    workdir = pretrain_env["root"] / "reference"
+    done = run(pretrain_env, workdir)
     return {"workdir": workdir, "stdout": done.stdout, "losses": step_losses(workdir)}
 
 
@@ -89,10 +45,10 @@ def test_training_lowers_every_task_loss_and_writes_outputs(reference):
     assert steps[-1] == NUM_STEPS
 
 
-def test_training_lowers_every_task_loss_and_writes_outputs_with_one_task_per_step(env):
+def test_training_lowers_every_task_loss_and_writes_outputs_with_one_task_per_step(pretrain_env):
     """The `data.task_mixing="step"` option: every step one task's batches, each task its own shapes."""
-    workdir = env["root"] / "one_task_per_step"
-    run(env, workdir, "--config.data.task_mixing=step")
+    workdir = pretrain_env["root"] / "one_task_per_step"
+    run(pretrain_env, workdir, "--config.data.task_mixing=step")
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     train = [r for r in records if "loss" in r]
     assert len(train) == NUM_STEPS
@@ -103,26 +59,22 @@ def test_training_lowers_every_task_loss_and_writes_outputs_with_one_task_per_st
         assert validations[1][f"val/loss/{task}"] < validations[0][f"val/loss/{task}"], task
 
 
-def test_rerun_of_a_finished_workdir_resumes_and_stops(env, reference):
-    done = run(env, reference["workdir"])
+def test_rerun_of_a_finished_workdir_resumes_and_stops(pretrain_env, reference):
+    done = run(pretrain_env, reference["workdir"])
     assert f"resumed from step {NUM_STEPS}" in done.stderr
 
 
 @pytest.fixture(scope="module")
-def killed_run(env, reference):
+def killed_run(pretrain_env, reference):
     """A run SIGKILLed right after its step-4 checkpoint, then restarted in the same workdir."""
-    workdir = env["root"] / "killed"
-    proc = subprocess.Popen(command(env, workdir), cwd=REPO, env=env["environ"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not (workdir / "checkpoints" / "4" / "commit_success.txt").exists() and not (
-            workdir / "checkpoints" / "4" / "_CHECKPOINT_METADATA").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.2)
+    workdir = pretrain_env["root"] / "killed"
+    proc = subprocess.Popen(command(pretrain_env, workdir), cwd=REPO, env=pretrain_env["environ"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_checkpoint(workdir, 4, [proc])
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = step_losses(workdir)
-    restarted = run(env, workdir)
+    restarted = run(pretrain_env, workdir)
     return {"before": before, "stderr": restarted.stderr, "losses": step_losses(workdir)}
 
 
@@ -143,20 +95,8 @@ def test_sigkill_then_restart_matches_uninterrupted_run(reference, killed_run):
         np.testing.assert_allclose(killed_run["losses"][step], loss, rtol=1e-5, err_msg=f"step {step}")
 
 
-def test_four_devices_match_one_device(env, reference):
-    workdir = env["root"] / "four_devices"
-    run(env, workdir, devices=4)
-    losses = step_losses(workdir)
-    assert sorted(losses) == sorted(reference["losses"])
-    # Per-device partial sums change the float32 summation order: the first steps agree to ~1e-7. With
-    # gradient norms in the thousands early in training, Adam amplifies that, step by step (measured with
-    # mixed-task batches: <= 2e-6 relative over the first 4 steps, 3e-4 at steps 5-6; one task per step
-    # used to stay <= 8e-6 for 6 steps; up to 4e-2 by step 16 of longer runs), so later steps are compared
-    # loosely.
-    steps = sorted(losses)
-    ours, theirs = [losses[s] for s in steps], [reference["losses"][s] for s in steps]
-    np.testing.assert_allclose(ours[:4], theirs[:4], rtol=1e-4)
-    np.testing.assert_allclose(ours, theirs, rtol=5e-2)
+def test_four_devices_match_one_device(four_devices, reference):
+    assert_same_losses_on_other_devices(four_devices, reference["losses"])
 
 
 FSDP_PROBE = """
@@ -164,7 +104,7 @@ import jax, jax.numpy as jnp, optax
 from jmp_jax.models import config as config_lib
 from jmp_jax.models.jmp import JMPModel, placeholder_batch
 from jmp_jax.training import optim, sharding
-from jmp_jax.training.state import init_train_state
+from jmp_jax.training.train_step import init_train_state
 mesh = sharding.make_mesh(fsdp=4)
 model = JMPModel(config_lib.demo(), num_tasks=2)
 variables = jax.eval_shape(lambda: model.init(jax.random.key(0), placeholder_batch()))
@@ -178,11 +118,9 @@ print("SPEC", kernel.spec, moment.spec, x.addressable_shards[0].data.shape, len(
 """
 
 
-def test_fsdp_axis_shards_parameters_and_optimizer_state(env):
-    flags = f"{env['environ'].get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
-    environ = dict(env["environ"], XLA_FLAGS=flags)
-    done = subprocess.run([sys.executable, "-c", FSDP_PROBE], cwd=REPO, env=environ, capture_output=True,
-                          text=True, timeout=300)
+def test_fsdp_axis_shards_parameters_and_optimizer_state(pretrain_env):
+    done = subprocess.run([sys.executable, "-c", FSDP_PROBE], cwd=REPO, env=device_environ(pretrain_env["environ"], 4),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("SPEC"))
     # Both the parameter and its Adam moment are split 4 ways: each device holds a quarter.

@@ -10,6 +10,7 @@ import numpy as np
 
 from jmp_jax.data import budget_plan
 from jmp_jax.data.pipeline import Pipeline, TaskSpec, temperature_probabilities
+from jmp_jax.data.process_exchange import ProcessExchange
 from jmp_jax.data.tfrecord_index import TFRecordSource
 from jmp_jax.data.types import TaskNormalization
 from jmp_jax.graph.build import GraphSettings
@@ -94,11 +95,13 @@ def load_tasks(config: ml_collections.ConfigDict) -> list[Task]:
 
 
 def make_pipeline(config: ml_collections.ConfigDict, tasks: Sequence[Task], *, split: str, training: bool,
-                  only_task: int | None = None) -> Pipeline:
+                  only_task: int | None = None, lanes: Sequence[int] | None = None,
+                  exchange: ProcessExchange | None = None) -> Pipeline:
     """Training: shuffled, temperature-mixed, with edge dropout. Otherwise: in order, no dropout.
 
     only_task: that task's structures alone, in the run's batch shapes (with "batch" task mixing, every
     task stays in the pipeline with probability 0 but this one's, so structures keep their task index).
+    lanes, exchange: this process's batch shards and the exchange with the others (`Pipeline`).
     """
     mixed = config.data.task_mixing == "batch"
     chosen = list(range(len(tasks))) if only_task is None or mixed else [only_task]
@@ -112,4 +115,5 @@ def make_pipeline(config: ml_collections.ConfigDict, tasks: Sequence[Task], *, s
                     temperature=config.data.temperature, num_batch_shards=config.data.num_batch_shards,
                     edge_dropout=config.data.edge_dropout if training else 0.0, shuffle=training,
                     num_workers=config.data.num_workers, prefetch=config.data.prefetch,
-                    task_probabilities=probabilities, task_mixing=config.data.task_mixing)
+                    task_probabilities=probabilities, task_mixing=config.data.task_mixing, lanes=lanes,
+                    exchange=exchange, name=f"{split}/{'training' if training else 'in-order'}/{only_task}")

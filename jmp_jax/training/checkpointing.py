@@ -19,6 +19,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from jmp_jax.checkpoint import integrity, orbax_io
+from jmp_jax.data.pipeline import merge_states
+from jmp_jax.data.process_exchange import ProcessExchange
 from jmp_jax.training.state import TrainState
 
 
@@ -39,9 +41,19 @@ def _state_items(state: TrainState) -> dict[str, Any]:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: TrainState, pipeline_state: dict, metadata: dict,
-         *, arrays: dict[str, Any] | None = None, force: bool = False) -> bool:
-    """Saves `state`, the JSON `pipeline_state` and a run's own `arrays` as checkpoint `step` (False if that
-    step exists already)."""
+         *, arrays: dict[str, Any] | None = None, force: bool = False,
+         exchange: ProcessExchange | None = None) -> bool:
+    """Saves `state`, the JSON `pipeline_state` and a run's own `arrays` as checkpoint `step` when it is due
+    (or `force`) and new; every process calls it at every step.
+
+    exchange: under `jax.distributed`, joins every process's input position (`pipeline_state` holds this
+    process's batch shards) into the saved one, so that each process resumes its own.
+    """
+    if step in manager.all_steps() or not (force or manager.should_save(step)):
+        return False
+    if exchange is not None:
+        exchange.delete_mine("pipeline/")  # the last save's: every process has read them since
+        pipeline_state = merge_states(exchange.allgather(f"pipeline/{step}", pipeline_state))
     items = _state_items(state)
     variables = {"params": items.pop("params"), "constants": items.pop("constants", None)}
     return orbax_io.save_step(manager, step, variables, metadata, ema_params=items.pop("ema_params", None),
@@ -54,10 +66,16 @@ def _step_path(manager: ocp.CheckpointManager, step: int) -> str:
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int, err: integrity.CheckpointDamagedError) -> None:
-    """Moves the damaged step out of the manager's reach and says so in one line."""
-    moved = integrity.set_aside(_step_path(manager, step))
+    """Moves the damaged step out of the manager's reach and says so in one line.
+
+    Under `jax.distributed` every process finds the same damage (they verify the same files); the first
+    moves the step, the others wait for it.
+    """
+    if jax.process_index() == 0:
+        moved = integrity.set_aside(_step_path(manager, step))
+        print(f"skipped {err}; moved it to {moved}", file=sys.stderr)
+    ocp.multihost.sync_global_processes(f"jmp_jax_set_aside_{step}")  # a step is set aside once per start
     manager.reload()
-    print(f"skipped {err}; moved it to {moved}", file=sys.stderr)
 
 
 def newest_intact(manager: ocp.CheckpointManager) -> tuple[int, dict] | None:

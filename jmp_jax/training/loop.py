@@ -18,10 +18,11 @@ import numpy as np
 
 from jmp_jax.checkpoint import orbax_io
 from jmp_jax.data import budget_plan, task_data
+from jmp_jax.data.process_exchange import ProcessExchange
 from jmp_jax.models import config as config_lib
 from jmp_jax.models.gemnet import BlockExecution
 from jmp_jax.models.jmp import JMPModel
-from jmp_jax.training import checkpointing, optim, sharding
+from jmp_jax.training import checkpointing, distributed, optim, sharding
 from jmp_jax.training.metrics_log import MetricsLog
 from jmp_jax.training.state import TrainState, init_train_state, init_variables
 from jmp_jax.training.train_step import eval_step, train_step
@@ -104,20 +105,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+    distributed.initialize()
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.fsdp)
     if config.data.num_batch_shards % jax.device_count():
         raise ValueError(f"data.num_batch_shards={config.data.num_batch_shards} must be a multiple of the "
                          f"{jax.device_count()} devices")
+    # Each process packs the batch shards its devices hold and agrees on each step's shape with the others.
+    lanes = sharding.local_batch_rows(mesh, config.data.num_batch_shards)
+    exchange = ProcessExchange.for_run("jmp_jax.pretrain")
     manager = checkpointing.make_manager(workdir, save_every=config.log.checkpoint_every,
                                          keep=config.log.keep_checkpoints)
     found = checkpointing.newest_intact(manager)
     if found is not None:  # refuse another configuration before minutes of data and model set-up
         checkpointing.check_metadata(manager, *found, run_metadata(config))
     tasks = task_data.load_tasks(config)
-    train_pipe = task_data.make_pipeline(config, tasks, split="train", training=True)
+    train_pipe = task_data.make_pipeline(config, tasks, split="train", training=True, lanes=lanes,
+                                         exchange=exchange)
     metadata = run_metadata(config, tasks)
 
     backbone = backbone_config(config.model.backbone)
@@ -129,6 +133,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         warmup_steps=config.train.warmup_steps, total_steps=config.train.num_steps, b1=config.train.b1,
         b2=config.train.b2, weight_decay=config.train.weight_decay, clip_norm=config.train.clip_norm,
         warmup_start_factor=config.train.warmup_start_factor, min_lr_factor=config.train.min_lr_factor)
+    distributed.barrier("set-up")
     abstract_state = jax.eval_shape(functools.partial(init_train_state, tx=tx), variables)
     state_shardings = sharding.state_shardings(abstract_state, mesh)
     state = jax.jit(functools.partial(init_train_state, tx=tx), out_shardings=state_shardings)(variables)
@@ -139,6 +144,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         train_pipe.restore(pipeline_state)
         print(f"resumed from step {int(state.step)} in {workdir}", file=sys.stderr)
 
+    distributed.barrier("restored")
     batch_sharding = sharding.batch_sharding(mesh)
     steps: dict[int, Any] = {}
     evals: dict[int, Any] = {}
@@ -152,7 +158,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule, task=task,
                                    norm=norm_of(task), ema_decay=config.train.ema_decay, mesh=mesh)
             steps[task] = jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
-                                  out_shardings=(state_shardings, None), donate_argnums=0)
+                                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
         return steps[task]
 
     def eval_fn(task: int | None):
@@ -162,8 +168,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return evals[task]
 
     step = int(state.step)
-    log = MetricsLog(workdir, config.train.num_steps, resume_step=step if restored is not None else None)
-    validate = Validation(config, tasks)
+    log = MetricsLog(workdir, config.train.num_steps, resume_step=step if restored is not None else None,
+                     files=jax.process_index() == 0)
+    validate = Validation(config, tasks, lanes=lanes, exchange=exchange)
     window: list[tuple[int, dict]] = []
     structures = atoms = 0
     window_start = time.time()
@@ -194,14 +201,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 log.progress(step, last_loss)
                 if step % config.log.eval_every == 0 or step == config.train.num_steps:
                     log.write(step, validate(state, eval_fn, mesh))
-                stop = terminated.is_set()  # read once: SIGTERM may arrive between the save and the check
+                stop = stop_requested(terminated, step, exchange)
                 checkpointing.save(manager, step, state, train_pipe.state(), metadata,
-                                   force=step == config.train.num_steps or stop)
+                                   force=step == config.train.num_steps or stop, exchange=exchange)
                 if stop and step < config.train.num_steps:
                     raise TrainingTerminated(f"stopped by SIGTERM after step {step}; saved checkpoint step {step} in "
                                              f"{manager.directory}: rerun with the same workdir to resume")
         except KeyboardInterrupt:
-            checkpointing.save(manager, step, state, train_pipe.state(), metadata, force=True)
+            checkpointing.save(manager, step, state, train_pipe.state(), metadata, force=True, exchange=exchange)
             print(f"\ninterrupted: saved step {step} in {manager.directory}", file=sys.stderr)
             raise
         finally:
@@ -210,6 +217,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             log.close()
     return {"step": step, "workdir": os.path.abspath(workdir), "metrics": log.path,
             "checkpoints": str(manager.directory)}
+
+
+def stop_requested(terminated: threading.Event, step: int, exchange: ProcessExchange | None) -> bool:
+    """SIGTERM's flag, read once per step (it may arrive between the save and the check). Under
+    `jax.distributed` the processes stop together, at the first step where any of them has the flag: a save
+    is a collective of all of them."""
+    if exchange is None:
+        return terminated.is_set()
+    flags = exchange.allgather(f"stop/{step}", terminated.is_set())
+    exchange.delete_mine(f"stop/{step - 2}/")  # every process has read them: it has reached this step
+    return any(flags)
 
 
 def batch_name(task: int | None, tasks: list[task_data.Task]) -> str:
@@ -245,9 +263,11 @@ class Validation:
     """Each task's validation pipeline, opened once and rewound to its start at every evaluation: each one
     sees the same batches, without reopening the split or starting new worker threads."""
 
-    def __init__(self, config: ml_collections.ConfigDict, tasks: list[task_data.Task]):
+    def __init__(self, config: ml_collections.ConfigDict, tasks: list[task_data.Task], *,
+                 lanes: list[int] | None = None, exchange: ProcessExchange | None = None):
         self.tasks, self.eval_batches = tasks, config.log.eval_batches
-        self.pipes = [task_data.make_pipeline(config, tasks, split=config.data.val_split, training=False, only_task=t)
+        self.pipes = [task_data.make_pipeline(config, tasks, split=config.data.val_split, training=False, only_task=t,
+                                              lanes=lanes, exchange=exchange)
                       for t in range(len(tasks))]
         self.starts = [pipe.state() for pipe in self.pipes]
 

@@ -36,18 +36,23 @@ def _row_step(line: str) -> int | None:
 
 
 class MetricsLog:
-    """resume_step: the step the run resumed from; rows after it are dropped (None: a fresh run, all are)."""
+    """resume_step: the step the run resumed from; rows after it are dropped (None: a fresh run, all are).
 
-    def __init__(self, workdir: str, total_steps: int, *, resume_step: int | None = None, tensorboard: bool = True):
+    files False (every process of a multi-process run but the first): the console line only.
+    """
+
+    def __init__(self, workdir: str, total_steps: int, *, resume_step: int | None = None, tensorboard: bool = True,
+                 files: bool = True):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
-        keep_rows_up_to(self.path, resume_step)
-        self._file = open(self.path, "a")
+        if files:
+            keep_rows_up_to(self.path, resume_step)
+        self._file = open(self.path, "a") if files else None
         self.total_steps = total_steps
         self._start = time.time()
         self._start_step: int | None = None
         self._tb = None
-        if tensorboard:
+        if tensorboard and files:
             try:  # TensorBoard events need TensorFlow; the jsonl file is written regardless
                 import tensorflow as tf
                 self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
@@ -55,6 +60,8 @@ class MetricsLog:
                 print("metrics: TensorFlow is not installed, TensorBoard events are not written", file=sys.stderr)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if self._file is None:
+            return
         clean = {k: float(v) for k, v in scalars.items()}
         self._file.write(json.dumps({"step": int(step), **clean}) + "\n")
         self._file.flush()
@@ -84,6 +91,7 @@ class MetricsLog:
 
     def close(self) -> None:
         print(file=sys.stderr)
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()

@@ -54,8 +54,15 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp)), abstract_state)
 
 
+def local_batch_rows(mesh: Mesh, num_batch_shards: int) -> list[int]:
+    """The batch shards (rows of the leading axis) that this process's devices hold, in order: the ones
+    its input pipeline packs (all of them in a one-process run)."""
+    indices = batch_sharding(mesh).addressable_devices_indices_map((num_batch_shards,))
+    return sorted({row for index in indices.values() for row in range(*index[0].indices(num_batch_shards))})
+
+
 def global_batch(local_shards: Any, mesh: Mesh) -> Any:
-    """Builds global arrays from this process's stacked batch shards (leading axis = local shards).
+    """Builds global arrays from this process's stacked batch shards (leading axis = `local_batch_rows`).
 
     Works for one process and for multi-host runs after `jax.distributed.initialize()`.
     """

@@ -69,8 +69,7 @@ def test_huge_coordinate_in_a_pipeline_record_is_a_clear_error():
                       fixed=np.zeros(3, bool), energy=0.0, forces=np.zeros((3, 3)), source_id="far-water")
         budgets = batching.Budgets.from_array(np.full(len(batching.Budgets.zeros().as_array()), 64))
         spec = TaskSpec("water", GraphSettings(cutoff=6.0, max_neighbors=8, pbc=(False,) * 3), budgets)
-        next(Pipeline([spec], [[record]], seed=0, temperature=1.0, num_batch_shards=1, process_index=0,
-                      process_count=1))
+        next(Pipeline([spec], [[record]], seed=0, temperature=1.0, num_batch_shards=1))
     """)
     assert "structure 'water record 0 (far-water)': atom 0 has a coordinate of 1e+06 Å" in line
 

@@ -14,12 +14,16 @@ import time
 
 import numpy as np
 import pytest
-import test_pretrain_system as system
-from test_pretrain_system import NUM_STEPS, REPO, command, run, step_losses
+from fixture_pretrain import REPO, command, run, step_losses
+from test_pretrain_system import NUM_STEPS
 
 from jmp_jax.checkpoint import integrity
 
-env = system.env  # the system tests' fixture: their tiny dataset and XLA cache, built once for this module
+
+@pytest.fixture(scope="module")
+def env(pretrain_env):
+    """The pre-training runs' tiny dataset, built once for the session."""
+    return pretrain_env
 
 
 @pytest.fixture(scope="module")
