@@ -10,7 +10,7 @@ def pretrain_config(model: str) -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.backbone = model             # jmp_s | jmp_l | path to a JMP BackboneConfig JSON
+    c.model.backbone = model             # a name in models.config.NAMED_CONFIGS | path to a JMP BackboneConfig JSON
     c.model.dtype = "float32"            # "bfloat16": bf16 compute, float32 parameters and geometry
     c.model.matmul_precision = "float32"  # "bfloat16": bf16 matrix-product operands, float32 accumulation
     c.model.scale_factors = "fitted"     # "fitted": JMP's released scale file for this size; "none": all 1
@@ -81,8 +81,10 @@ def make_demo(c: ml_collections.ConfigDict) -> None:
 
 
 def make_test(c: ml_collections.ConfigDict) -> None:
-    """The system tests' run: the demo model on two tasks, 4 batch shards, a metric line every step."""
+    """The system tests' run: the demo model with one block on two tasks, 4 batch shards, a metric line every
+    step."""
     make_demo(c)
+    c.model.backbone = "demo_one_block"
     c.data.tasks = [dict(t) for t in DEFAULT_TASKS[:2]]
     c.data.structures_per_batch = 1
     c.data.num_batch_shards = 4

@@ -11,7 +11,9 @@ Where (first that applies):
   $XDG_CACHE_HOME/jmp_jax/xla        default; ~/.cache/jmp_jax/xla without XDG_CACHE_HOME
 
 The cache is bounded (least recently used entries are evicted beyond MAX_SIZE_BYTES unless
-JAX_COMPILATION_CACHE_MAX_SIZE says otherwise); jax's default keeps programs that took >= 1 s to compile.
+JAX_COMPILATION_CACHE_MAX_SIZE says otherwise). It keeps every program, also those that compile in
+milliseconds (unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise): the eager variable init
+compiles hundreds of them on every start, which jax's default (programs that took >= 1 s) would not keep.
 """
 from __future__ import annotations
 
@@ -58,4 +60,6 @@ def enable() -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
         jax.config.update("jax_compilation_cache_max_size", MAX_SIZE_BYTES)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path

@@ -413,10 +413,11 @@ def _config_from_metadata(metadata: Mapping[str, Any], path: str) -> BackboneCon
 
 
 def checkpoint_root(path: str | os.PathLike) -> str:
-    """The checkpoint directory of a path: a pre-training workdir's checkpoints/, a fine-tuning workdir's best/,
-    else the path itself (a converter output, a checkpoints dir or a step dir)."""
+    """The checkpoint directory of a path: a fine-tuning workdir's best/ (its checkpoints/ hold the resumable
+    run state), a pre-training workdir's checkpoints/, else the path itself (a converter output, a checkpoints
+    dir or a step dir)."""
     path = os.fspath(path)
-    for inner in ("checkpoints", "best"):
+    for inner in ("best", "checkpoints"):
         if os.path.isdir(os.path.join(path, inner)):
             return os.path.join(path, inner)
     return path

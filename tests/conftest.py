@@ -14,7 +14,7 @@ import os
 import pytest
 
 from fixture_files import MISSING_FILE_REASON
-from fixture_pretrain import four_devices, pretrain_env  # noqa: F401 (session fixtures of the pre-training runs)
+from fixture_pretrain import pretrain_env  # noqa: F401 (the pre-training runs' dataset, one per session)
 
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 

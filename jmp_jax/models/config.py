@@ -91,4 +91,10 @@ def demo() -> BackboneConfig:
     )
 
 
-NAMED_CONFIGS = {"jmp_s": jmp_s, "jmp_l": jmp_l, "demo": demo}
+def demo_one_block() -> BackboneConfig:
+    """The demo model with one interaction block: the pre-training system tests' model (each of their runs
+    traces, compiles and steps it, and all three grow with depth)."""
+    return dataclasses.replace(demo(), num_blocks=1)
+
+
+NAMED_CONFIGS = {"jmp_s": jmp_s, "jmp_l": jmp_l, "demo": demo, "demo_one_block": demo_one_block}
