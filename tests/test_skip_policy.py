@@ -35,7 +35,7 @@ def test_no_test_skips_for_a_missing_file():
 
 
 def test_a_skip_for_a_missing_file_fails_the_run(tmp_path):
-    for name in ("conftest.py", "fixture_files.py"):
+    for name in ("conftest.py", "fixture_files.py", "fixture_pretrain.py"):  # conftest imports them
         shutil.copy(os.path.join(TESTS, name), tmp_path / name)
     (tmp_path / "test_probe.py").write_text(
         "import pytest\n\n"
