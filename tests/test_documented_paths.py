@@ -185,19 +185,17 @@ def user_inputs(copy: str) -> None:
 
 
 def jmp_data_from_default(copy: str, default_dir: str) -> None:
-    """DATA for the `:jmp` config: the four JMP sources' train/val splits, the first 4 train records of a
-    default-dataset domain each (catalysis stands in for OC20, whose energies are referenced, and OC22;
-    molecules for ANI-1x; reactions for Transition-1x), written with data_prep.records. Val holds the train
-    records: budgets are planned on the train split only, so a val structure bigger than every sampled train
-    structure overflows them (a slab of the default dataset's catalysis val split did, with 4 train records)."""
+    """DATA for the `:jmp` config: the four JMP sources' train/val splits, the first 4 records of a default-
+    dataset domain's split each (catalysis stands in for OC20, whose energies are referenced, and OC22;
+    molecules for ANI-1x; reactions for Transition-1x), written with data_prep.shard_writer."""
     env = user_environment(os.path.dirname(copy), None)
     script = (
         "import sys\nfrom data_prep import shard_writer\nfrom jmp_jax.data import task_data\n"
         "default, out = sys.argv[1:]\n"
         "for name, domain, kind in (('oc20', 'catalysis', 'referenced'), ('oc22', 'catalysis', 'total'),"
         " ('ani1x', 'molecules', 'total'), ('transition1x', 'reactions', 'total')):\n"
-        "    source = task_data.open_source(default, domain, 'train')\n"
         "    for split in ('train', 'val'):\n"
+        "        source = task_data.open_source(default, domain, split)\n"
         "        shard_writer.write_split((source[i] for i in range(min(4, len(source)))), out, name, split, units={},"
         " source_files=[],"
         " energy_kind=kind)\n")

@@ -166,6 +166,29 @@ def test_first_fit_keeps_order_and_simulated_packing_uses_every_structure():
     assert totals[:, 0].sum() == 22 and np.all(totals <= 10) and np.all(chosen == 0)
 
 
+def test_validation_structures_larger_than_any_training_one_fit_the_planned_shapes():
+    """Budgets are planned on the training split; validation batches use the same shapes, so the validation
+    split's most atoms-rich structures join the floor (`also_fit`)."""
+    train = _records(8, 4, ("H2O", "NH3", "CH4"))  # at most 5 atoms
+    val = _records(2, 5, ("trans-butane", "H2O"))  # 14 atoms
+    without = budget_plan.plan_buckets(None, None, 2, seed=0, sample=budget_plan.sample_needs(train, SETTINGS, 0))
+    with_val = budget_plan.plan_buckets(None, None, 2, seed=0,
+                                        sample=budget_plan.sample_needs(train, SETTINGS, 0, also_fit=[val]))
+
+    def first_batch(buckets):
+        pipe = Pipeline([TaskSpec("val", SETTINGS, buckets)], [val], seed=0, temperature=1.0, num_batch_shards=1,
+                        shuffle=False, task_probabilities=np.ones(1))
+        try:
+            return next(pipe)
+        finally:
+            pipe.close()
+
+    with pytest.raises(batching.BudgetOverflowError):
+        first_batch(without)
+    _, batch = first_batch(with_val)
+    assert int(batch.graphs.graph.globals["mask"].sum()) >= 1
+
+
 VARIED_SOURCE = _records(90, 3, VARIED)
 KINDS = ("nodes", "edges", "a2ee2a", "qint", "a2a")
 

@@ -58,19 +58,21 @@ class BudgetSample:
     slot_widths: dict[str, int]  # per-atom edge slots (`EdgeSlots`) that hold every sampled structure
 
 
-def sample_needs(source, settings: GraphSettings, seed: int, edge_dropout: float = 0.0) -> BudgetSample:
+def sample_needs(source, settings: GraphSettings, seed: int, edge_dropout: float = 0.0,
+                 also_fit: Sequence = ()) -> BudgetSample:
     """Needs of BUDGET_SAMPLE random structures built as training builds them (with `edge_dropout`).
 
     The floor comes from structures built without dropout (validation batches have none) and includes
-    the most atoms-rich structures of the source.
+    the most atoms-rich structures of the source and of the sources in `also_fit` (the validation split,
+    which is packed into the same shapes).
     """
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(source), size=min(BUDGET_SAMPLE, len(source)), replace=False)
 
     degrees = []  # of the structures built without dropout: dropout only lowers in-degrees
 
-    def need(i: int, dropout: float) -> np.ndarray:
-        r = source[int(i)]
+    def need(i: int, dropout: float, of=source) -> np.ndarray:
+        r = of[int(i)]
         g = build_structure_graphs(r["atomic_numbers"], r["positions"], r["cell"], None, r["tags"], settings,
                                    fixed=r["fixed"], name=f"record {i}", edge_dropout=dropout,
                                    rng=np.random.default_rng([seed, int(i), 3]) if dropout else None)
@@ -80,7 +82,7 @@ def sample_needs(source, settings: GraphSettings, seed: int, edge_dropout: float
 
     sampled = np.asarray([need(i, edge_dropout) for i in picks], np.float64)
     plain = sampled if not edge_dropout else np.asarray([need(i, 0.0) for i in picks], np.float64)
-    outliers = [need(i, 0.0) for i in largest_structures(source)]
+    outliers = [need(i, 0.0, of) for of in (source, *also_fit) for i in largest_structures(of)]
     floor = np.ceil(np.vstack([plain, *outliers]).max(0) * LARGEST_HEADROOM)
     order = np.concatenate([rng.permutation(len(picks)) for _ in range(PACKING_REPLAYS)])
     widths = slots.planned_widths({name: max(d[name] for d in degrees) for name in slots.SLOTTED_GRAPHS}, settings)

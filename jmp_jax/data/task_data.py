@@ -76,7 +76,11 @@ def load_tasks(config: ml_collections.ConfigDict) -> list[Task]:
             force_std=float(t["force_std"] or stats["forces_std"]),
             energy_coefficient=float(t["energy_coefficient"]), force_coefficient=float(t["force_coefficient"]))
         source = open_source(data_dir, t["source"], config.data.train_split)
-        sample = budget_plan.sample_needs(source, settings, config.seed, config.data.edge_dropout)
+        # Validation packs into the same shapes: its largest structures must fit a batch too.
+        val_split = config.data.get("val_split")
+        val = [open_source(data_dir, t["source"], val_split)] if val_split and os.path.exists(
+            records.metadata_path(data_dir, t["source"], val_split)) else []
+        sample = budget_plan.sample_needs(source, settings, config.seed, config.data.edge_dropout, also_fit=val)
         planned.append((t, settings, linref, norm, len(source), sample))
     samples = [p[-1] for p in planned]
     if mixed:
