@@ -3,7 +3,7 @@ XLA's count of the step's temporary memory and work.
 
   python bench/bench_compile.py                          # JMP-S, molecule batch, unrolled blocks
   python bench/bench_compile.py --scan                   # one scanned interaction block
-  python bench/bench_compile.py --remat block            # with rematerialised blocks
+  python bench/bench_compile.py --remat none             # every block's intermediates kept for the backward pass
   python bench/bench_compile.py --compilation-cache      # as the CLIs run: run it twice, the 2nd reads back
 
 Nothing is executed: the state is abstract (jax.eval_shape), so the numbers are the compile alone. CPU
@@ -26,7 +26,7 @@ from bench.bench_model import alkane, cu_slab, make_batch  # noqa: E402
 from jmp_jax import compilation_cache  # noqa: E402
 from jmp_jax.graph.build import GraphSettings  # noqa: E402
 from jmp_jax.models import config as config_lib  # noqa: E402
-from jmp_jax.models.gemnet import BlockExecution  # noqa: E402
+from jmp_jax.models.gemnet import REMAT_CHOICES, BlockExecution  # noqa: E402
 from jmp_jax.models.jmp import JMPModel, placeholder_batch  # noqa: E402
 from jmp_jax.training import optim  # noqa: E402
 from jmp_jax.data.types import TaskNormalization  # noqa: E402
@@ -67,7 +67,7 @@ def main():
     parser.add_argument("--config", default="jmp_s", choices=sorted(config_lib.NAMED_CONFIGS))
     parser.add_argument("--batches", default="molecules")
     parser.add_argument("--scan", action="store_true", help="one scanned interaction block instead of unrolled ones")
-    parser.add_argument("--remat", default="none", help="model.remat: none | block | a jax.checkpoint_policies name")
+    parser.add_argument("--remat", default="block", choices=REMAT_CHOICES, help="model.remat")
     parser.add_argument("--compilation-cache", action="store_true",
                         help="enable jmp_jax.compilation_cache as the CLIs do (its directory is in the notes)")
     args = parser.parse_args()

@@ -5,7 +5,7 @@ r"""Forward and training-step speed of the full JMP-S model on CPU-sized batches
   python bench/bench_model.py --dtype bfloat16      # bf16 compute (float32 params, bases and sums)
   python bench/bench_model.py --config demo         # the narrow fixture model
   python bench/bench_model.py --scan                # one scanned interaction block (model.scan_blocks)
-  python bench/bench_model.py --remat block         # blocks recomputed in the backward pass (model.remat)
+  python bench/bench_model.py --remat none          # blocks not recomputed in the backward pass (model.remat)
 
 Batches: (a) 8 rattled n-heptane molecules (23 atoms, 8 Å, no PBC) and (b) 4 Cu(111) 4x4x4 slabs
 with a CO or OH adsorbate (12 Å, PBC), built with JMP's pre-training graph settings. The training
@@ -32,7 +32,7 @@ from bench import common  # noqa: E402
 from jmp_jax.graph import batching  # noqa: E402
 from jmp_jax.graph.build import GraphSettings, build_from_atoms  # noqa: E402
 from jmp_jax.models import config as config_lib  # noqa: E402
-from jmp_jax.models.gemnet import BlockExecution  # noqa: E402
+from jmp_jax.models.gemnet import REMAT_CHOICES, BlockExecution  # noqa: E402
 from jmp_jax.models.jmp import JMPModel  # noqa: E402
 from jmp_jax.training import optim  # noqa: E402
 from jmp_jax.data.types import TaskNormalization  # noqa: E402
@@ -147,7 +147,7 @@ def main():
                         help="jax.default_matmul_precision: bfloat16 rounds the operands of the model's matrix "
                              "products to bfloat16 (float32 accumulation); activations stay in --dtype")
     parser.add_argument("--scan", action="store_true", help="one scanned interaction block instead of unrolled ones")
-    parser.add_argument("--remat", default="none", help="model.remat: none | block | a jax.checkpoint_policies name")
+    parser.add_argument("--remat", default="block", choices=REMAT_CHOICES, help="model.remat")
     args = parser.parse_args()
     execution = BlockExecution(scan=args.scan, remat=args.remat)
     backbone = config_lib.NAMED_CONFIGS[args.config]()

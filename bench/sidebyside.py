@@ -115,7 +115,7 @@ def main():
     one.add_argument("--batch", choices=BATCHES, required=True)
     one.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
     one.add_argument("--repeats", type=int, default=3)
-    one.add_argument("--remat", default="none")
+    one.add_argument("--remat", default="block", choices=("none", "block"))
     summary = commands.add_parser("report")
     summary.add_argument("outdir")
     args = parser.parse_args()

@@ -35,6 +35,46 @@ def _conditional_identity(x: jax.Array) -> jax.Array:
     return jax.lax.cond(jnp.isfinite(x.reshape(-1)[0]), lambda y: y, lambda y: y * 1.0, x)
 
 
+def after(tree, signal: jax.Array):
+    """tree, as values that a compiled program can only compute once `signal` exists and cannot merge with
+    the same computation on the original tree.
+
+    A backward pass that recomputes a block from its saved inputs passes them through this with the block's
+    output cotangent as `signal`: XLA CPU expands `optimization_barrier` before its common-subexpression
+    pass, which then merges the recomputation with the forward pass and keeps every intermediate alive
+    (jax.checkpoint gains nothing there: measured). On CPU the floating leaves go through a conditional on
+    `signal`, a boundary XLA keeps; elsewhere through an optimization barrier shared with `signal`. Integer
+    and boolean leaves pass unchanged, and so do leaves that vary over other shard_map axes than `signal`
+    (replicated parameters beside per-shard data): a conditional's outputs vary like its predicate.
+    """
+    if signal.size == 0:
+        return tree
+    probe = signal.reshape(-1)[0]
+    varying = _varying_axes(probe)
+
+    def floating(x):
+        return jnp.issubdtype(x.dtype, jnp.floating) and _varying_axes(x) == varying
+
+    leaves, treedef = jax.tree.flatten(tree)
+    chosen = [x for x in leaves if floating(x)]
+    if not chosen:
+        return tree
+
+    def on_cpu(xs, p):
+        return jax.lax.cond(jnp.isfinite(p), lambda ys: ys, lambda ys: [y * 1.0 for y in ys], xs)
+
+    def elsewhere(xs, p):
+        return jax.lax.optimization_barrier((xs, p))[0]
+
+    chosen = iter(jax.lax.platform_dependent(chosen, probe, cpu=on_cpu, default=elsewhere))
+    return jax.tree.unflatten(treedef, [next(chosen) if floating(x) else x for x in leaves])
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    """The shard_map axes x varies over (empty outside shard_map)."""
+    return frozenset(jax.typeof(x).manual_axis_type.varying)
+
+
 @jax.custom_vjp
 def materialize(x: jax.Array) -> jax.Array:
     """Identity whose value and cotangent each go through `fusion_barrier`."""
@@ -137,7 +177,7 @@ def vary_alike(*xs: jax.Array) -> list[jax.Array]:
     per-shard features has a per-shard cotangent, so the kernel enters as varying and jax's derivative
     of that cast sums the cotangent over the shards.
     """
-    axes = [jax.typeof(x).manual_axis_type.varying for x in xs]
+    axes = [_varying_axes(x) for x in xs]
     union = frozenset().union(*axes)
     return [jax.lax.pcast(x, tuple(sorted(union - a)), to="varying") if union - a else x for x, a in zip(xs, axes)]
 

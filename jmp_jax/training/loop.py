@@ -65,7 +65,7 @@ def backbone_config(name: str) -> config_lib.BackboneConfig:
 def block_execution(config: ml_collections.ConfigDict) -> BlockExecution:
     """How the backbone runs its blocks: `config.model.scan_blocks` and `config.model.remat` (defaults
     where a config predates them)."""
-    return BlockExecution(scan=config.model.get("scan_blocks", False), remat=config.model.get("remat", "none"))
+    return BlockExecution(scan=config.model.get("scan_blocks", False), remat=config.model.get("remat", "block"))
 
 
 def run_metadata(config: ml_collections.ConfigDict, tasks: list[task_data.Task] | None = None) -> dict:
