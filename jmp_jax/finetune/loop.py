@@ -38,7 +38,8 @@ from jmp_jax.finetune.model import FinetuneModel, HeadSpec, backbone_for, predic
 from jmp_jax.training import checkpointing, sharding
 from jmp_jax.training.loop import backbone_config, block_execution
 from jmp_jax.training.metrics_log import MetricsLog
-from jmp_jax.training.state import TrainState, init_train_state, init_variables, mean_over_shards, update_step
+from jmp_jax.training.state import (SplitStep, TrainState, apply_gradient, init_train_state, init_variables,
+                                   loss_and_gradient, mean_over_shards, run_step)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -93,16 +94,25 @@ def _shard_weights(real: jax.Array) -> jax.Array:
     return real * (real.shape[0] / jnp.maximum(real.sum(), 1.0))
 
 
+def train_loss_and_gradient(params, constants, batch: LabeledBatch, real: jax.Array, key: jax.Array, *,
+                            model: FinetuneModel, norm: loss_lib.Normalization, mesh: Mesh | None = None):
+    """(loss, aux, gradient) of a stack of batch shards (`batch`, `real` with a leading shard axis): the half
+    of a step compiled per batch shape (`state.SplitStep`). key: the step's dropout key (shard s uses
+    fold_in(key, s))."""
+    keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(real.shape[0]))
+    fn = functools.partial(shard_loss, model=model, norm=norm, train=True)
+    return loss_and_gradient(params, constants, (batch, real, _shard_weights(real), keys), shard_loss=fn,
+                             mesh=mesh)
+
+
 def train_step(state: TrainState, batch: LabeledBatch, real: jax.Array, key: jax.Array, lr_scale: jax.Array, *,
                model: FinetuneModel, tx: optax.GradientTransformation, norm: loss_lib.Normalization,
                mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One update on a stack of batch shards (`batch`, `real` with a leading shard axis); a non-finite loss
-    or gradient leaves the state unchanged. key: the step's dropout key (shard s uses fold_in(key, s));
-    lr_scale: ReduceLROnPlateau's factor on every group's rate."""
-    keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.arange(real.shape[0]))
-    fn = functools.partial(shard_loss, model=model, norm=norm, train=True)
-    return update_step(state, (batch, real, _shard_weights(real), keys), shard_loss=fn, tx=tx, lr_scale=lr_scale,
-                       mesh=mesh)
+    """One update as one function (the loop runs its halves as a `SplitStep`); a non-finite loss or gradient
+    leaves the state unchanged. lr_scale: ReduceLROnPlateau's factor on every group's rate."""
+    return run_step(state, (batch, real, key), (lr_scale,),
+                    gradient=functools.partial(train_loss_and_gradient, model=model, norm=norm, mesh=mesh),
+                    update=functools.partial(apply_gradient, tx=tx))
 
 
 def eval_step(params, constants, batch: LabeledBatch, real: jax.Array, *, model: FinetuneModel,
@@ -219,8 +229,11 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, init: str = "scra
     init_state = functools.partial(init_train_state, tx=tx, ema=False)
     state_shardings = sharding.state_shardings(jax.eval_shape(init_state, variables), mesh)
     state = jax.jit(init_state, out_shardings=state_shardings)(variables)
-    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, norm=norm, mesh=mesh),
-                      out_shardings=(state_shardings, None), donate_argnums=0)
+    # train_step's halves as two programs: the update compiles once, not once per batch shape.
+    step_fn = SplitStep(jax.jit(functools.partial(train_loss_and_gradient, model=model, norm=norm, mesh=mesh),
+                                out_shardings=(None, None, state_shardings.params)),
+                        jax.jit(functools.partial(apply_gradient, tx=tx), out_shardings=(state_shardings, None),
+                                donate_argnums=0))
     eval_fn = jax.jit(functools.partial(eval_step, model=model, norm=norm, mesh=mesh))
 
     metric, mode = loss_lib.PRIMARY_METRIC[spec.kind]
@@ -257,7 +270,7 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, init: str = "scra
                     save(force=True)
                 key = jax.random.fold_in(jax.random.fold_in(rng, epoch), p.batch)
                 state, m = step_fn(state, *sharding.global_batch((batch, real), mesh), key,
-                                   jnp.float32(p.plateau.scale))
+                                   update_inputs=(jnp.float32(p.plateau.scale),))
                 losses.append(m["loss"])
                 p.position, p.batch, p.iteration = end, p.batch + 1, p.iteration + 1
             step = int(state.step)

@@ -24,8 +24,8 @@ from jmp_jax.models.gemnet import BlockExecution
 from jmp_jax.models.jmp import JMPModel
 from jmp_jax.training import checkpointing, distributed, optim, sharding
 from jmp_jax.training.metrics_log import MetricsLog
-from jmp_jax.training.state import TrainState, init_train_state, init_variables
-from jmp_jax.training.train_step import eval_step, train_step
+from jmp_jax.training.state import SplitStep, TrainState, init_train_state, init_variables
+from jmp_jax.training.train_step import eval_step, train_loss_and_gradient, train_update
 
 
 class NonFiniteLossError(RuntimeError):
@@ -153,12 +153,19 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         """One task's scales, or every task's for mixed-task batches (task None)."""
         return tasks[task].normalization if task is not None else tuple(t.normalization for t in tasks)
 
+    replicated = sharding.replicated(mesh)
+    update = jax.jit(functools.partial(train_update, tx=tx, schedule=schedule, ema_decay=config.train.ema_decay),
+                     in_shardings=(state_shardings, replicated, state_shardings.params),
+                     out_shardings=(state_shardings, replicated), donate_argnums=0)
+
     def step_fn(task: int | None):
         if task not in steps:
-            fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule, task=task,
-                                   norm=norm_of(task), ema_decay=config.train.ema_decay, mesh=mesh)
-            steps[task] = jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
-                                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+            gradient = functools.partial(train_loss_and_gradient, model=model, task=task, norm=norm_of(task),
+                                         mesh=mesh)
+            steps[task] = SplitStep(jax.jit(gradient, in_shardings=(state_shardings.params,
+                                                                    state_shardings.constants, batch_sharding),
+                                            out_shardings=(replicated, replicated, state_shardings.params)),
+                                    update)
         return steps[task]
 
     def eval_fn(task: int | None):

@@ -2,8 +2,8 @@
 averaged over batch shards on the device mesh, and the guarded update (a non-finite step is skipped).
 
 A run supplies its per-shard loss (`shard_loss(params, constants, shard) -> (loss, aux)`) and optimiser;
-`update_step` does the rest. Pre-training's loss is `train_step.shard_loss_and_errors`, fine-tuning's
-`finetune.loop.shard_loss`.
+`loss_and_gradient`, `apply_gradient` and `run_step` do the rest. Pre-training's loss is
+`train_step.shard_loss_and_errors`, fine-tuning's `finetune.loop.shard_loss`.
 """
 from __future__ import annotations
 
@@ -108,14 +108,46 @@ def guarded_update(state: TrainState, loss: jax.Array, grads: Any, tx: optax.Gra
     return new_state, grad_norm, finite
 
 
-def update_step(state: TrainState, shards: Any, *, shard_loss: Callable, tx: optax.GradientTransformation,
-                ema_decay: float | None = None, lr_scale: jax.Array | None = None,
-                mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step on a stack of batch shards: loss, gradient, guarded update.
-
-    Metrics: loss, grad_norm, finite and the shards' aux values (`mean_over_shards`).
-    """
+def loss_and_gradient(params, constants, shards: Any, *, shard_loss: Callable,
+                      mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """(loss, aux, gradient w.r.t. params) of a stack of batch shards (`mean_over_shards`): the part of a
+    step that depends on the batch shape."""
     (loss, aux), grads = jax.value_and_grad(
-        lambda p: mean_over_shards(shard_loss, p, state.constants, shards, mesh), has_aux=True)(state.params)
+        lambda p: mean_over_shards(shard_loss, p, constants, shards, mesh), has_aux=True)(params)
+    return loss, aux, grads
+
+
+def apply_gradient(state: TrainState, loss: jax.Array, grads: Any, lr_scale: jax.Array | None = None, *,
+                   tx: optax.GradientTransformation, ema_decay: float | None = None
+                   ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The guarded update (`guarded_update`) with metrics loss, grad_norm and finite: the part of a step
+    whose shapes never change."""
     new_state, grad_norm, finite = guarded_update(state, loss, grads, tx, ema_decay=ema_decay, lr_scale=lr_scale)
-    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+
+def run_step(state: TrainState, inputs: tuple, update_inputs: tuple = (), *, gradient: Callable,
+             update: Callable) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step from its two halves: `gradient(params, constants, *inputs) -> (loss, aux, grads)`
+    (e.g. `loss_and_gradient`), then `update(state, loss, grads, *update_inputs) -> (state, metrics)` (e.g.
+    `apply_gradient`). Metrics: the update's and the shards' aux values.
+
+    Traced whole inside one jit, or called with separately jitted halves (`SplitStep`, as the loops do).
+    """
+    loss, aux, grads = gradient(state.params, state.constants, *inputs)
+    new_state, metrics = update(state, loss, grads, *update_inputs)
+    return new_state, {**metrics, **aux}
+
+
+class SplitStep:
+    """A training step run as two compiled programs (`run_step`): the gradient, compiled once per batch
+    shape, and the update, compiled once per run. One program per shape would compile the optimiser
+    (hundreds of parameter leaves: AdamW, clipping, EMA, guards) again for every shape: about 40% of a
+    JMP-S step's compile (BENCHMARKS.md).
+    """
+
+    def __init__(self, gradient: Callable, update: Callable):
+        self.gradient, self.update = gradient, update
+
+    def __call__(self, state: TrainState, *inputs, update_inputs: tuple = ()):
+        return run_step(state, inputs, update_inputs, gradient=self.gradient, update=self.update)

@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from jmp_jax.data.types import LabeledBatch, TaskNormalization
 from jmp_jax.training import loss as loss_lib
-from jmp_jax.training.state import TrainState, mean_over_shards, update_step
+from jmp_jax.training.state import TrainState, apply_gradient, loss_and_gradient, mean_over_shards, run_step
 
 
 def shard_loss_and_errors(params, constants, batch: LabeledBatch, *, model: nn.Module, task: int | None,
@@ -49,19 +49,35 @@ def shard_loss_and_errors(params, constants, batch: LabeledBatch, *, model: nn.M
     return total, {**parts, **errors, **per_task}
 
 
+def train_loss_and_gradient(params, constants, batch: LabeledBatch, *, model: nn.Module, task: int | None,
+                            norm: TaskNormalization | tuple[TaskNormalization, ...], mesh: Mesh | None = None):
+    """(loss, aux, gradient) of a training batch: the half of `train_step` compiled per batch shape.
+
+    task / norm: one task's batches, or None / every task's scales for mixed-task batches
+    (`shard_loss_and_errors`). `batch` has a leading shard axis split over `mesh` (default: every device
+    on the data axis).
+    """
+    fn = functools.partial(shard_loss_and_errors, model=model, task=task, norm=norm, training=True)
+    return loss_and_gradient(params, constants, batch, shard_loss=fn, mesh=mesh)
+
+
+def train_update(state: TrainState, loss: jax.Array, grads, *, tx: optax.GradientTransformation,
+                 schedule: optax.Schedule, ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The guarded optimiser update and EMA, with the step's learning rate: the half of `train_step` that
+    is compiled once per run. A non-finite loss or gradient leaves the state unchanged and is counted."""
+    new_state, metrics = apply_gradient(state, loss, grads, tx=tx, ema_decay=ema_decay)
+    return new_state, {**metrics, "lr": schedule(state.step)}
+
+
 def train_step(state: TrainState, batch: LabeledBatch, *, model: nn.Module, tx: optax.GradientTransformation,
                schedule: optax.Schedule, task: int | None,
                norm: TaskNormalization | tuple[TaskNormalization, ...],
                ema_decay: float, mesh: Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step. A non-finite loss or gradient leaves the state unchanged and is counted.
-
-    task / norm: one task's batches, or None / every task's scales for mixed-task batches
-    (`shard_loss_and_errors`).
-    `batch` has a leading shard axis split over `mesh` (default: every device on the data axis).
-    """
-    fn = functools.partial(shard_loss_and_errors, model=model, task=task, norm=norm, training=True)
-    new_state, metrics = update_step(state, batch, shard_loss=fn, tx=tx, ema_decay=ema_decay, mesh=mesh)
-    return new_state, {**metrics, "lr": schedule(state.step)}
+    """One optimiser step as one function; the training loop runs its two halves (`train_loss_and_gradient`,
+    `train_update`) as separate programs (`state.SplitStep`)."""
+    return run_step(state, (batch,),
+                    gradient=functools.partial(train_loss_and_gradient, model=model, task=task, norm=norm, mesh=mesh),
+                    update=functools.partial(train_update, tx=tx, schedule=schedule, ema_decay=ema_decay))
 
 
 def eval_step(params, constants, batch: LabeledBatch, *, model: nn.Module, task: int | None,
