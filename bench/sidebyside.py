@@ -87,6 +87,8 @@ def report(args) -> None:
     rows = []
     for batch in BATCHES:
         runs = {name: read_run(args.outdir, name, batch) for name, _, _ in RUNS}
+        if not any(runs.values()):
+            continue  # not measured in this run (BATCHES)
         for precision, ref, proj in (("float32", runs["ref_f32"], runs["proj_f32"]),
                                      ("bf16", runs["ref_bf16"], runs["proj_bf16"])):
             compile_s = (f"{proj['forward_compile_s']:.0f} + {proj['gradient_compile_s']:.0f} + "

@@ -2,7 +2,8 @@
 # JMP-S against the PyTorch reference on the same structures, in one run, one process per measurement (so
 # each peak RSS is that batch's own), then the comparison appended to BENCHMARKS.md. From the project root:
 #   REF=<reference build: ../shared/reference/README.md> bench/sidebyside.sh OUTDIR [HARNESS]
-# HARNESS defaults to ../shared/reference. Extra project flags go in PROJECT_FLAGS (e.g. "--remat block").
+# HARNESS defaults to ../shared/reference. Extra project flags go in PROJECT_FLAGS (e.g. "--remat none");
+# BATCHES="slabs" measures one batch only.
 set -uo pipefail
 OUT=${1:?outdir}; HARNESS=$(cd "${2:-../shared/reference}" && pwd); mkdir -p "$OUT"
 PY=${PY:-python}
@@ -14,7 +15,7 @@ reference() { timed "$1" env PYTHONPATH=$REF_PATH "$REF/venv/bin/python" "$HARNE
               --steps 3 --warmup 1 --batches "${@:2}"; }
 project() { timed "$1" env JAX_ENABLE_COMPILATION_CACHE=false "$PY" bench/sidebyside.py step "$OUT/structures.npz" \
             ${PROJECT_FLAGS:-} --batch "${@:2}"; }
-for batch in molecules slabs; do
+for batch in ${BATCHES:-molecules slabs}; do
   reference "ref_f32.$batch" "$batch"
   project "proj_f32.$batch" "$batch" --precision float32
   project "proj_bf16.$batch" "$batch" --precision bfloat16
