@@ -16,15 +16,13 @@ import argparse
 import functools
 import os
 import sys
-import time
-from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.bench_model import alkane, cu_slab, make_batch, step_programs  # noqa: E402
+from bench.bench_model import alkane, cu_slab, make_batch, step_programs, timed  # noqa: E402
 from jmp_jax import compilation_cache  # noqa: E402
 from jmp_jax.graph.build import GraphSettings  # noqa: E402
 from jmp_jax.models import config as config_lib  # noqa: E402
@@ -38,13 +36,6 @@ BATCHES = {
     "slabs": lambda: make_batch([cu_slab("CO" if s % 2 == 0 else "OH", s) for s in range(4)],
                                 GraphSettings.pretrain_periodic()),
 }
-
-
-def timed(stage: Callable[[], object]) -> tuple[object, float, float]:
-    """(result, wall s, CPU s of this process)."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    result = stage()
-    return result, time.perf_counter() - t0, time.process_time() - c0
 
 
 def compile_times(name: str, backbone: config_lib.BackboneConfig, execution: BlockExecution) -> list:

@@ -18,6 +18,7 @@ import functools
 import os
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -94,12 +95,17 @@ def step_programs(model: JMPModel, tx, schedule) -> tuple:
     return gradient, update
 
 
-def timed_compile(lowerable, *args) -> tuple[jax.stages.Compiled, float, float]:
-    """(compiled, wall s, CPU s of this process) of lowering and compiling; CPU time shows the compile's
-    own cost on a machine shared with other work."""
+def timed(stage: Callable[[], object]) -> tuple[object, float, float]:
+    """(stage(), wall s, CPU s of this process); CPU time shows a compile's own cost on a machine shared
+    with other work."""
     t0, c0 = time.perf_counter(), time.process_time()
-    compiled = lowerable.lower(*args).compile()
-    return compiled, time.perf_counter() - t0, time.process_time() - c0
+    result = stage()
+    return result, time.perf_counter() - t0, time.process_time() - c0
+
+
+def timed_compile(lowerable, *args) -> tuple[jax.stages.Compiled, float, float]:
+    """(compiled, wall s, CPU s) of lowering and compiling."""
+    return timed(lambda: lowerable.lower(*args).compile())
 
 
 def bench_batch(name: str, batch: LabeledBatch, backbone: config_lib.BackboneConfig, repeats: int, peak: float,

@@ -19,9 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BATCHES = ("molecules", "slabs")
-# (run name, side, precision): the order sidebyside.sh runs them in.
-RUNS = (("ref_f32", "reference", "float32"), ("proj_f32", "project", "float32"),
-        ("proj_bf16", "project", "bfloat16"), ("ref_bf16", "reference", "bfloat16"))
+RUNS = ("ref_f32", "proj_f32", "proj_bf16", "ref_bf16")  # as sidebyside.sh names them
 
 
 def load_structures(npz, label: str):
@@ -86,7 +84,7 @@ def report(args) -> None:
 
     rows = []
     for batch in BATCHES:
-        runs = {name: read_run(args.outdir, name, batch) for name, _, _ in RUNS}
+        runs = {name: read_run(args.outdir, name, batch) for name in RUNS}
         if not any(runs.values()):
             continue  # not measured in this run (BATCHES)
         for precision, ref, proj in (("float32", runs["ref_f32"], runs["proj_f32"]),

@@ -15,8 +15,8 @@ from jmp_jax.models.gemnet import BlockExecution
 from jmp_jax.models.jmp import JMPModel
 
 
-def _loss(execution: BlockExecution):
-    """(loss(params, positions), params, positions) of the fixture model, with aux outputs and intermediates."""
+def _evaluate(execution: BlockExecution) -> dict[str, np.ndarray]:
+    """Outputs, intermediates and the gradients of sum(E) + sum(F^2), flattened to {name: array}."""
     config, batch = fb.load_config(), fb.load_batch()
     variables = fb.load_variables(np.float32)
     model = JMPModel(config, num_tasks=1, execution=execution)
@@ -29,13 +29,8 @@ def _loss(execution: BlockExecution):
         _, state = model.apply(both, moved, mutable=["intermediates"])
         return jnp.sum(out["energy"]) + jnp.sum(out["forces"] ** 2), (out, state["intermediates"])
 
-    return loss, variables["params"], batch.graph.nodes["positions"]
-
-
-def _evaluate(execution: BlockExecution) -> dict[str, np.ndarray]:
-    """Outputs, intermediates and the gradients of sum(E) + sum(F^2), flattened to {name: array}."""
-    loss, params, positions = _loss(execution)
-    (_, aux), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, positions)
+    (_, aux), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        variables["params"], batch.graph.nodes["positions"])
     tree = {"outputs": aux[0], "intermediates": aux[1], "param_grads": grads[0], "position_grad": grads[1]}
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 

@@ -28,11 +28,14 @@ def fusion_barrier(x: jax.Array) -> jax.Array:
     """
     if x.size == 0:
         return x
-    return jax.lax.platform_dependent(x, cpu=_conditional_identity, default=lambda y: y)
+    return jax.lax.platform_dependent(x, cpu=lambda y: _conditional_identity(y, y.reshape(-1)[0]),
+                                      default=lambda y: y)
 
 
-def _conditional_identity(x: jax.Array) -> jax.Array:
-    return jax.lax.cond(jnp.isfinite(x.reshape(-1)[0]), lambda y: y, lambda y: y * 1.0, x)
+def _conditional_identity(tree, probe: jax.Array):
+    """tree, through a conditional on isfinite(probe) whose branches both return it (written differently, or
+    XLA drops the conditional as trivial)."""
+    return jax.lax.cond(jnp.isfinite(probe), lambda t: t, lambda t: jax.tree.map(lambda y: y * 1.0, t), tree)
 
 
 def after(tree, signal: jax.Array):
@@ -52,22 +55,17 @@ def after(tree, signal: jax.Array):
     probe = signal.reshape(-1)[0]
     varying = _varying_axes(probe)
 
-    def floating(x):
-        return jnp.issubdtype(x.dtype, jnp.floating) and _varying_axes(x) == varying
-
     leaves, treedef = jax.tree.flatten(tree)
-    chosen = [x for x in leaves if floating(x)]
-    if not chosen:
+    tied = [jnp.issubdtype(x.dtype, jnp.floating) and _varying_axes(x) == varying for x in leaves]
+    if not any(tied):
         return tree
-
-    def on_cpu(xs, p):
-        return jax.lax.cond(jnp.isfinite(p), lambda ys: ys, lambda ys: [y * 1.0 for y in ys], xs)
 
     def elsewhere(xs, p):
         return jax.lax.optimization_barrier((xs, p))[0]
 
-    chosen = iter(jax.lax.platform_dependent(chosen, probe, cpu=on_cpu, default=elsewhere))
-    return jax.tree.unflatten(treedef, [next(chosen) if floating(x) else x for x in leaves])
+    chosen = iter(jax.lax.platform_dependent([x for x, t in zip(leaves, tied) if t], probe,
+                                             cpu=_conditional_identity, default=elsewhere))
+    return jax.tree.unflatten(treedef, [next(chosen) if t else x for x, t in zip(leaves, tied)])
 
 
 def _varying_axes(x: jax.Array) -> frozenset:
