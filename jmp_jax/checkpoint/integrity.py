@@ -160,6 +160,9 @@ class SealingCheckpointManager(ocp.CheckpointManager):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # Orbax removes a killed save's temporary folders on a thread that neither close() nor exit joins: a run
+        # failing in set-up (missing data) would exit under it and print its traceback. A listing: wait for it.
+        self._maybe_await_cleanup_tmp_directory()
         self._unsealed: list[int] = []
 
     def save(self, step: int, *args, **kwargs) -> bool:

@@ -55,6 +55,16 @@ def assert_one_skip_line(capsys, step, causes):
     assert "Traceback" not in lines[0] and "tensorstore_spec" not in lines[0] and "damaged_checkpoints" in lines[0]
 
 
+def test_a_killed_saves_temporary_folder_is_removed_before_the_manager_returns(tmp_path):
+    """Synchronously: a run failing in set-up must not exit under orbax's clean-up thread (a traceback on exit)."""
+    save_steps(tmp_path, [1])
+    killed = os.path.join(tmp_path, "checkpoints", "2.orbax-checkpoint-tmp-1234")
+    os.makedirs(os.path.join(killed, "params"))
+    manager = checkpointing.make_manager(str(tmp_path), save_every=1, keep=5)
+    assert not os.path.exists(killed)
+    assert manager.all_steps() == [1]
+
+
 def test_every_saved_step_gets_a_manifest_of_its_files(tmp_path):
     manager = save_steps(tmp_path, [1, 2])
     for step in (1, 2):
