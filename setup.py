@@ -18,6 +18,9 @@ INSTALL_REQUIRES = [
     "tensorflow-cpu==2.21.0",
     "tensorflow-datasets==4.9.10",
     "tensorboard==2.21.0",
+    # jmp_jax.data.example_proto builds the record messages with it. Below the newest (7.x) because every Apache
+    # Beam release needs protobuf < 7 (the beam extra); tensorflow 2.21 accepts >= 6.31.1.
+    "protobuf==6.33.6",
     "h5py==3.14.0",
     "qm9pack==1.0.3",
     "tblite==0.8.0",
@@ -26,12 +29,10 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 
-# Apache Beam for the distributed data_prep build (data_prep/beam_build.py). Every Beam release needs
-# protobuf < 7 (2.77 also pyarrow < 26, pillow < 13, python-dateutil < 3), so with it these resolve below the
-# newest versions a plain install picks (protobuf 7.36.2, pyarrow 26.0.1, pillow 13.0.0, python-dateutil
-# 4.0.0); tensorflow 2.21 accepts protobuf >= 6.31.1. Pinned to the set that pip resolves with the pins above.
-BEAM = ["apache-beam==2.77.0", "protobuf==6.33.6", "pyarrow==25.0.1", "pillow==12.3.0",
-        "python-dateutil==2.9.0.post0"]
+# Apache Beam for the distributed data_prep build (data_prep/beam_build.py). Beam 2.77 needs pyarrow < 26,
+# pillow < 13 and python-dateutil < 3, so with it these resolve below the newest versions a plain install picks
+# (pyarrow 26.0.1, pillow 13.0.0, python-dateutil 4.0.0). Pinned to the set that pip resolves with the pins above.
+BEAM = ["apache-beam==2.77.0", "pyarrow==25.0.1", "pillow==12.3.0", "python-dateutil==2.9.0.post0"]
 
 setup(
     name="jmp_jax",

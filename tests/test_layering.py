@@ -3,6 +3,10 @@ finetune -> the user API -> the tools (configs, data_prep, experiments). Parsed 
 upward import fails here rather than in a later refactor."""
 import ast
 import os
+import subprocess
+import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,3 +84,14 @@ def test_the_checker_sees_a_lazy_upward_import(tmp_path):
     path = tmp_path / "probe.py"
     path.write_text("def f():\n    from jmp_jax.training import loop\n")
     assert [unit_of(t) for _, t in imported_modules(str(path), "jmp_jax.graph.probe")] == ["jmp_jax.training"]
+
+
+@pytest.mark.parametrize("entry", ["experiments.pretrain", "experiments.finetune", "jmp_jax.ase_calculator"])
+def test_training_and_inference_entry_points_import_neither_tensorflow_nor_torch(entry):
+    """Both are installed here (tf.data readers, data_prep, the torch cross-checks), and each would cost every
+    training process seconds of start-up and hundreds of MB of host memory."""
+    probe = f"import sys, {entry}\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & {{'tensorflow', 'torch'}}))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

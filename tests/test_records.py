@@ -43,6 +43,21 @@ def test_float64_energy_and_targets_round_trip_exactly(tmp_path):
     assert parsed[0]["positions"].shape == (3, 3) and parsed[0]["cell"].shape == (3, 3)
 
 
+def test_records_are_tensorflows_example_bytes_both_ways():
+    """jmp_jax.data.example_proto stands in for tf.train.Example: the same bytes out, TensorFlow's bytes in."""
+    import tensorflow as tf
+    record = _molecule(0, targets={"U_0": -3.5})
+    record["cell"] = np.eye(3) * 7.0
+    ours = records.encode_example(record)
+    feature = tf.train.Example.FromString(ours).features.feature
+    assert feature["natoms"].int64_list.value == [3] and list(feature["pbc"].int64_list.value) == [0, 0, 0]
+    theirs = tf.train.Example(features=tf.train.Features(feature=dict(feature))).SerializeToString(deterministic=True)
+    assert ours == theirs
+    back = records.decode_example(theirs)
+    assert back["targets"] == {"U_0": -3.5} and back["source_id"] == "mol0" and back["energy"] == record["energy"]
+    np.testing.assert_array_equal(back["cell"], record["cell"])
+
+
 def test_nan_and_empty_records_are_skipped_and_counted(tmp_path):
     bad_pos = _molecule(1)
     bad_pos["positions"][0, 1] = np.nan

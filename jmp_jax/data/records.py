@@ -5,7 +5,8 @@ A record in Python is a dict of numpy arrays (N atoms):
   pbc (3,) bool, tags (N,) int64, fixed (N,) bool, source_id str,
   optional energy float [eV], forces (N, 3) [eV/Å], targets {name: float}.
 
-On disk each record is a tf.train.Example with the features listed in `FEATURE_DOC`.
+On disk each record is a tf.train.Example (written and read with `example_proto`, no TensorFlow import) with
+the features listed in `FEATURE_DOC`.
 Energies and scalar targets are stored as the 8 little-endian bytes of a float64 so that
 total energies of large systems (~1e4 eV) keep full precision; decode them with
 tf.io.decode_raw(x, tf.float64) or numpy.frombuffer(x, "<f8").
@@ -20,11 +21,15 @@ import glob
 import json
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
 
+from jmp_jax.data import example_proto
 from jmp_jax.graph.validate import MAX_ABS_COORDINATE
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 METADATA_SUFFIX = ".metadata.json"
 
@@ -122,16 +127,16 @@ def skip_reason(record: dict) -> str | None:
     return None
 
 
-def _int64(values) -> tf.train.Feature:
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=np.asarray(values, np.int64).reshape(-1)))
+def _int64(values) -> example_proto.Feature:
+    return example_proto.Feature(int64_list=example_proto.Int64List(value=np.asarray(values, np.int64).reshape(-1)))
 
 
-def _float(values) -> tf.train.Feature:
-    return tf.train.Feature(float_list=tf.train.FloatList(value=np.asarray(values, np.float32).reshape(-1)))
+def _float(values) -> example_proto.Feature:
+    return example_proto.Feature(float_list=example_proto.FloatList(value=np.asarray(values, np.float32).reshape(-1)))
 
 
-def _bytes(value: bytes) -> tf.train.Feature:
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+def _bytes(value: bytes) -> example_proto.Feature:
+    return example_proto.Feature(bytes_list=example_proto.BytesList(value=[value]))
 
 
 def float64_bytes(value: float) -> bytes:
@@ -160,13 +165,14 @@ def encode_example(record: dict) -> bytes:
             raise RecordError(f"record {record['source_id']!r}: target name {name!r} clashes with a feature")
         features[name] = _bytes(float64_bytes(value))
     # Deterministic: the feature map is otherwise serialised in a per-process hash order.
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
+    return example_proto.Example(features=example_proto.Features(feature=features)).SerializeToString(
+        deterministic=True)
 
 
 def decode_example(serialized: bytes) -> dict:
     """Serialized tf.train.Example -> record dict (numpy). Every feature outside the fixed
     schema is a float64 scalar target."""
-    feature = tf.train.Example.FromString(serialized).features.feature
+    feature = example_proto.Example.FromString(serialized).features.feature
     record = {
         "atomic_numbers": np.asarray(feature["atomic_numbers"].int64_list.value, np.int64),
         "positions": np.asarray(feature["positions"].float_list.value, np.float64).reshape(-1, 3),
@@ -186,7 +192,7 @@ def decode_example(serialized: bytes) -> dict:
     return record
 
 
-def _decode_float64(feature: tf.train.Feature) -> float:
+def _decode_float64(feature: example_proto.Feature) -> float:
     return float(np.frombuffer(feature.bytes_list.value[0], FLOAT64_LE)[0])
 
 
@@ -233,6 +239,7 @@ def _serialized_batches(output_dir: str, source: str, split: str, batch_size: in
     """(<= batch_size,) arrays of serialized examples, shard by shard; batching keeps the
     per-record Python overhead low while each shard is still read on its own, so that a
     checksum failure can be reported with the shard's file name."""
+    import tensorflow as tf  # tf.data's reader checks each record's CRC; training reads through record indexes
     paths, meta = split_shards(output_dir, source, split)
     found = 0
     for path in paths:
@@ -255,6 +262,7 @@ def iterate_records(output_dir: str, source: str, split: str) -> Iterator[dict]:
 
 def feature_spec(meta: dict) -> dict:
     """tf.io parse spec for a split described by its metadata."""
+    import tensorflow as tf
     spec = {
         "atomic_numbers": tf.io.RaggedFeature(tf.int64),
         "positions": tf.io.RaggedFeature(tf.float32),
@@ -279,6 +287,7 @@ def read_split(output_dir: str, source: str, split: str) -> tf.data.Dataset:
 
     Shards are read one by one so that a corrupt one raises CorruptShardError naming it.
     """
+    import tensorflow as tf
     meta = load_metadata(output_dir, source, split)
     spec = feature_spec(meta)
     float64_names = [name for name in ("energy", *meta["target_names"]) if name in spec]

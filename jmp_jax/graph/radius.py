@@ -7,8 +7,26 @@ Edges are ordered by (target, source, cell offset lexicographic), which is the o
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
-import vesin
+
+
+def _import_vesin():
+    """vesin, imported without torch: vesin imports an installed torch only to accept torch tensors (we pass
+    numpy), and that costs every process ~2 s and ~300 MB. torch stays importable afterwards."""
+    if "torch" in sys.modules:
+        import vesin
+        return vesin
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError inside vesin's import
+    try:
+        import vesin
+    finally:
+        del sys.modules["torch"]
+    return vesin
+
+
+vesin = _import_vesin()
 
 # JMP drops pairs with d^2 <= 1e-4 (an atom and its own zero-offset copy, or overlapping atoms).
 MIN_DISTANCE_SQ = 1e-4
