@@ -85,11 +85,11 @@ def make_batch(structures, settings: GraphSettings) -> LabeledBatch:
     return jax.tree.map(lambda x: np.asarray(x)[None], one)  # one batch shard
 
 
-def step_programs(model: JMPModel, tx, schedule) -> tuple:
+def step_programs(model: JMPModel, tx, schedule, task: int = 0,
+                  norm: TaskNormalization = TaskNormalization(1.0, 1.0, 1.0, 10.0)) -> tuple:
     """The pre-training step's two jitted halves as the training loop runs them (`state.SplitStep`): the
     gradient, compiled per batch shape, and the update (state donated), compiled once."""
-    gradient = jax.jit(functools.partial(train_loss_and_gradient, model=model, task=0,
-                                         norm=TaskNormalization(1.0, 1.0, 1.0, 10.0)))
+    gradient = jax.jit(functools.partial(train_loss_and_gradient, model=model, task=task, norm=norm))
     update = jax.jit(functools.partial(train_update, tx=tx, schedule=schedule, ema_decay=0.99),
                      donate_argnums=0)
     return gradient, update
