@@ -32,7 +32,7 @@ import sys
 
 from jmp_jax import cli
 
-cli.quiet_startup()  # before TensorFlow loads (jmp_jax.data.records)
+cli.quiet_startup()  # before TensorFlow loads (data_prep.shard_writer)
 
 from data_prep import shard_writer  # noqa: E402
 from jmp_jax.data import records as records_lib  # noqa: E402

@@ -42,7 +42,7 @@ def _row_step(line: str) -> int | None:
 class EventFile:
     """One TensorBoard event file of scalars, written with the tensorboard package's protos and record framing.
 
-    Not tf.summary: that would import TensorFlow into every training process (about 10 s and 0.9 GB of host
+    Not tf.summary: that would import TensorFlow into every training process (seconds and ~0.8 GB of host
     memory, for a few scalars per logged step).
     """
 
