@@ -221,9 +221,14 @@ def test_sigkill_of_one_process_then_restart_of_both_matches_uninterrupted_run(p
     assert resumed[0] == resumed[1] >= 4
     losses = step_losses(workdir)
     assert sorted(losses) == sorted(two_processes["losses"])
-    # Compared at 1e-4, not exactly. Runs that resumed from step 4 matched bit for bit. Twice (a local suite run
-    # and CI) the kill came after the last checkpoint (resumed from step 8), and the killed run's own step 8
-    # was 1.9e-5 relative from the uninterrupted run's, the same value both times: two multi-process runs can
-    # differ without a restart. Not yet explained (issue #11 note).
+    # The steps the restarted processes computed (after the checkpoint they resumed from) are the uninterrupted
+    # run's exactly (by hand, 2026-12-01: two fresh 2-process runs and a killed one resumed from step 4 gave the
+    # same 8 losses bit for bit). The killed run's own steps are compared at 1e-4: twice (a local suite run and
+    # CI) the kill came after the last checkpoint (resumed from step 8) and the killed run's step 8, computed
+    # before any restart, was 1.9e-5 relative from the uninterrupted run's, the same value both times. Not yet
+    # explained (issue #11 note).
     for step, loss in two_processes["losses"].items():
-        np.testing.assert_allclose(losses[step], loss, rtol=1e-4, err_msg=f"step {step}, resumed from {resumed}")
+        if step > resumed[0]:
+            assert losses[step] == loss, f"step {step}, resumed from {resumed}: {losses[step]!r} != {loss!r}"
+        else:
+            np.testing.assert_allclose(losses[step], loss, rtol=1e-4, err_msg=f"step {step}, resumed from {resumed}")
