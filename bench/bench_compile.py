@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.bench_model import alkane, cu_slab, make_batch, step_programs, timed  # noqa: E402
+from bench.bench_model import (alkane, cu_slab, make_batch, step_programs, timed,  # noqa: E402
+                               timed_update_compile)
 from jmp_jax import compilation_cache  # noqa: E402
 from jmp_jax.graph.build import GraphSettings  # noqa: E402
 from jmp_jax.models import config as config_lib  # noqa: E402
@@ -50,8 +51,7 @@ def compile_times(name: str, backbone: config_lib.BackboneConfig, execution: Blo
     lowered, lower_s, lower_cpu = timed(lambda: gradient.lower(state.params, state.constants, batch))
     compiled, compile_s, compile_cpu = timed(lowered.compile)
     common.stage(f"{name}: lowering and compiling the optimiser update (once per run)")
-    loss, _, grads = jax.eval_shape(gradient, state.params, state.constants, batch)
-    _, update_s, update_cpu = timed(lambda: update.lower(state, loss, grads).compile())
+    _, update_s, update_cpu = timed_update_compile(update, gradient, state, batch)
     # XLA's own accounting: the gradient's temporaries (what remat trades for recomputation) and its work.
     temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
     gflop = compiled.cost_analysis().get("flops", float("nan")) / 1e9

@@ -31,7 +31,7 @@ from ase import Atoms  # noqa: E402
 from ase.build import molecule  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.bench_model import alkane, timed_compile  # noqa: E402
+from bench.bench_model import alkane, timed_compile, timed_update_compile  # noqa: E402
 from configs.finetune import common as finetune_configs  # noqa: E402
 from jmp_jax.data import budget_plan  # noqa: E402
 from jmp_jax.data.pipeline import stack_shards  # noqa: E402
@@ -118,8 +118,8 @@ def bench_task(name: str, size: str, precision: str, steps: int, max_batch_size:
     lr_scale = jnp.float32(1.0)
     common.stage(f"{name}: compiling the step ({structures} structures, {atoms} atoms)")
     gradient_compiled, gradient_s, gradient_cpu_s = timed_compile(gradient, state.params, state.constants, *inputs)
-    loss, _, grads = jax.eval_shape(gradient, state.params, state.constants, *inputs)
-    update_compiled, update_s, update_cpu_s = timed_compile(update, state, loss, grads, lr_scale)
+    update_compiled, update_s, update_cpu_s = timed_update_compile(update, gradient, state, *inputs,
+                                                                   update_inputs=(lr_scale,))
     step = SplitStep(gradient_compiled, update_compiled)
     state, metrics = step(state, *inputs, update_inputs=(lr_scale,))
     jax.block_until_ready(metrics)

@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
-from bench.bench_model import step_programs, timed_compile  # noqa: E402
+from bench.bench_model import step_programs, timed_compile, timed_update_compile  # noqa: E402
 from configs import pretrain_common  # noqa: E402
 from data_prep import default_dataset  # noqa: E402
 from jmp_jax.data import task_data  # noqa: E402
@@ -63,8 +63,7 @@ def main():
                 gradients[shape], seconds, _ = timed_compile(gradient, state.params, state.constants, b)
                 compile_s += seconds
         if t == 0:  # the same program for every task
-            loss, _, grads = jax.eval_shape(gradient, state.params, state.constants, batches[0])
-            update_compiled, update_compile_s, _ = timed_compile(update, state, loss, grads)
+            update_compiled, update_compile_s, _ = timed_update_compile(update, gradient, state, batches[0])
 
         def run(state, b):
             return SplitStep(gradients[tuple(x.shape for x in jax.tree.leaves(b))], update_compiled)(state, b)
