@@ -89,6 +89,8 @@ def report(args) -> None:
             continue  # not measured in this run (BATCHES)
         for precision, ref, proj in (("float32", runs["ref_f32"], runs["proj_f32"]),
                                      ("bf16", runs["ref_bf16"], runs["proj_bf16"])):
+            if not (ref or proj):
+                continue  # not measured in this run (PRECISIONS)
             compile_s = (f"{proj['forward_compile_s']:.0f} + {proj['gradient_compile_s']:.0f} + "
                          f"{proj['update_compile_s']:.0f}" if "gradient_compile_s" in proj else "failed")
             rows.append([batch, precision, proj.get("atoms", "?"),

@@ -3,7 +3,7 @@
 # each peak RSS is that batch's own), then the comparison appended to BENCHMARKS.md. From the project root:
 #   REF=<reference build: ../shared/reference/README.md> bench/sidebyside.sh OUTDIR [HARNESS]
 # HARNESS defaults to ../shared/reference. Extra project flags go in PROJECT_FLAGS (e.g. "--remat none");
-# BATCHES="slabs" measures one batch only.
+# BATCHES="slabs" measures one batch only, PRECISIONS="float32" one precision only.
 set -uo pipefail
 OUT=${1:?outdir}; HARNESS=$(cd "${2:-../shared/reference}" && pwd); mkdir -p "$OUT"
 PY=${PY:-python}
@@ -16,9 +16,14 @@ reference() { timed "$1" env PYTHONPATH=$REF_PATH "$REF/venv/bin/python" "$HARNE
 project() { timed "$1" env JAX_ENABLE_COMPILATION_CACHE=false "$PY" bench/sidebyside.py step "$OUT/structures.npz" \
             ${PROJECT_FLAGS:-} --batch "${@:2}"; }
 for batch in ${BATCHES:-molecules slabs}; do
-  reference "ref_f32.$batch" "$batch"
-  project "proj_f32.$batch" "$batch" --precision float32
-  project "proj_bf16.$batch" "$batch" --precision bfloat16
-  reference "ref_bf16.$batch" "$batch" --autocast bfloat16
+  for precision in ${PRECISIONS:-float32 bf16}; do
+    case $precision in
+      float32) reference "ref_f32.$batch" "$batch"
+               project "proj_f32.$batch" "$batch" --precision float32 ;;
+      bf16)    project "proj_bf16.$batch" "$batch" --precision bfloat16
+               reference "ref_bf16.$batch" "$batch" --autocast bfloat16 ;;
+      *)       echo "unknown precision $precision (float32, bf16)"; exit 1 ;;
+    esac
+  done
 done
 "$PY" bench/sidebyside.py report "$OUT"

@@ -1,27 +1,59 @@
 """Test utility: `python -m experiments.pretrain` on the tiny `:test` config as a real subprocess (as a user
-runs it), and the session's dataset for such runs (`pretrain_env`, registered in conftest.py).
+runs it), the dataset for such runs (`pretrain_env`) and one uninterrupted run (`finished_pretrain_run`),
+each made once for the whole test run (registered in conftest.py).
 """
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def once_per_test_run(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder `name`, filled by `make(folder)` once for the whole test run: the pytest-xdist workers (one
+    session each) share it, the first to ask makes it and the others wait for it on a file lock. A folder
+    that `make` failed to finish is made again by the next to ask."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # parent: this run's, all workers'
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def pretrain_env(tmp_path_factory):
-    """One small default dataset for every pre-training run of the session."""
+    """One small default dataset for every pre-training run, and this session's folder for their workdirs."""
     pytest.importorskip("tblite")
     from data_prep import default_dataset
-    root = tmp_path_factory.mktemp("pretrain")
-    data = root / "data"
-    default_dataset.build_default_dataset(str(data), sizes={"catalysis": 24, "molecules": 24, "reactions": 16},
-                                          progress=False)
-    return {"root": root, "data": str(data), "environ": subprocess_environ()}
+    data = once_per_test_run(tmp_path_factory, "pretrain_data", lambda folder: default_dataset.build_default_dataset(
+        str(folder), sizes={"catalysis": 24, "molecules": 24, "reactions": 16}, progress=False))
+    return {"root": tmp_path_factory.mktemp("pretrain"), "data": str(data), "environ": subprocess_environ()}
+
+
+@pytest.fixture(scope="session")
+def finished_pretrain_run(pretrain_env, tmp_path_factory):
+    """The uninterrupted `:test` run, the reference of the system and resume tests: its workdir (to copy, never
+    to change), stdout and losses."""
+    def train(workdir):
+        done = run(pretrain_env, workdir)
+        (workdir.parent / f"{workdir.name}.stdout").write_text(done.stdout)
+
+    workdir = once_per_test_run(tmp_path_factory, "finished_pretrain_run", train)
+    return {"workdir": workdir, "stdout": (workdir.parent / f"{workdir.name}.stdout").read_text(),
+            "losses": step_losses(workdir)}
 
 
 def subprocess_environ() -> dict[str, str]:

@@ -46,6 +46,10 @@ def unrolled():
 
 
 def _assert_same(got: dict, want: dict, rtol: float) -> None:
+    """Equal up to the order of float32 sums, which XLA's code generator picks per program. With the suite's
+    (conftest.py: the legacy fusion generator) the scanned and recomputed programs differ from the unrolled one
+    by up to 1.1e-4 of a leaf's largest value (measured, the second-order position gradient; within 1e-6 and
+    1e-5 with the default generator); a wrong or missing block differs by O(1)."""
     assert got.keys() == want.keys()
     for name, expected in want.items():
         scale = float(np.max(np.abs(expected))) if expected.size else 0.0
@@ -55,13 +59,13 @@ def _assert_same(got: dict, want: dict, rtol: float) -> None:
 def test_scanned_blocks_equal_unrolled_blocks(unrolled):
     scanned = _evaluate(BlockExecution(scan=True, remat="none"))
     assert "['intermediates']['backbone']['h_block1'][0]" in scanned
-    _assert_same(scanned, unrolled, rtol=1e-6)
+    _assert_same(scanned, unrolled, rtol=2e-4)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 def test_rematerialised_blocks_equal_unrolled_blocks(unrolled, scan):
     # The backward pass recomputes the blocks; only the order of float32 sums may change.
-    _assert_same(_evaluate(BlockExecution(scan=scan, remat="block")), unrolled, rtol=1e-5)
+    _assert_same(_evaluate(BlockExecution(scan=scan, remat="block")), unrolled, rtol=2e-4)
 
 
 def test_rematerialised_blocks_keep_less_for_the_backward_pass():

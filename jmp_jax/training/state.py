@@ -35,10 +35,11 @@ class TrainState:
 def init_variables(model: nn.Module, seed: int, scale_factors: str, backbone_name: str) -> dict:
     """Random variables of `model`; scale factors JMP fitted for this size ("fitted") or all 1 ("none").
 
-    Initialised eagerly on a tiny all-padding batch: parameter shapes do not depend on the batch, and
-    compiling the whole init is slower than running it op by op.
+    Initialised op by op, not compiled (compiling the whole init is slower), and lazily: the batch is given as
+    shapes only, so the forward pass is traced but not run (parameter shapes do not depend on its values).
     """
-    variables = dict(model.init(jax.random.key(seed), placeholder_batch()))
+    batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), placeholder_batch())
+    variables = dict(model.lazy_init(jax.random.key(seed), batch_shapes))
     if scale_factors == "fitted":
         variables["constants"] = fitted_constants(backbone_name, variables["constants"],
                                                   direct_forces=model.config.direct_forces)

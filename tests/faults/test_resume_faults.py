@@ -1,5 +1,5 @@
 """Resuming `python -m experiments.pretrain` after faults: a damaged newest checkpoint, a deleted item,
-another model config, SIGTERM, SIGKILL during a checkpoint save.
+another model config, SIGTERM, SIGKILL during a checkpoint save; and that a fresh run repeats its losses.
 
 Reuses the pre-training system tests' tiny dataset, `:test` config and persistent XLA cache; every run is a
 subprocess, as a user runs it, and the resumed runs must reproduce an uninterrupted run's losses exactly.
@@ -27,10 +27,9 @@ def env(pretrain_env):
 
 
 @pytest.fixture(scope="module")
-def finished(env):
-    workdir = env["root"] / "finished"
-    run(env, workdir)
-    return {"workdir": workdir, "losses": step_losses(workdir)}
+def finished(finished_pretrain_run):
+    """The uninterrupted run (shared with the system tests)."""
+    return finished_pretrain_run
 
 
 def copy_of(env, finished, name):
@@ -115,7 +114,7 @@ def terminated(env):
     proc.send_signal(signal.SIGTERM)
     stderr = proc.stderr.read()
     proc.wait(timeout=600)
-    return {"workdir": workdir, "returncode": proc.returncode, "stderr": stderr}
+    return {"workdir": workdir, "returncode": proc.returncode, "stderr": stderr, "losses": step_losses(workdir)}
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +141,13 @@ def test_sigterm_saves_the_current_step_and_exits(terminated, killed_in_save):
     step = int(lines[-1].split("after step ")[1].split(";")[0])
     assert step >= 2 and integrity.verify(str(terminated["workdir"] / "checkpoints" / str(step)))
     assert killed_in_save["first_resume"] == step  # the rerun starts where SIGTERM stopped
+
+
+def test_same_seed_gives_same_losses(finished, terminated):
+    """A fresh run of the same config computes the uninterrupted run's losses bit for bit."""
+    assert len(terminated["losses"]) >= 2
+    for step, loss in terminated["losses"].items():
+        assert loss == finished["losses"][step], step
 
 
 def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(finished, terminated, killed_in_save):
