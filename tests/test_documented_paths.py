@@ -43,6 +43,7 @@ TINY_PRETRAIN = ("--config.train.num_steps=2 --config.train.warmup_steps=1 --con
                  "--config.data.structures_per_batch=2 --config.model.backbone=demo "
                  "--config.model.scale_factors=none --config.data.default_dataset_size=small")
 TINY_FLAGS = {
+    "python -m experiments.pretrain --config=configs/jmp_s.py:test": "",  # the system tests' config: tiny already
     "python -m experiments.pretrain": TINY_PRETRAIN,
     "python -m experiments.finetune": "--config.train.max_epochs=1 --config.model.backbone=demo "
                                       "--config.model.scale_factors=none "
@@ -287,8 +288,8 @@ def test_readme_conversion_pretraining_and_data_commands(readme_run):
 
 def test_readme_two_process_launch(readme_run):
     out = output_of(readme_run, "for i in 0 1; do JAX_PLATFORMS=cpu")
-    assert out.count("finished at step 2") == 2, out[-3000:]
-    assert os.path.isdir(os.path.join(readme_run[0], "workdir", "two_processes", "checkpoints", "2"))
+    assert out.count("finished at step 8") == 2, out[-3000:]  # the `:test` config's 8 steps
+    assert os.path.isdir(os.path.join(readme_run[0], "workdir", "two_processes", "checkpoints", "8"))
 
 
 def test_readme_finetune_evaluate_and_embeddings(readme_run):
