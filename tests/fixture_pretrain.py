@@ -56,6 +56,13 @@ def finished_pretrain_run(pretrain_env, tmp_path_factory):
             "losses": step_losses(workdir)}
 
 
+def copy_of_finished(env, finished, name: str) -> Path:
+    """A copy of the finished run's workdir, `name` in this session's folder, for a test that changes it."""
+    workdir = env["root"] / name
+    shutil.copytree(finished["workdir"], workdir)
+    return workdir
+
+
 def subprocess_environ() -> dict[str, str]:
     """The environment of the runs: CPU, and the suite's shared XLA cache (set in conftest)."""
     return dict(os.environ, JAX_PLATFORMS="cpu")

@@ -2,7 +2,7 @@
 of README.md and each notebook in notebooks/, installed the way they say.
 
 Clean copy: this checkout's tracked files (their working-tree contents) committed to a fresh git repository;
-no untracked or ignored file comes along (no .venv, no workdir/, nothing beside it such as ../shared).
+no untracked or ignored file comes along (no .venv, no workdir/, nothing beside the checkout).
 Install: the README's `python3 -m venv .venv && . .venv/bin/activate && pip install -e .` and the notebooks'
 own `pip install "jmp_jax @ git+REPO_URL"` cell, as written. So that nothing is downloaded, pip runs with
 PIP_NO_INDEX=1 and PIP_NO_BUILD_ISOLATION=0 (setuptools from the environment), and each new venv sees this

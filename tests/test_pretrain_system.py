@@ -14,7 +14,6 @@ count), and a run that loses one process to SIGKILL and is restarted matches it 
 """
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import sys
 import numpy as np
 import pytest
 
-from fixture_pretrain import REPO, command, device_environ, run, step_losses, wait_for_checkpoint
+from fixture_pretrain import REPO, command, copy_of_finished, device_environ, run, step_losses, wait_for_checkpoint
 
 pytest.importorskip("tblite")
 
@@ -70,9 +69,7 @@ def test_training_lowers_every_task_loss_and_writes_outputs_with_one_task_per_st
 
 
 def test_rerun_of_a_finished_workdir_resumes_and_stops(pretrain_env, reference):
-    workdir = pretrain_env["root"] / "rerun"
-    shutil.copytree(reference["workdir"], workdir)
-    done = run(pretrain_env, workdir)
+    done = run(pretrain_env, copy_of_finished(pretrain_env, reference, "rerun"))
     assert f"resumed from step {NUM_STEPS}" in done.stderr
 
 

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from fixture_pretrain import REPO, command, run, step_losses
+from fixture_pretrain import REPO, command, copy_of_finished, run, step_losses
 from test_pretrain_system import NUM_STEPS
 
 from jmp_jax.checkpoint import integrity
@@ -30,12 +30,6 @@ def env(pretrain_env):
 def finished(finished_pretrain_run):
     """The uninterrupted run (shared with the system tests)."""
     return finished_pretrain_run
-
-
-def copy_of(env, finished, name):
-    workdir = env["root"] / name
-    shutil.copytree(finished["workdir"], workdir)
-    return workdir
 
 
 def metrics_steps(workdir) -> list[int]:
@@ -60,7 +54,7 @@ def skip_lines(stderr: str) -> list[str]:
 
 
 def test_truncated_newest_checkpoint_falls_back_and_reproduces_the_run(env, finished):
-    workdir = copy_of(env, finished, "truncated")
+    workdir = copy_of_finished(env, finished, "truncated")
     victim = max(glob.glob(str(workdir / "checkpoints" / str(NUM_STEPS) / "params" / "**" / "d" / "*"),
                            recursive=True), key=os.path.getsize)
     with open(victim, "r+b") as f:
@@ -75,7 +69,7 @@ def test_truncated_newest_checkpoint_falls_back_and_reproduces_the_run(env, fini
 
 
 def test_deleted_metadata_item_falls_back_without_key_error(env, finished):
-    workdir = copy_of(env, finished, "no_metadata")
+    workdir = copy_of_finished(env, finished, "no_metadata")
     shutil.rmtree(workdir / "checkpoints" / str(NUM_STEPS) / "metadata")
     done = run(env, workdir, "--config.train.num_steps=4")  # resuming is the probe: no steps to train
     lines = skip_lines(done.stderr)
