@@ -62,7 +62,7 @@ class Budgets:
 
     def as_array(self) -> np.ndarray:
         """(6,) int64 counts in field order."""
-        return np.array(dataclasses.astuple(self), dtype=np.int64)
+        return np.array([getattr(self, kind) for kind in self.__dataclass_fields__], np.int64)  # astuple: deep copies
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -218,7 +218,7 @@ def first_fit(needs: Sequence[Budgets], budgets: Budgets) -> list[int]:
     A padding slot of every kind stays free (see `Budgets.fits_in`); the first need is taken whenever it
     fits an empty batch.
     """
-    return _first_fit(_rows(needs), budgets.as_array())
+    return _first_fit(_rows(needs).tolist(), budgets.as_array().tolist())
 
 
 def _rows(needs: Sequence[Budgets]) -> np.ndarray:
@@ -226,15 +226,14 @@ def _rows(needs: Sequence[Budgets]) -> np.ndarray:
     return np.asarray([n.as_array() for n in needs], np.int64).reshape(len(needs), -1)
 
 
-def _first_fit(rows: np.ndarray, budgets: np.ndarray) -> list[int]:
-    """`first_fit` on (n, 6) needs and a (6,) budget."""
-    limit = budgets - 1
-    used = np.zeros_like(limit)
+def _first_fit(rows: Sequence[Sequence[int]], budgets: Sequence[int]) -> list[int]:
+    """`first_fit` on n needs and a budget, 6 counts each. In Python ints: a packing window holds few rows, and
+    numpy's per-call overhead on 6-vectors costs several times the arithmetic."""
+    room = [int(b) - 1 for b in budgets]
     taken = []
     for i, need in enumerate(rows):
-        total = used + need
-        if np.all(total <= limit):
-            used = total
+        if all(n <= r for n, r in zip(need, room)):
+            room = [r - n for r, n in zip(room, need)]
             taken.append(i)
     return taken
 
@@ -252,19 +251,19 @@ def pack_window(needs: Sequence[Budgets], buckets: Sequence[Budgets],
     over), the one the packed batch fills best (`batch_fill`); none: (last bucket, []). A given bucket is packed
     as it is, possibly passing over needs[0] (later shards of a step must keep the step's shape).
     """
-    return _pack_rows(_rows(needs), np.asarray([b.as_array() for b in buckets]), bucket)
+    return _pack_rows(_rows(needs).tolist(), np.asarray([b.as_array() for b in buckets]), bucket)
 
 
-def _pack_rows(rows: np.ndarray, buckets: np.ndarray, bucket: int | None) -> tuple[int, list[int]]:
-    """`pack_window` on (n, 6) needs and (J, 6) buckets."""
+def _pack_rows(rows: list[list[int]], buckets: np.ndarray, bucket: int | None) -> tuple[int, list[int]]:
+    """`pack_window` on n needs (6 counts each) and (J, 6) buckets."""
     if bucket is not None:
-        return bucket, _first_fit(rows, buckets[bucket])
+        return bucket, _first_fit(rows, buckets[bucket].tolist())
     best, best_fill = (len(buckets) - 1, []), -1.0
     for j, budgets in enumerate(buckets):
-        picked = _first_fit(rows, budgets)
+        picked = _first_fit(rows, budgets.tolist())
         if not picked or picked[0] != 0:
             continue
-        fill = batch_fill(rows[picked].sum(axis=0), budgets)
+        fill = batch_fill(np.sum([rows[i] for i in picked], axis=0), budgets)
         if fill > best_fill:
             best, best_fill = (j, picked), fill
     return best
@@ -276,12 +275,13 @@ def simulate_packing(needs: Sequence[Budgets], buckets: Sequence[Budgets], windo
     `window` candidates with deferral, `pack_window`, one bucket per step of `shards_per_step` batches)
     makes from `needs` in order; used to size budgets before training."""
     rows, bucket_rows = _rows(needs), np.asarray([b.as_array() for b in buckets])
+    row_lists = rows.tolist()
     deferred: list[int] = []
     cursor, totals, chosen = 0, [], []
     while cursor < len(rows) or deferred:
         examined = deferred + list(range(cursor, min(cursor + max(window - len(deferred), 0), len(rows))))
         step_bucket = None if len(chosen) % shards_per_step == 0 else chosen[-1]
-        bucket, picked = _pack_rows(rows[examined], bucket_rows, step_bucket)
+        bucket, picked = _pack_rows([row_lists[i] for i in examined], bucket_rows, step_bucket)
         if not picked:
             raise BudgetOverflowError("any", 0, 0, "simulate_packing: a structure never fits")
         totals.append(rows[[examined[i] for i in picked]].sum(axis=0))
