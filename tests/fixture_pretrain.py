@@ -14,8 +14,6 @@ from typing import Callable
 
 import pytest
 
-from xla_flags import without_fast_compile
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -42,8 +40,7 @@ def pretrain_env(tmp_path_factory):
     from data_prep import default_dataset
     data = once_per_test_run(tmp_path_factory, "pretrain_data", lambda folder: default_dataset.build_default_dataset(
         str(folder), sizes={"catalysis": 24, "molecules": 24, "reactions": 16}, progress=False))
-    return {"root": tmp_path_factory.mktemp("pretrain"), "data": str(data),
-            "environ": without_fast_compile(subprocess_environ())}
+    return {"root": tmp_path_factory.mktemp("pretrain"), "data": str(data), "environ": subprocess_environ()}
 
 
 @pytest.fixture(scope="session")
@@ -67,8 +64,7 @@ def copy_of_finished(env, finished, name: str) -> Path:
 
 
 def subprocess_environ() -> dict[str, str]:
-    """The environment of the runs: CPU, the suite's shared XLA cache and compile flags (set in conftest; the
-    pre-training runs take the flags out: `xla_flags.py`)."""
+    """The environment of the runs: CPU, and the suite's shared XLA cache (set in conftest)."""
     return dict(os.environ, JAX_PLATFORMS="cpu")
 
 

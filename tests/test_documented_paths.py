@@ -30,7 +30,6 @@ import numpy as np
 import pytest
 
 from fixture_files import reference_path
-from xla_flags import without_fast_compile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND_TIMEOUT_S = 900
@@ -232,8 +231,6 @@ def readme_run(tmp_path_factory):
                 venv = os.path.join(copy, ".venv") if os.path.exists(os.path.join(copy, ".venv", "bin", "pip")) \
                     else None
                 env = user_environment(str(root), venv)
-                if "-m experiments.pretrain" in line:  # runs long enough to gain from XLA's defaults (xla_flags.py)
-                    env = without_fast_compile(env)
                 if "python -m pytest" in line:
                     env["PYTEST_ADDOPTS"] = suite_selection(copy)
                 runs[line] = run_command(line, copy, env)
