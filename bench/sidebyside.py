@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BATCHES = ("molecules", "slabs")
 RUNS = ("ref_f32", "proj_f32", "proj_bf16", "ref_bf16")  # as sidebyside.sh names them
+BF16_FLAGS = "--precision bfloat16"  # sidebyside.sh's default project flags for the bf16 rows (PROJECT_BF16)
 
 
 def load_structures(npz, label: str):
@@ -48,7 +49,7 @@ def step(args) -> None:
     batch = bench_model.make_batch(load_structures(np.load(args.npz), args.batch), settings[args.batch])
     with jax.default_matmul_precision(args.precision):
         row = bench_model.bench_batch(args.batch, batch, config_lib.NAMED_CONFIGS["jmp_s"](), args.repeats, 1.0,
-                                      "float32", BlockExecution(remat=args.remat))
+                                      args.dtype, BlockExecution(remat=args.remat))
     forward_compile, gradient_compile, update_compile = (float(s) for s in row[6].split(" + "))
     print("RESULT", json.dumps({"batch": args.batch, "atoms": row[1], "eval_forward_ms": float(row[2]),
                                 "train_step_ms": float(row[3]), "forward_compile_s": forward_compile,
@@ -104,10 +105,12 @@ def report(args) -> None:
                   common.table(header, rows),
                   notes=f"Run by `bench/sidebyside.sh` (project flags: "
                         f"{os.environ.get('PROJECT_FLAGS') or 'none'}); run folder {args.outdir}. bf16: torch's "
-                        "bfloat16 autocast against this project's bfloat16 matrix products "
-                        "(jax.default_matmul_precision). Reference: ../shared/reference/bench_reference.py "
-                        "(facebookresearch/JMP @ 937b148, 2 threads, "
-                        "median of 3 steps after 1 warm-up); project: `bench/sidebyside.py step` (median of 3 "
+                        f"bfloat16 autocast against this project's `{os.environ.get('PROJECT_BF16') or BF16_FLAGS}` "
+                        "(`--precision bfloat16`: bfloat16 matrix products, float32 activations; `--dtype "
+                        "bfloat16`: bfloat16 compute). Reference: ../shared/reference/bench_reference.py "
+                        "(facebookresearch/JMP @ 937b148, 2 threads, median of "
+                        f"{os.environ.get('REF_STEPS', 3)} steps after {os.environ.get('REF_WARMUP', 1)} warm-up); "
+                        "project: `bench/sidebyside.py step` (median of 3 "
                         "after 1 warm-up, persistent compilation cache off, so compile times are cold). The "
                         "training step is two programs, as in the training loops: the gradient, compiled per "
                         "batch shape, and the optimiser update, compiled once per run.")
@@ -119,7 +122,10 @@ def main():
     one = commands.add_parser("step")
     one.add_argument("npz")
     one.add_argument("--batch", choices=BATCHES, required=True)
-    one.add_argument("--precision", choices=("float32", "bfloat16"), default="float32")
+    one.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                     help="jax.default_matmul_precision: bfloat16 products, float32 activations")
+    one.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="model compute dtype: bfloat16 activations and products (as torch's autocast)")
     one.add_argument("--repeats", type=int, default=3)
     one.add_argument("--remat", default="block", choices=("none", "block"))
     summary = commands.add_parser("report")
