@@ -6,6 +6,7 @@ it (`state.SplitStep`): the gradient, compiled per batch shape, and the optimise
   python bench/bench_compile.py --scan                   # one scanned interaction block
   python bench/bench_compile.py --remat none             # every block's intermediates kept for the backward pass
   python bench/bench_compile.py --compilation-cache      # as the CLIs run: run it twice, the 2nd reads back
+                                                         # (traced programs and compiled executables)
 
 Nothing is executed: the state is abstract (jax.eval_shape), so the numbers are the compile alone. CPU
 seconds of this process are reported next to wall seconds, since the machine may be shared.
@@ -24,7 +25,7 @@ import jax  # noqa: E402
 from bench import common  # noqa: E402
 from bench.bench_model import (alkane, cu_slab, make_batch, step_programs, timed,  # noqa: E402
                                timed_update_compile)
-from jmp_jax import compilation_cache  # noqa: E402
+from jmp_jax import compilation_cache, program_store  # noqa: E402
 from jmp_jax.graph.build import GraphSettings  # noqa: E402
 from jmp_jax.models import config as config_lib  # noqa: E402
 from jmp_jax.models.gemnet import REMAT_CHOICES, BlockExecution  # noqa: E402
@@ -43,10 +44,10 @@ def compile_times(name: str, backbone: config_lib.BackboneConfig, execution: Blo
     batch = BATCHES[name]()
     model = JMPModel(backbone, num_tasks=1, execution=execution)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), placeholder_batch()))
-    tx, schedule = optim.pretrain_optimizer(variables["params"], num_blocks=backbone.num_blocks, peak_lr=3e-4,
-                                            warmup_steps=2000, total_steps=100_000)
+    settings = dict(num_blocks=backbone.num_blocks, peak_lr=3e-4, warmup_steps=2000, total_steps=100_000)
+    tx, schedule = optim.pretrain_optimizer(variables["params"], **settings)
     state = jax.eval_shape(functools.partial(init_train_state, tx=tx), variables)
-    gradient, update = step_programs(model, tx, schedule)
+    gradient, update = step_programs(model, tx, schedule, optimizer_key=sorted(settings.items()))
     common.stage(f"{name}: lowering and compiling the gradient (per batch shape)")
     lowered, lower_s, lower_cpu = timed(lambda: gradient.lower(state.params, state.constants, batch))
     compiled, compile_s, compile_cpu = timed(lowered.compile)
@@ -73,12 +74,13 @@ def main():
     execution = BlockExecution(scan=args.scan, remat=args.remat)
     rows = [compile_times(name, config_lib.NAMED_CONFIGS[args.config](), execution)
             for name in args.batches.split(",")]
-    header = ["batch", "gradient: trace + lower s (CPU s)", "gradient: XLA compile s (CPU s)",
+    header = ["batch", "gradient: trace + lower, or read back + lower s (CPU s)", "gradient: XLA compile s (CPU s)",
               "gradient: total s (CPU s)", "update (once per run): total s (CPU s)", "gradient StableHLO MB",
               "gradient temporaries MiB (XLA)", "gradient GFLOP (XLA)"]
     blocks = f"{'scanned' if args.scan else 'unrolled'} blocks, remat {args.remat}"
     common.report(f"bench_compile: {args.config} training step ({blocks})", common.table(header, rows),
-                  notes=f"Persistent compilation cache: {cache or 'off'}.")
+                  notes=f"Persistent compilation cache: {cache or 'off'}; traced-program store: "
+                        f"{program_store.directory() or 'off'}.")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from ase.build import add_adsorbate, fcc111, molecule  # noqa: E402
 
 import jmp_jax  # noqa: E402
 from bench import common  # noqa: E402
+from jmp_jax import program_store  # noqa: E402
 from jmp_jax.graph import batching  # noqa: E402
 from jmp_jax.graph.build import GraphSettings, build_from_atoms  # noqa: E402
 from jmp_jax.models import config as config_lib  # noqa: E402
@@ -86,13 +87,19 @@ def make_batch(structures, settings: GraphSettings) -> LabeledBatch:
 
 
 def step_programs(model: JMPModel, tx, schedule, task: int = 0,
-                  norm: TaskNormalization = TaskNormalization(1.0, 1.0, 1.0, 10.0)) -> tuple:
+                  norm: TaskNormalization = TaskNormalization(1.0, 1.0, 1.0, 10.0), optimizer_key=None) -> tuple:
     """The pre-training step's two jitted halves as the training loop runs them (`state.SplitStep`): the
-    gradient, compiled per batch shape, and the update (state donated), compiled once."""
-    gradient = jax.jit(functools.partial(train_loss_and_gradient, model=model, task=task, norm=norm))
-    update = jax.jit(functools.partial(train_update, tx=tx, schedule=schedule, ema_decay=0.99),
-                     donate_argnums=0)
-    return gradient, update
+    gradient, compiled per batch shape, and the update (state donated), compiled once.
+
+    optimizer_key: a description of `tx` and `schedule` (their settings); given, the halves go through the
+    traced-program store when it is on (`jmp_jax.program_store`), as in the loops.
+    """
+    gradient = functools.partial(train_loss_and_gradient, model=model, task=task, norm=norm)
+    update = functools.partial(train_update, tx=tx, schedule=schedule, ema_decay=0.99)
+    if optimizer_key is None:
+        return jax.jit(gradient), jax.jit(update, donate_argnums=0)
+    return (program_store.jit(gradient, name="bench_gradient", key=(repr(model), task, norm)),
+            program_store.jit(update, name="bench_update", key=(repr(model), optimizer_key), donate_argnums=0))
 
 
 def timed(stage: Callable[[], object]) -> tuple[object, float, float]:

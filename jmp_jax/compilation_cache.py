@@ -10,6 +10,10 @@ Where (first that applies):
   JAX_COMPILATION_CACHE_DIR=DIR      jax's own setting (the test suite shares one directory this way)
   $XDG_CACHE_HOME/jmp_jax/xla        default; ~/.cache/jmp_jax/xla without XDG_CACHE_HOME
 
+Traced programs (`jmp_jax.program_store`: jax's tracing skipped on a restart) are kept beside it, in
+`<directory>/traced_programs`, and are off with it; JMP_JAX_PROGRAM_STORE=off turns off only them (e.g.
+after editing an installed dependency in place, which the store's key does not see).
+
 The cache is bounded (least recently used entries are evicted beyond MAX_SIZE_BYTES unless
 JAX_COMPILATION_CACHE_MAX_SIZE says otherwise). It keeps every program, also those that compile in
 milliseconds (unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise): the eager variable init
@@ -21,9 +25,11 @@ import os
 import sys
 
 CACHE_ENV = "JMP_JAX_COMPILATION_CACHE"
+PROGRAM_STORE_ENV = "JMP_JAX_PROGRAM_STORE"
 OFF_VALUES = ("off", "0", "false", "no")
 # A JMP-S training step compiles to ~10-50 MB: room for the shapes of several runs and sizes.
 MAX_SIZE_BYTES = 4 << 30
+PROGRAMS_SUBDIR = "traced_programs"  # jax's cache only counts and evicts its own top-level "*-cache" files
 
 
 def default_dir() -> str:
@@ -46,6 +52,8 @@ def enable() -> str | None:
     """
     import jax
 
+    from jmp_jax import program_store
+
     path = cache_dir()
     if path is not None:
         try:
@@ -55,7 +63,10 @@ def enable() -> str | None:
             path = None
     if path is None:
         jax.config.update("jax_enable_compilation_cache", False)
+        program_store.enable(None)
         return None
+    store_off = os.environ.get(PROGRAM_STORE_ENV, "").strip().lower() in OFF_VALUES
+    program_store.enable(None if store_off else os.path.join(path, PROGRAMS_SUBDIR))
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", path)
     if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:

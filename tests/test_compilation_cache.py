@@ -1,5 +1,6 @@
-"""`jmp_jax.compilation_cache`: where the CLIs' persistent XLA cache lives, the switch that turns it off, and
-that a second process reads back what the first compiled (CPU, this jax version)."""
+"""`jmp_jax.compilation_cache`: where the CLIs' persistent XLA cache and traced-program store live, the
+switches that turn them off, and that a second process reads back what the first traced and compiled (CPU,
+this jax version)."""
 from __future__ import annotations
 
 import json
@@ -13,16 +14,21 @@ from jmp_jax import compilation_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Enables the cache as an entry point does, compiles a small program and counts the cache's hits and misses.
+# Enables the cache as an entry point does, compiles a small program as the loops do (through the program
+# store) and counts the cache's hits and misses and the program's tracings.
 _PROBE = """
 import collections, json, jax, jax.numpy as jnp
 from jax import monitoring
-from jmp_jax import compilation_cache
+from jmp_jax import compilation_cache, program_store
 events = collections.Counter()
 monitoring.register_event_listener(lambda event, **kw: events.update([event.rsplit("/", 1)[-1]]))
 path = compilation_cache.enable()
-jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
-print(json.dumps({"dir": path, "hits": events["cache_hits"], "misses": events["cache_misses"]}))
+def program(x):
+    events["traced"] += 1
+    return jnp.sin(x) @ x.T
+program_store.jit(program, name="probe", key=0)(jnp.ones((8, 8))).block_until_ready()
+print(json.dumps({"dir": path, "store": program_store.directory(), "traced": events["traced"],
+                  "hits": events["cache_hits"], "misses": events["cache_misses"]}))
 """
 
 
@@ -60,14 +66,19 @@ def test_second_process_reads_the_first_ones_program(clean_env, tmp_path):
     """Also a program that compiles in milliseconds (the probe's): enable() keeps every program."""
     cache = tmp_path / "xdg" / "jmp_jax" / "xla"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "PYTHONPATH": REPO}
+    store = str(cache / compilation_cache.PROGRAMS_SUBDIR)
     first = _probe(env)
-    assert first["dir"] == str(cache) and first["hits"] == 0 and first["misses"] >= 1, first
-    assert os.listdir(cache), "the first run wrote no cache entry"
-    assert _probe(env) == {"dir": str(cache), "hits": first["misses"], "misses": 0}
+    assert first["dir"] == str(cache) and first["store"] == store, first
+    assert first["traced"] == 1 and first["hits"] == 0 and first["misses"] >= 1, first
+    assert os.listdir(cache) and len(os.listdir(store)) == 1, "the first run wrote no cache entry or program"
+    assert _probe(env) == {"dir": str(cache), "store": store, "traced": 0, "hits": first["misses"], "misses": 0}
+    # Only the store off: the program is traced again (plain jax.jit), with the XLA cache on.
+    store_off = _probe({**env, compilation_cache.PROGRAM_STORE_ENV: "off"})
+    assert store_off["dir"] == str(cache) and store_off["store"] is None and store_off["traced"] == 1, store_off
 
 
 def test_off_switch_creates_nothing_and_reads_nothing(clean_env, tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), compilation_cache.CACHE_ENV: "off",
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONPATH": REPO}
-    assert _probe(env) == {"dir": None, "hits": 0, "misses": 0}
+    assert _probe(env) == {"dir": None, "store": None, "traced": 1, "hits": 0, "misses": 0}
     assert not (tmp_path / "xdg").exists()

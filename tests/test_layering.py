@@ -12,7 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Unit -> rank; a unit may import units of lower rank, and itself.
 RANKS = {
-    "jmp_jax.host_memory": 0, "jmp_jax.cli": 0, "jmp_jax.tasks": 0, "jmp_jax.compilation_cache": 0,
+    "jmp_jax.host_memory": 0, "jmp_jax.cli": 0, "jmp_jax.tasks": 0, "jmp_jax.program_store": 0,
+    "jmp_jax.compilation_cache": 1,
     "jmp_jax.graph": 1,
     "jmp_jax.models": 2,
     "jmp_jax.checkpoint": 3,

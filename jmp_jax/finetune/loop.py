@@ -29,6 +29,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from jmp_jax import program_store
 from jmp_jax.checkpoint import integrity, orbax_io
 from jmp_jax.data.types import LabeledBatch
 from jmp_jax.finetune import loss as loss_lib
@@ -229,12 +230,17 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str, init: str = "scra
     init_state = functools.partial(init_train_state, tx=tx, ema=False)
     state_shardings = sharding.state_shardings(jax.eval_shape(init_state, variables), mesh)
     state = jax.jit(init_state, out_shardings=state_shardings)(variables)
-    # train_step's halves as two programs: the update compiles once, not once per batch shape.
-    step_fn = SplitStep(jax.jit(functools.partial(train_loss_and_gradient, model=model, norm=norm, mesh=mesh),
-                                out_shardings=(None, None, state_shardings.params)),
-                        jax.jit(functools.partial(apply_gradient, tx=tx), out_shardings=(state_shardings, None),
-                                donate_argnums=0))
-    eval_fn = jax.jit(functools.partial(eval_step, model=model, norm=norm, mesh=mesh))
+    # train_step's halves as two programs: the update compiles once, not once per batch shape. The store's
+    # keys hold what each closes over: the configuration, the mesh, the data's normalisation and schedule.
+    program_key = (config.to_json_best_effort(sort_keys=True), repr(mesh))
+    step_fn = SplitStep(
+        program_store.jit(functools.partial(train_loss_and_gradient, model=model, norm=norm, mesh=mesh),
+                          name="finetune_gradient", key=(*program_key, norm),
+                          out_shardings=(None, None, state_shardings.params)),
+        program_store.jit(functools.partial(apply_gradient, tx=tx), name="finetune_update", key=(*program_key, ocfg),
+                          out_shardings=(state_shardings, None), donate_argnums=0))
+    eval_fn = program_store.jit(functools.partial(eval_step, model=model, norm=norm, mesh=mesh),
+                                name="finetune_eval", key=(*program_key, norm))
 
     metric, mode = loss_lib.PRIMARY_METRIC[spec.kind]
     progress = Progress(optim.PlateauScale(config.optim.plateau_factor, config.optim.plateau_patience, mode),

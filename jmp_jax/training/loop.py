@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jmp_jax import program_store
 from jmp_jax.checkpoint import orbax_io
 from jmp_jax.data import budget_plan, task_data
 from jmp_jax.data.process_exchange import ProcessExchange
@@ -154,24 +155,29 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return tasks[task].normalization if task is not None else tuple(t.normalization for t in tasks)
 
     replicated = sharding.replicated(mesh)
-    update = jax.jit(functools.partial(train_update, tx=tx, schedule=schedule, ema_decay=config.train.ema_decay),
-                     in_shardings=(state_shardings, replicated, state_shardings.params),
-                     out_shardings=(state_shardings, replicated), donate_argnums=0)
+    # What the step programs close over, for the traced-program store: the configuration and the mesh here,
+    # each task's normalisation (from its data) below.
+    program_key = (config.to_json_best_effort(sort_keys=True), repr(mesh))
+    update = program_store.jit(
+        functools.partial(train_update, tx=tx, schedule=schedule, ema_decay=config.train.ema_decay),
+        name="pretrain_update", key=program_key, in_shardings=(state_shardings, replicated, state_shardings.params),
+        out_shardings=(state_shardings, replicated), donate_argnums=0)
 
     def step_fn(task: int | None):
         if task not in steps:
             gradient = functools.partial(train_loss_and_gradient, model=model, task=task, norm=norm_of(task),
                                          mesh=mesh)
-            steps[task] = SplitStep(jax.jit(gradient, in_shardings=(state_shardings.params,
-                                                                    state_shardings.constants, batch_sharding),
-                                            out_shardings=(replicated, replicated, state_shardings.params)),
-                                    update)
+            steps[task] = SplitStep(
+                program_store.jit(gradient, name="pretrain_gradient", key=(*program_key, task, norm_of(task)),
+                                  in_shardings=(state_shardings.params, state_shardings.constants, batch_sharding),
+                                  out_shardings=(replicated, replicated, state_shardings.params)),
+                update)
         return steps[task]
 
     def eval_fn(task: int | None):
         if task not in evals:
             fn = functools.partial(eval_step, model=model, task=task, norm=norm_of(task), mesh=mesh)
-            evals[task] = jax.jit(fn)
+            evals[task] = program_store.jit(fn, name="pretrain_eval", key=(*program_key, task, norm_of(task)))
         return evals[task]
 
     step = int(state.step)
