@@ -20,12 +20,14 @@ Stored files are unpickled: they are trusted as the XLA cache beside them is (wh
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
 import os
 import pickle
 import sys
+import tempfile
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -157,7 +159,7 @@ def read(path: str, description: str) -> tuple[jax_export.Exported, Any] | None:
     try:
         with open(path, "rb") as f:
             data = f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # not stored yet (the write reports an unusable folder)
         return None
     except OSError as err:
         return _unusable(path, err.strerror)
@@ -173,7 +175,8 @@ def read(path: str, description: str) -> tuple[jax_export.Exported, Any] | None:
         exported = jax_export.deserialize(bytearray(serialized))
     except Exception as err:  # noqa: BLE001 - any failure to read back means: trace again
         return _unusable(path, f"{type(err).__name__}: {err}".splitlines()[0])
-    os.utime(path)  # newest use, for eviction
+    with contextlib.suppress(OSError):  # newest use, for eviction; a read-only store is still read
+        os.utime(path)
     return exported, out_treedef
 
 
@@ -182,17 +185,33 @@ def write(path: str, description: str, exported: jax_export.Exported, out_treede
     directory to its KEEP_NEWEST most recently used files; a failure is reported, never raised."""
     payload = pickle.dumps((description, bytes(exported.serialize()), out_treedef))
     directory = os.path.dirname(path)
-    temporary = f"{path}.{os.getpid()}.tmp"
+    temporary = None
     try:
         os.makedirs(directory, exist_ok=True)
-        with open(temporary, "wb") as f:
+        # A unique temporary name: the processes of a run (on hosts sharing the folder) store the same program.
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path), suffix=".tmp")
+        with os.fdopen(handle, "wb") as f:
             f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
         os.replace(temporary, path)
-        stored = sorted((e.stat().st_mtime, e.path) for e in os.scandir(directory) if e.name.endswith(SUFFIX))
-        for _, old in stored[:-KEEP_NEWEST]:
-            os.remove(old)
     except OSError as err:
         print(f"warning: traced program not stored: {path}: {err.strerror}", file=sys.stderr)
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
+        return
+    _evict(directory)
+
+
+def _evict(directory: str) -> None:
+    """Removes all but the KEEP_NEWEST most recently used programs (other processes may be doing the same)."""
+    stored = []
+    for entry in os.scandir(directory):
+        with contextlib.suppress(OSError):
+            if entry.name.endswith(SUFFIX):
+                stored.append((entry.stat().st_mtime, entry.path))
+    for _, old in sorted(stored)[:-KEEP_NEWEST]:
+        with contextlib.suppress(OSError):
+            os.remove(old)
 
 
 def _unusable(path: str, reason: str) -> None:

@@ -140,3 +140,13 @@ def test_broadcast_prefix_gives_one_entry_per_leaf():
     tree = ({"a": 1, "b": (2, 3)}, None, 4)
     assert program_store.broadcast_prefix(("x", "y", "z"), tree) == ["x", "x", "x", "z"]
     assert program_store.broadcast_prefix(({"a": "p", "b": "q"}, None, "z"), tree) == ["p", "q", "q", "z"]
+
+
+def test_unwritable_store_warns_and_runs(tmp_path, options, capsys):
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("")
+    expected = jax.jit(update, **options)(make_state(), GRADS, jnp.float32(0.1))
+    assert_same(stored(blocked, options)(make_state(), GRADS, jnp.float32(0.1)), expected)
+    warning = capsys.readouterr().err
+    assert "traced program not stored" in warning and str(blocked) in warning and warning.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["not_a_folder"], "no temporary file left behind"
