@@ -12,9 +12,10 @@ the same whether or not it found a stored one.
 What the key holds (any change traces again): the code (every file of the jmp_jax package, the Python
 version and the versions of jax, jaxlib, flax, optax, e3nn-jax, jraph and numpy), the caller's `key`
 (which must determine everything `fn` closes over: the run's configuration, data-derived constants such as
-task normalisation, the mesh), jax's tracing settings (matrix-product precision, x64), the backend and its
-devices, the argument tree, shapes, dtypes and the shardings. An unreadable or corrupt file is reported in
-one line and traced again; a store never stops a run. `enable(None)` (the default) is plain `jax.jit`.
+task normalisation, the mesh), jax's settings (all of `jax.config.values`, and the matrix-product precision
+in effect), the backend and its devices, the argument tree, shapes, dtypes and the shardings. An unreadable
+or corrupt file is reported in one line and traced again; a store never stops a run. `enable(None)` (the
+default) is plain `jax.jit`.
 
 Stored files are unpickled: they are trusted as the XLA cache beside them is (which holds machine code).
 """
@@ -119,10 +120,12 @@ class StoredJit:
         in_shardings = tuple(broadcast_prefix(options["in_shardings"], args)) if "in_shardings" in options else None
         first_leaf = [len(jax.tree.leaves(args[:i])) for i in range(len(args) + 1)]
         donated = tuple(j for i in self.donate_argnums for j in range(first_leaf[i], first_leaf[i + 1]))
-        description = repr((code_fingerprint(), self.name, self.key, jax.config.jax_default_matmul_precision,
-                            jax.config.jax_enable_x64, jax.default_backend(), jax.devices(), jax.process_count(),
-                            treedef, [jax.typeof(x) for x in leaves], in_shardings, options.get("out_shardings"),
-                            donated))
+        # jax's settings: every global one (x64, PRNG implementation, ...) and the matrix-product precision,
+        # which is also set in context (jax.default_matmul_precision).
+        settings = (sorted(jax.config.values.items()), jax.config.jax_default_matmul_precision)
+        description = repr((code_fingerprint(), self.name, self.key, settings, jax.default_backend(), jax.devices(),
+                            jax.process_count(), treedef, [jax.typeof(x) for x in leaves], in_shardings,
+                            options.get("out_shardings"), donated))
         path = os.path.join(self.directory, f"{self.name}-{hashlib.sha256(description.encode()).hexdigest()[:32]}"
                                             f"{SUFFIX}")
         stored = read(path, description)

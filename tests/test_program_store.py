@@ -97,9 +97,12 @@ def test_every_part_of_the_key_traces_again(tmp_path, options, monkeypatch):
     with jax.default_matmul_precision("bfloat16"):
         stored(tmp_path, options, traces=traces)(make_state(), GRADS, jnp.float32(0.1))
     assert len(traces) == 4
+    with jax.numpy_rank_promotion("warn"):  # any of jax's global settings
+        stored(tmp_path, options, traces=traces)(make_state(), GRADS, jnp.float32(0.1))
+    assert len(traces) == 5
     monkeypatch.setattr(program_store, "code_fingerprint", lambda: "other code")
     stored(tmp_path, options, traces=traces)(make_state(), GRADS, jnp.float32(0.1))
-    assert len(traces) == 5 and len(list(tmp_path.iterdir())) == 5
+    assert len(traces) == 6 and len(list(tmp_path.iterdir())) == 6
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "foreign"])
