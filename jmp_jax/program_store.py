@@ -79,7 +79,7 @@ def broadcast_prefix(prefix: Any, tree: Any) -> list:
 
 class _Program(NamedTuple):
     run: Callable          # jitted exported program: flat leaves in, flat leaves out
-    out_treedef: Any
+    out_treedef: Any       # None: `run` is jax.jit of the function itself (it could not be exported)
 
 
 class StoredJit:
@@ -99,13 +99,15 @@ class StoredJit:
 
     def __call__(self, *args):
         program, leaves = self._program_for(args)
+        if program.out_treedef is None:  # not exportable: plain jax.jit of `fn`
+            return program.run(*args)
         return jax.tree.unflatten(program.out_treedef, program.run(*leaves))
 
     def lower(self, *args) -> jax.stages.Lowered:
         """The program for these arguments (arrays or jax.ShapeDtypeStruct), read back or traced and stored,
         lowered as `jax.jit(...).lower` does; `.compile()` it to time or inspect the compile."""
         program, leaves = self._program_for(args)
-        return program.run.lower(*leaves)
+        return program.run.lower(*(args if program.out_treedef is None else leaves))
 
     def _program_for(self, args: tuple) -> tuple[_Program, list]:
         leaves, treedef = jax.tree.flatten(args)
@@ -130,7 +132,13 @@ class StoredJit:
                                             f"{SUFFIX}")
         stored = read(path, description)
         if stored is None:
-            stored = self._export(leaves, treedef, in_shardings)
+            try:
+                stored = self._export(leaves, treedef, in_shardings)
+            except Exception as err:  # noqa: BLE001 - e.g. a host callback jax.export cannot serialize
+                # Plain jax.jit instead; an error of `fn` itself is raised again by it, as jax.jit would.
+                reason = f"{type(err).__name__}: {err}".splitlines()[0]
+                print(f"warning: {self.name} not stored ({reason}); running it with jax.jit", file=sys.stderr)
+                return _Program(jax.jit(self.fn, **options), None)
             write(path, description, *stored)
         exported, out_treedef = stored
         flat_options: dict[str, Any] = {"donate_argnums": donated}

@@ -1,4 +1,4 @@
-"""The pre-training and fine-tuning steps lower for GPU and TPU from this CPU host.
+"""The pre-training and fine-tuning steps lower, and export (`jax.export`), for GPU and TPU from this CPU host.
 
 Nothing CPU-only may leak into an accelerator program: no host callbacks, no custom calls, and none of the
 CPU fusion barriers (`kernels.fusion_barrier`, a conditional per barrier), which choose by the platform being
@@ -97,9 +97,16 @@ def step_and_args(request):
 
 
 @pytest.mark.parametrize("platform", ACCELERATORS)
-def test_training_steps_lower_for_accelerators_without_cpu_parts(step_and_args, platform):
+def test_training_steps_export_for_accelerators_without_cpu_parts(step_and_args, platform):
+    """Exported as the traced-program store (jmp_jax.program_store) does on a GPU or TPU host: flattened,
+    through jax.export, serialized and read back."""
     step, args = step_and_args
-    text = _lowered_text(step, args, platform)
+    leaves, treedef = jax.tree.flatten(args)
+    exported = jax.export.export(jax.jit(lambda *xs: jax.tree.leaves(step(*jax.tree.unflatten(treedef, xs)))),
+                                 platforms=(platform,))(*leaves)
+    restored = jax.export.deserialize(exported.serialize())
+    assert restored.platforms == (platform,) and restored.in_avals == exported.in_avals
+    text = str(exported.mlir_module())
     assert "custom_call" not in text and "callback" not in text.lower()
     # The step's own finiteness guard (loss, gradient norm) is all that is left of is_finite.
     assert _fusion_barriers(text) <= 2

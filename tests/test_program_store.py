@@ -153,3 +153,15 @@ def test_unwritable_store_warns_and_runs(tmp_path, options, capsys):
     warning = capsys.readouterr().err
     assert "traced program not stored" in warning and str(blocked) in warning and warning.count("\n") == 1
     assert [p.name for p in tmp_path.iterdir()] == ["not_a_folder"], "no temporary file left behind"
+
+
+def test_program_that_cannot_be_exported_runs_with_jit(tmp_path, capsys):
+    def with_host_callback(x):  # host callbacks hold a Python function: jax.export cannot serialize them
+        return jax.pure_callback(lambda v: np.asarray(v) * 2, jax.ShapeDtypeStruct(x.shape, x.dtype), x) + 1
+
+    program = program_store.StoredJit(with_host_callback, name="callback", key=0, directory=str(tmp_path))
+    np.testing.assert_array_equal(program(jnp.arange(3.0)), [1.0, 3.0, 5.0])
+    np.testing.assert_array_equal(program(jnp.arange(3.0)), [1.0, 3.0, 5.0])
+    warning = capsys.readouterr().err
+    assert "callback not stored" in warning and warning.count("\n") == 1, warning
+    assert not list(tmp_path.iterdir())
