@@ -133,11 +133,11 @@ class StoredJit:
         stored = read(path, description)
         if stored is None:
             try:
-                stored = self._export(leaves, treedef, in_shardings)
+                stored = export_flat(self.fn, treedef, leaves, in_shardings=in_shardings)
             except Exception as err:  # noqa: BLE001 - e.g. a host callback jax.export cannot serialize
                 # Plain jax.jit instead; an error of `fn` itself is raised again by it, as jax.jit would.
-                reason = f"{type(err).__name__}: {err}".splitlines()[0]
-                print(f"warning: {self.name} not stored ({reason}); running it with jax.jit", file=sys.stderr)
+                print(f"warning: {self.name} not stored ({_one_line(err)}); running it with jax.jit",
+                      file=sys.stderr)
                 return _Program(jax.jit(self.fn, **options), None)
             write(path, description, *stored)
         exported, out_treedef = stored
@@ -150,18 +150,24 @@ class StoredJit:
             flat_options["out_shardings"] = broadcast_prefix(options["out_shardings"], outputs)
         return _Program(jax.jit(exported.call, **flat_options), out_treedef)
 
-    def _export(self, leaves: list, treedef, in_shardings: tuple | None) -> tuple[jax_export.Exported, Any]:
-        out_treedefs = []
 
-        def flat_fn(*flat_args):
-            out_leaves, out_treedef = jax.tree.flatten(self.fn(*jax.tree.unflatten(treedef, flat_args)))
-            out_treedefs.append(out_treedef)
-            return out_leaves
+def export_flat(fn: Callable, treedef, leaves: list, *, in_shardings: tuple | None = None,
+                platforms: tuple[str, ...] | None = None) -> tuple[jax_export.Exported, Any]:
+    """(exported program, output tree) of `fn` on the arguments `jax.tree.unflatten(treedef, leaves)` (arrays
+    or jax.ShapeDtypeStruct), taking and returning flat leaves: custom pytree nodes (train states, optimiser
+    states) then need no serialization of their own. platforms: those to lower for (default: this backend).
+    """
+    out_treedefs = []
 
-        abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=jax.typeof(x).weak_type) for x in leaves]
-        options = {} if in_shardings is None else {"in_shardings": in_shardings}
-        exported = jax_export.export(jax.jit(flat_fn, **options))(*abstract)
-        return exported, out_treedefs[-1]
+    def flat_fn(*flat_args):
+        out_leaves, out_treedef = jax.tree.flatten(fn(*jax.tree.unflatten(treedef, flat_args)))
+        out_treedefs.append(out_treedef)
+        return out_leaves
+
+    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=jax.typeof(x).weak_type) for x in leaves]
+    options = {} if in_shardings is None else {"in_shardings": in_shardings}
+    exported = jax_export.export(jax.jit(flat_fn, **options), platforms=platforms)(*abstract)
+    return exported, out_treedefs[-1]
 
 
 def read(path: str, description: str) -> tuple[jax_export.Exported, Any] | None:
@@ -185,7 +191,7 @@ def read(path: str, description: str) -> tuple[jax_export.Exported, Any] | None:
             return _unusable(path, "stored for another key")
         exported = jax_export.deserialize(bytearray(serialized))
     except Exception as err:  # noqa: BLE001 - any failure to read back means: trace again
-        return _unusable(path, f"{type(err).__name__}: {err}".splitlines()[0])
+        return _unusable(path, _one_line(err))
     with contextlib.suppress(OSError):  # newest use, for eviction; a read-only store is still read
         os.utime(path)
     return exported, out_treedef
@@ -223,6 +229,10 @@ def _evict(directory: str) -> None:
     for _, old in sorted(stored)[:-KEEP_NEWEST]:
         with contextlib.suppress(OSError):
             os.remove(old)
+
+
+def _one_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
 def _unusable(path: str, reason: str) -> None:

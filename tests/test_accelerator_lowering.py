@@ -17,6 +17,7 @@ import pytest
 from ase.build import molecule
 
 from configs.finetune import rmd17
+from jmp_jax import program_store
 from jmp_jax.finetune import loop as finetune_loop
 from jmp_jax.finetune import optim as finetune_optim
 from jmp_jax.finetune.loss import Normalization
@@ -102,8 +103,7 @@ def test_training_steps_export_for_accelerators_without_cpu_parts(step_and_args,
     through jax.export, serialized and read back."""
     step, args = step_and_args
     leaves, treedef = jax.tree.flatten(args)
-    exported = jax.export.export(jax.jit(lambda *xs: jax.tree.leaves(step(*jax.tree.unflatten(treedef, xs)))),
-                                 platforms=(platform,))(*leaves)
+    exported, _ = program_store.export_flat(step, treedef, leaves, platforms=(platform,))
     restored = jax.export.deserialize(exported.serialize())
     assert restored.platforms == (platform,) and restored.in_avals == exported.in_avals
     text = str(exported.mlir_module())
