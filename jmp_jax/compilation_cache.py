@@ -14,13 +14,16 @@ Traced programs (`jmp_jax.program_store`: jax's tracing skipped on a restart) ar
 `<directory>/traced_programs`, and are off with it; JMP_JAX_PROGRAM_STORE=off turns off only them (e.g.
 after editing an installed dependency in place, which the store's key does not see).
 
-The cache is bounded (least recently used entries are evicted beyond MAX_SIZE_BYTES unless
-JAX_COMPILATION_CACHE_MAX_SIZE says otherwise). It keeps every program, also those that compile in
+The cache is bounded: `enable()` evicts the least recently used entries beyond MAX_SIZE_BYTES, once per
+process. jax's own bound (JAX_COMPILATION_CACHE_MAX_SIZE, used instead where set) scans the whole directory
+under a lock on every write, 0.1 s per program at 2,400 entries, and a start can write hundreds.
+It keeps every program, also those that compile in
 milliseconds (unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise): the eager variable init
 compiles hundreds of them on every start, which jax's default (programs that took >= 1 s) would not keep.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -30,6 +33,7 @@ OFF_VALUES = ("off", "0", "false", "no")
 # A JMP-S training step compiles to ~10-50 MB: room for the shapes of several runs and sizes.
 MAX_SIZE_BYTES = 4 << 30
 PROGRAMS_SUBDIR = "traced_programs"  # jax's cache only counts and evicts its own top-level "*-cache" files
+ENTRY_SUFFIX, JAX_ACCESS_TIME_SUFFIX = "-cache", "-atime"  # jax's file names: an entry, its access time
 
 
 def default_dir() -> str:
@@ -70,7 +74,30 @@ def enable() -> str | None:
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", path)
     if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
-        jax.config.update("jax_compilation_cache_max_size", MAX_SIZE_BYTES)
+        jax.config.update("jax_compilation_cache_max_size", -1)  # no scan per write: bounded here instead
+        evict_least_recent(path, MAX_SIZE_BYTES)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
+
+
+def evict_least_recent(path: str, max_bytes: int) -> None:
+    """Deletes jax's cache entries in `path`, least recently used first, until they total <= max_bytes.
+
+    Recency is the later of a file's access and modification times (reads update the access time on most
+    mounts, at least daily). Entries another process deletes meanwhile are skipped.
+    """
+    entries, total = [], 0
+    with os.scandir(path) as found:
+        for entry in found:
+            if entry.name.endswith(ENTRY_SUFFIX) and entry.is_file():
+                stat = entry.stat()
+                entries.append((max(stat.st_atime, stat.st_mtime), stat.st_size, entry.path))
+                total += stat.st_size
+    for _, size, entry_path in sorted(entries):
+        if total <= max_bytes:
+            break
+        for name in (entry_path, entry_path.removesuffix(ENTRY_SUFFIX) + JAX_ACCESS_TIME_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(name)
+        total -= size

@@ -36,7 +36,7 @@ print(json.dumps({"dir": path, "store": program_store.directory(), "traced": eve
 def clean_env(monkeypatch):
     """No cache setting inherited from the suite (conftest) or the user."""
     for name in (compilation_cache.CACHE_ENV, "JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME",
-                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "JAX_COMPILATION_CACHE_MAX_SIZE"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -82,3 +82,23 @@ def test_off_switch_creates_nothing_and_reads_nothing(clean_env, tmp_path):
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "PYTHONPATH": REPO}
     assert _probe(env) == {"dir": None, "store": None, "traced": 1, "hits": 0, "misses": 0}
     assert not (tmp_path / "xdg").exists()
+
+
+def test_eviction_removes_least_recently_used_entries_beyond_the_bound(tmp_path):
+    """Oldest-used jax entries (and their access-time files) go first, until the rest fit; nothing else in the
+    folder is touched."""
+    def entry(name: str, size: int, used: float) -> None:
+        (tmp_path / f"{name}-cache").write_bytes(b"x" * size)
+        (tmp_path / f"{name}-atime").write_bytes(b"t")
+        os.utime(tmp_path / f"{name}-cache", (used, used))
+
+    for name, used in (("read_recently", 4000.0), ("oldest", 1000.0), ("newest", 5000.0), ("older", 2000.0)):
+        entry(name, 100, used)
+    (tmp_path / "traced_programs").mkdir()
+    (tmp_path / "traced_programs" / "probe-0.jaxexport").write_bytes(b"y" * 1000)
+    compilation_cache.evict_least_recent(str(tmp_path), 250)
+    assert sorted(os.listdir(tmp_path)) == ["newest-atime", "newest-cache", "read_recently-atime",
+                                            "read_recently-cache", "traced_programs"]
+    assert os.listdir(tmp_path / "traced_programs") == ["probe-0.jaxexport"]
+    compilation_cache.evict_least_recent(str(tmp_path), 200)  # within the bound: nothing goes
+    assert len(os.listdir(tmp_path)) == 5

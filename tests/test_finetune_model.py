@@ -135,8 +135,9 @@ def test_layerwise_lr_reaches_the_right_parameter_groups(batch):
                                  weight_decay=0.0)
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     tx, schedules = optim.finetune_optimizer(params, config_o, num_blocks=2)
-    # Adam's first update of a constant gradient is -lr (per element), whatever the gradient scaling.
-    updates, _ = tx.update(jax.tree.map(lambda p: jnp.full_like(p, 3.0), params), tx.init(params), params)
+    # Adam's first update of a constant gradient is -lr (per element), whatever the gradient scaling. Jitted:
+    # op by op, the update of every leaf would compile its own small programs.
+    updates, _ = jax.jit(lambda p: tx.update(jax.tree.map(lambda x: jnp.full_like(x, 3.0), p), tx.init(p), p))(params)
     expected_lr = {"embedding": 0.3e-4, "blocks_0": 0.5e-4, "blocks_1": 0.25e-4, "rest": 1e-4}  # 0.1 x peak
     for label, update in zip(jax.tree.leaves(labels), jax.tree.leaves(updates)):
         np.testing.assert_allclose(update, -expected_lr[label], rtol=1e-5)

@@ -46,6 +46,11 @@ def lists(graphs):
     return batch_interaction_lists(graphs)
 
 
+# Jitted: run op by op, each basis function would compile its own small programs (the tests took 3x longer).
+_triplet_sph = jax.jit(triplet_sph, static_argnums=(2, 3))
+_quadruplet_geometry = jax.jit(quadruplet_geometry, static_argnums=(2,))
+
+
 def _geometry(batch, name):
     pos = jnp.asarray(batch.graph.nodes["positions"])
     if name == "main":
@@ -53,8 +58,8 @@ def _geometry(batch, name):
     else:
         e = getattr(batch, name)
         s, r, shift, slots = e.senders, e.receivers, e.shift, getattr(batch, f"{name}_slots")
-    _, unit = edge_geometry(pos, jnp.asarray(s), jnp.asarray(r), jnp.asarray(shift))
-    return slot_geometry(unit, jnp.asarray(s), jnp.asarray(shift), slots)
+    return jax.jit(lambda *args: slot_geometry(edge_geometry(*args)[1], args[1], args[3], slots))(
+        pos, jnp.asarray(s), jnp.asarray(r), jnp.asarray(shift))
 
 
 def _pairs(sph, out_edge, in_edge):
@@ -69,8 +74,8 @@ def _listed(trip):
 
 def test_dense_triplets_are_exactly_the_listed_ones(batch, lists):
     main, aeea = _geometry(batch, "main"), _geometry(batch, "a2ee2a")
-    e2e = _pairs(triplet_sph(main, main, 7, same_graph=True), batch.main_slots.edge, batch.main_slots.edge)
-    a2e = triplet_sph(main, aeea, 7, same_graph=False)
+    e2e = _pairs(_triplet_sph(main, main, 7, True), batch.main_slots.edge, batch.main_slots.edge)
+    a2e = _triplet_sph(main, aeea, 7, False)
     assert e2e == _listed(lists.trip_e2e)
     assert _pairs(a2e, batch.main_slots.edge, batch.a2ee2a_slots.edge) == _listed(lists.trip_a2e)
     assert (_pairs(jnp.swapaxes(a2e, 1, 2), batch.a2ee2a_slots.edge, batch.main_slots.edge)
@@ -80,7 +85,7 @@ def test_dense_triplets_are_exactly_the_listed_ones(batch, lists):
 
 def test_dense_quadruplets_are_exactly_the_listed_ones(batch, lists):
     main, qint = _geometry(batch, "main"), _geometry(batch, "qint")
-    _, _, sph_dihedral = quadruplet_geometry(main, qint, 7)
+    _, _, sph_dihedral = _quadruplet_geometry(main, qint, 7)
     a, q, j, k = np.nonzero(np.asarray(sph_dihedral[..., 0]))
     b = np.asarray(qint.sender)[a, q]
     dense = set(zip(np.asarray(batch.main_slots.edge)[a, j].tolist(), np.asarray(batch.qint_slots.edge)[a, q].tolist(),
