@@ -75,7 +75,10 @@ def enable() -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
         jax.config.update("jax_compilation_cache_max_size", -1)  # no scan per write: bounded here instead
-        evict_least_recent(path, MAX_SIZE_BYTES)
+        try:
+            evict_least_recent(path, MAX_SIZE_BYTES)
+        except OSError as err:
+            print(f"warning: compilation cache not trimmed: {path}: {err.strerror}", file=sys.stderr)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
@@ -90,10 +93,11 @@ def evict_least_recent(path: str, max_bytes: int) -> None:
     entries, total = [], 0
     with os.scandir(path) as found:
         for entry in found:
-            if entry.name.endswith(ENTRY_SUFFIX) and entry.is_file():
-                stat = entry.stat()
-                entries.append((max(stat.st_atime, stat.st_mtime), stat.st_size, entry.path))
-                total += stat.st_size
+            if entry.name.endswith(ENTRY_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    stat = entry.stat()
+                    entries.append((max(stat.st_atime, stat.st_mtime), stat.st_size, entry.path))
+                    total += stat.st_size
     for _, size, entry_path in sorted(entries):
         if total <= max_bytes:
             break

@@ -102,3 +102,21 @@ def test_eviction_removes_least_recently_used_entries_beyond_the_bound(tmp_path)
     assert os.listdir(tmp_path / "traced_programs") == ["probe-0.jaxexport"]
     compilation_cache.evict_least_recent(str(tmp_path), 200)  # within the bound: nothing goes
     assert len(os.listdir(tmp_path)) == 5
+
+
+def test_a_folder_that_cannot_be_trimmed_is_reported_and_used(clean_env, tmp_path, capsys):
+    import jax
+
+    from jmp_jax import program_store
+    settings = {}
+    clean_env.setattr(jax.config, "update", lambda name, value: settings.__setitem__(name, value))  # this process
+    clean_env.setattr(program_store, "enable", lambda directory: None)                          # keeps its own
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    clean_env.setattr(compilation_cache.os, "scandir", unreadable)
+    clean_env.setenv(compilation_cache.CACHE_ENV, str(tmp_path))
+    assert compilation_cache.enable() == str(tmp_path)
+    assert capsys.readouterr().err == f"warning: compilation cache not trimmed: {tmp_path}: Permission denied\n"
+    assert settings["jax_enable_compilation_cache"] and settings["jax_compilation_cache_max_size"] == -1
