@@ -61,3 +61,35 @@ def test_adamw_matches_torch_semantics_on_one_step():
 def test_ema_update():
     ema = optim.ema_update({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, 0.99)
     np.testing.assert_allclose(ema["w"], 0.01, rtol=1e-6)
+
+
+def test_guarded_update_skips_non_finite_steps_and_applies_finite_ones():
+    """As the loops run it (jitted, state donated): a finite step is optax's update plus the EMA; a non-finite
+    loss or gradient leaves every leaf as it was and counts the skip; the next finite step resets the count."""
+    from jmp_jax.training.state import guarded_update, init_train_state
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    step = jax.jit(lambda s, loss, g: guarded_update(s, loss, g, tx, ema_decay=0.5), donate_argnums=0)
+    copy = lambda tree: jax.tree.map(jnp.array, tree)  # noqa: E731 (the donated state is deleted)
+    state = init_train_state({"params": _params()}, tx)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), _params())
+
+    expected_updates, expected_opt = tx.update(grads, state.opt_state, state.params)
+    expected_params = optax.apply_updates(state.params, expected_updates)
+    expected_ema = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, state.ema_params, expected_params)
+    first, grad_norm, finite = step(copy(state), jnp.float32(1.0), grads)
+    assert bool(finite) and int(first.step) == 1 and int(first.nonfinite_in_a_row) == 0
+    np.testing.assert_allclose(float(grad_norm), float(optax.tree.norm(grads)), rtol=1e-6)
+    for got, want in ((first.params, expected_params), (first.opt_state, expected_opt),
+                      (first.ema_params, expected_ema)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+
+    nan_grads = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads)
+    for loss, g, skipped in ((jnp.float32(jnp.inf), grads, 1), (jnp.float32(1.0), nan_grads, 2)):
+        before = copy(first)
+        first, _, finite = step(first, loss, g)
+        assert not bool(finite) and int(first.nonfinite_in_a_row) == skipped and int(first.step) == 1
+        for got, want in ((first.params, before.params), (first.opt_state, before.opt_state),
+                          (first.ema_params, before.ema_params)):
+            jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, want)
+    after, _, finite = step(first, jnp.float32(1.0), grads)
+    assert bool(finite) and int(after.step) == 2 and int(after.nonfinite_in_a_row) == 0

@@ -93,20 +93,24 @@ def guarded_update(state: TrainState, loss: jax.Array, grads: Any, tx: optax.Gra
     """
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # Zeroed gradients keep NaN out of the optimiser state; the update is then discarded anyway.
-    safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-    updates, opt_state = tx.update(safe_grads, state.opt_state, state.params)
-    if lr_scale is not None:
-        updates = jax.tree.map(lambda u: u * lr_scale, updates)
-    params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema_params, params, ema_decay) if ema_decay is not None else state.ema_params
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = TrainState(
-        step=state.step + finite.astype(jnp.int32),
-        params=keep(params, state.params), constants=state.constants,
-        opt_state=keep(opt_state, state.opt_state), ema_params=keep(ema, state.ema_params),
-        nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1))
-    return new_state, grad_norm, finite
+
+    def update(state: TrainState, grads: Any) -> TrainState:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        if lr_scale is not None:
+            updates = jax.tree.map(lambda u: u * lr_scale, updates)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema_params, params, ema_decay) if ema_decay is not None else state.ema_params
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                             nonfinite_in_a_row=jnp.zeros_like(state.nonfinite_in_a_row))
+
+    def skip(state: TrainState, grads: Any) -> TrainState:
+        del grads
+        return state.replace(nonfinite_in_a_row=state.nonfinite_in_a_row + 1)
+
+    # A conditional, not a select between the new and the old state: with a select every old leaf is read by two
+    # kernels that XLA cannot order, so it copies the donated state first (JMP-S: 1,054 copies, 265 instead of
+    # 153 MiB of temporaries, 3,204 instead of 2,529 kernels). The branch not taken does not run.
+    return jax.lax.cond(finite, update, skip, state, grads), grad_norm, finite
 
 
 def loss_and_gradient(params, constants, shards: Any, *, shard_loss: Callable,
