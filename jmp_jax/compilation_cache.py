@@ -16,7 +16,7 @@ after editing an installed dependency in place, which the store's key does not s
 
 The cache is bounded: `enable()` evicts the least recently used entries beyond MAX_SIZE_BYTES, once per
 process. jax's own bound (JAX_COMPILATION_CACHE_MAX_SIZE, used instead where set) scans the whole directory
-under a lock on every write, 0.1 s per program at 2,400 entries, and a start can write hundreds.
+under a lock on every write, 0.1-0.15 s per program at 2,400 entries, and a start can write hundreds.
 It keeps every program, also those that compile in
 milliseconds (unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise): the eager variable init
 compiles hundreds of them on every start, which jax's default (programs that took >= 1 s) would not keep.

@@ -46,7 +46,7 @@ def lists(graphs):
     return batch_interaction_lists(graphs)
 
 
-# Jitted: run op by op, each basis function would compile its own small programs (the tests took 3x longer).
+# Jitted: run op by op, each basis function would compile its own small programs (the tests took several times longer).
 _triplet_sph = jax.jit(triplet_sph, static_argnums=(2, 3))
 _quadruplet_geometry = jax.jit(quadruplet_geometry, static_argnums=(2,))
 
