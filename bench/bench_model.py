@@ -201,8 +201,8 @@ def main():
                   common.table(header, rows),
                   notes=f"Measured {args.precision} matmul rate of this machine through XLA (float32 "
                         f"accumulation), the peak in the table: {peak:.0f} GFLOP/s. "
-                        f"Median of {args.repeats} steps after one warm-up step. Freed host memory kept in the "
-                        f"process (jmp_jax/host_memory.py): {'yes' if jmp_jax.host_memory_retained else 'no'}.")
+                        f"Median of {args.repeats} steps after one warm-up step. One malloc arena for all "
+                        f"threads (jmp_jax/host_memory.py): {'yes' if jmp_jax.one_malloc_arena else 'no'}.")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jmp_jax.models.gemnet import REMAT_CHOICES  # noqa: E402
+
 BATCHES = ("molecules", "slabs")
 RUNS = ("ref_f32", "proj_f32", "proj_bf16", "ref_bf16")  # as sidebyside.sh names them
 BF16_FLAGS = "--precision bfloat16"  # sidebyside.sh's default project flags for the bf16 rows (PROJECT_BF16)
@@ -127,7 +129,7 @@ def main():
     one.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                      help="model compute dtype: bfloat16 activations and products (as torch's autocast)")
     one.add_argument("--repeats", type=int, default=3)
-    one.add_argument("--remat", default="block", choices=("none", "block"))
+    one.add_argument("--remat", default="block", choices=REMAT_CHOICES)
     summary = commands.add_parser("report")
     summary.add_argument("outdir")
     args = parser.parse_args()

@@ -15,7 +15,8 @@ def pretrain_config(model: str) -> ml_collections.ConfigDict:
     c.model.matmul_precision = "float32"  # "bfloat16": bf16 matrix-product operands, float32 accumulation
     c.model.scale_factors = "fitted"     # "fitted": JMP's released scale file for this size; "none": all 1
     c.model.scan_blocks = False          # True: one compiled interaction block (jax.lax.scan); slower to compile on CPU
-    c.model.remat = "block"              # block: recompute each block in the backward pass (less memory) | none
+    c.model.remat = "block"              # block: recompute each block in the backward pass (less memory) | nested
+                                         # (its interactions too: less again, slower) | none
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ml_collections.FieldReference(None, field_type=str)  # None: the embedded default dataset

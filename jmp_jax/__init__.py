@@ -1,10 +1,10 @@
 """jmp_jax: JAX/Flax GemNet-OC and JMP. `load_pretrained` is imported lazily (it pulls in JAX and Flax)."""
 from __future__ import annotations
 
-from jmp_jax.host_memory import retain_freed_host_memory
+from jmp_jax.host_memory import use_one_malloc_arena
 
-# Whether freed host memory is kept in the process (see jmp_jax/host_memory.py); benches report it.
-host_memory_retained = retain_freed_host_memory()
+# Whether all threads share one malloc arena (see jmp_jax/host_memory.py); benches report it.
+one_malloc_arena = use_one_malloc_arena()
 
 __all__ = ["load_pretrained", "PretrainedModel", "FinetunedModel"]
 

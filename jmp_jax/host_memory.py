@@ -1,15 +1,17 @@
-"""Keep freed host memory in the process, so XLA CPU's per-step temporaries are not re-faulted each step.
+"""One malloc arena for every thread, so XLA CPU's worker threads do not each keep a heap of their own.
 
-XLA CPU allocates all temporaries of one execution as a single block (6.7 GB for the JMP-S loss gradient
-on the bench's slab batch) from a worker thread. glibc serves a block that large from the thread's arena by
-mmap and unmaps it when freed, so every step touches fresh pages. With one arena, no mmap and no trimming,
-the block stays mapped after the first step: `bench/bench_model.py --precision bfloat16` measured 1.74
-million page faults and 9.1 s per slab step with glibc's defaults, 30 thousand and 5.9 s with this.
+glibc gives each thread that allocates an arena of its own (up to 8 per core). XLA CPU runs a step's
+kernels on a pool of worker threads, which allocate and free buffers of every size, and an arena keeps what
+its thread freed for that thread's next allocations: the freed memory of one arena cannot serve another's,
+so the process holds several partly empty heaps. With one arena, blocks above glibc's mmap threshold (XLA's
+per-step temporaries: one block of about 2 GB for the JMP-S slab gradient) are still mapped for the step and
+unmapped after, and everything smaller shares one heap. Measured (`bench/sidebyside.py step`, JMP-S, peak
+RSS of the process, BENCHMARKS.md "Host memory"): slab step 5.37 GB with glibc's defaults, 4.62 GB with one
+arena; molecule step 3.60 and 3.05 GB; step times equal within 2%.
 
-Trade-off: the process keeps its peak host memory until it exits, and a heap that never unmaps can
-fragment: with every block's intermediates kept (model.remat="none") the slab step's process peaked at 19.2
-GB, against 11.2 GB with glibc's defaults; with recomputed blocks (the default) at 5.5 GB, against 5.9 GB.
-Set JMP_JAX_SYSTEM_MALLOC=1 to keep glibc's defaults.
+An earlier setting also kept every freed block mapped (no mmap, no trimming) to save the page faults of
+re-mapping the temporaries; once the temporaries shrank it no longer made the steps faster, and its heap
+fragmented: 7.18 GB for the same slab step. Set JMP_JAX_SYSTEM_MALLOC=1 to keep glibc's defaults.
 """
 from __future__ import annotations
 
@@ -21,8 +23,7 @@ import sys
 
 OPT_OUT_ENV = "JMP_JAX_SYSTEM_MALLOC"
 
-# mallopt parameters (glibc malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
 
 
 def _jax_backend_started() -> bool:
@@ -32,12 +33,12 @@ def _jax_backend_started() -> bool:
     return started is not None and started()
 
 
-def retain_freed_host_memory() -> bool:
-    """Route all host allocations through glibc's main arena and never return freed memory to the OS.
+def use_one_malloc_arena() -> bool:
+    """Make every thread that has not yet allocated use glibc's main arena.
 
-    Returns whether the setting was applied: False where the C library has no `mallopt` (not glibc),
-    or when JMP_JAX_SYSTEM_MALLOC=1. It only helps threads that allocate after it runs, so it must run
-    before jax starts its CPU client; `import jmp_jax` calls it, and warns when jax had already started.
+    Returns whether the setting was applied: False where the C library has no `mallopt` (not glibc), or when
+    JMP_JAX_SYSTEM_MALLOC=1. A thread attaches to an arena at its first allocation and keeps it, so this must
+    run before jax starts its CPU client; `import jmp_jax` calls it, and warns when jax had already started.
     """
     if os.environ.get(OPT_OUT_ENV, "0") not in ("", "0"):
         return False
@@ -45,11 +46,9 @@ def retain_freed_host_memory() -> bool:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
         return False
-    # Arena first: a thread attaches to an arena at its first allocation, and keeps it.
-    applied = all(mallopt(param, value) == 1 for param, value in
-                  ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+    applied = mallopt(_M_ARENA_MAX, 1) == 1
     if applied and _jax_backend_started():
         logging.getLogger(__name__).warning(
-            "jmp_jax was imported after jax started its CPU client: XLA's host temporaries will be "
-            "re-faulted on every step. Import jmp_jax before running any jax computation.")
+            "jmp_jax was imported after jax started its CPU client: XLA's worker threads keep their own "
+            "malloc arenas. Import jmp_jax before running any jax computation.")
     return applied

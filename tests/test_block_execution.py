@@ -62,15 +62,18 @@ def test_scanned_blocks_equal_unrolled_blocks(unrolled):
     _assert_same(scanned, unrolled, rtol=2e-4)
 
 
+@pytest.mark.parametrize("remat", ["block", "nested"])
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
-def test_rematerialised_blocks_equal_unrolled_blocks(unrolled, scan):
-    # The backward pass recomputes the blocks; only the order of float32 sums may change.
-    _assert_same(_evaluate(BlockExecution(scan=scan, remat="block")), unrolled, rtol=2e-4)
+def test_rematerialised_blocks_equal_unrolled_blocks(unrolled, scan, remat):
+    # The backward pass recomputes the blocks (and with "nested", within each block's backward, each of its
+    # interactions again); only the order of float32 sums may change.
+    _assert_same(_evaluate(BlockExecution(scan=scan, remat=remat)), unrolled, rtol=2e-4)
 
 
 def test_rematerialised_blocks_keep_less_for_the_backward_pass():
     """XLA's own count of the gradient program's temporaries: recomputed blocks must actually free what
-    the forward pass kept (jax.checkpoint did not, on XLA CPU)."""
+    the forward pass kept (jax.checkpoint did not, on XLA CPU), and recomputed interactions within them
+    less again."""
     config, batch, variables = fb.load_config(), fb.load_batch(), fb.load_variables(np.float32)
 
     def temporaries(remat: str) -> int:
@@ -83,8 +86,9 @@ def test_rematerialised_blocks_keep_less_for_the_backward_pass():
         program = jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
         return program.memory_analysis().temp_size_in_bytes
 
-    kept, recomputed = temporaries("none"), temporaries("block")
+    kept, recomputed, nested = temporaries("none"), temporaries("block"), temporaries("nested")
     assert recomputed < RECOMPUTED_SHARE * kept, (recomputed, kept)
+    assert nested < recomputed, (nested, recomputed)
 
 
 def test_unknown_remat_is_refused():

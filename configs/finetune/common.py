@@ -168,7 +168,8 @@ def get_config(dataset: str, variant: str) -> ml_collections.ConfigDict:
     c.model.matmul_precision = "float32"   # "bfloat16": bf16 matrix-product operands, float32 accumulation
     c.model.scale_factors = "fitted"       # for --init=scratch: JMP's fitted values ("none": all 1)
     c.model.scan_blocks = False            # True: one compiled interaction block (jax.lax.scan); slower to compile on CPU
-    c.model.remat = "block"                 # block: recompute each block in the backward pass (a third of the memory) | none
+    c.model.remat = "block"                # block: recompute each block in the backward pass (a third of the memory)
+                                           # | nested (its interactions too: less again, slower) | none
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = config_dict.placeholder(str)  # folder with the task's data_prep.build shards

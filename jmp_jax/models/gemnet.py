@@ -3,7 +3,7 @@ and per-edge direct-force features out. Parameters live under `backbone/...` in 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from jmp_jax.graph.types import GraphBatch
 from jmp_jax.models.bases import Bases, BasesOutput
 from jmp_jax.models.config import BackboneConfig
-from jmp_jax.models import kernels
 from jmp_jax.models.interactions import InteractionBlock, OutputBlock
 from jmp_jax.models.layers import Dense, residual_stack
+from jmp_jax.models.recompute import recomputed_in_backward
 
 
 class BackboneOutput(NamedTuple):
@@ -37,46 +37,7 @@ class FinalMLP(nn.Module):
         return residual_stack(x, self.num_layers, "out_mlp", self.dtype, start=1)
 
 
-REMAT_CHOICES = ("none", "block")
-
-
-def recomputed_in_backward(block: nn.Module, *inputs, **static) -> Any:
-    """block(*inputs, **static), whose backward pass recomputes the block's forward pass from its inputs and
-    variables instead of keeping its intermediates from the forward pass.
-
-    A custom VJP rather than `nn.remat`: XLA CPU merges jax.checkpoint's recomputation back into the forward
-    pass (see `kernels.after`), which kept every intermediate alive (measured: the JMP-S slab step's
-    temporaries 8.4 GiB either way). The block runs as a pure function of its variables, which are passed
-    in rather than closed over, so that it also works inside `jax.lax.scan`. `static` holds the call's
-    Python (non-array) arguments. Called inside a parent's compact method.
-    """
-    if block.is_initializing():
-        return block(*inputs, **static)
-    unbound = block.clone(parent=None)
-    variables = {name: tree for name, tree in block.variables.items() if name != "intermediates"}
-
-    def run(variables, *xs):
-        return unbound.apply(variables, *xs, **static)
-
-    return _recomputing(run)(variables, *inputs)
-
-
-def _recomputing(fn: Callable) -> Callable:
-    """fn with a VJP that keeps only fn's arguments and recomputes fn in the backward pass."""
-
-    @jax.custom_vjp
-    def call(*args):
-        return fn(*args)
-
-    def forward(*args):
-        return fn(*args), args
-
-    def backward(args, cotangent):
-        args = kernels.after(args, jax.tree.leaves(cotangent)[0])
-        return jax.vjp(fn, *args)[1](cotangent)
-
-    call.defvjp(forward, backward)
-    return call
+REMAT_CHOICES = ("none", "block", "nested")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +48,9 @@ class BlockExecution:
       parameters, stacked at trace time from their per-block entries, so the parameter tree keeps one
       subtree per block). False unrolls the blocks, as `init` always does.
     remat: "block" keeps only each interaction and output block's inputs for the backward pass, which
-      recomputes the block (`recomputed_in_backward`); "none" keeps every intermediate.
+      recomputes the block (`recomputed_in_backward`); "nested" also recomputes each of an interaction
+      block's five message-passing interactions within the block's backward (less memory, one more forward
+      pass of them); "none" keeps every intermediate.
     """
 
     scan: bool = False
@@ -107,9 +70,10 @@ def interaction_step(execution: BlockExecution, config: BackboneConfig, dtype: A
     Called inside a parent's compact method (the blocks become its children under these names; remat
     leaves the names as they are).
     """
-    interaction = InteractionBlock(config, dtype=dtype, name=int_name)
+    interaction = InteractionBlock(config, dtype=dtype, recompute_interactions=execution.remat == "nested",
+                                   name=int_name)
     output = OutputBlock(config, dtype=dtype, name=out_name)
-    if execution.remat == "block":
+    if execution.remat != "none":
         h, m = recomputed_in_backward(interaction, h, m, bases, batch)
         x_e, x_f = recomputed_in_backward(output, h, m, bases.output, batch.main_slots, train=train)
     else:

@@ -12,6 +12,7 @@ from jmp_jax.graph.types import EdgeSet, EdgeSlots, GraphBatch
 from jmp_jax.models import slot_ops
 from jmp_jax.models.bases import BasesOutput, QuadBasis, TripletBasis
 from jmp_jax.models.config import BackboneConfig
+from jmp_jax.models.recompute import recomputed_in_backward
 from jmp_jax.models.layers import (Dense, EdgeEmbedding, EfficientBilinear, ScaleFactor,
                                    dense_then_residuals, residual_stack, scaled_sum)
 
@@ -167,10 +168,16 @@ class OutputBlock(nn.Module):
 
 
 class InteractionBlock(nn.Module):
-    """One GemNet-OC interaction block: (h (N, A), m (E, E_dim)) -> updated (h, m)."""
+    """One GemNet-OC interaction block: (h (N, A), m (E, E_dim)) -> updated (h, m).
+
+    recompute_interactions: the backward pass recomputes each message-passing interaction (triplet,
+    quadruplet, atom-edge, edge-atom, atom-atom) from its inputs instead of keeping its intermediates (the
+    bulk of a block's memory); results and parameters are the same.
+    """
 
     config: BackboneConfig
     dtype: Any = jnp.float32
+    recompute_interactions: bool = False
 
     @nn.compact
     def __call__(self, h: jax.Array, m: jax.Array, bases: BasesOutput,
@@ -181,15 +188,21 @@ class InteractionBlock(nn.Module):
         def triplet(name: str, features: int) -> TripletInteraction:
             return TripletInteraction(features, cfg.emb_size_trip_in, cfg.emb_size_trip_out, dtype=dt, name=name)
 
+        def run(interaction: nn.Module, *inputs, **static) -> jax.Array:
+            if self.recompute_interactions:
+                return recomputed_in_backward(interaction, *inputs, **static)
+            return interaction(*inputs, **static)
+
         x_skip = Dense(cfg.emb_size_edge, activation=True, dtype=dt, name="dense_ca")(m)
         main, aeea = batch.main_slots, batch.a2ee2a_slots
-        x_e2e = triplet("trip_interaction", cfg.emb_size_edge)(m, bases.e2e, main, main, batch.id_swap)
-        x_qint = QuadrupletInteraction(cfg, dtype=dt, name="quad_interaction")(m, bases.qint, batch)
-        x_a2e = triplet("atom_edge_interaction", cfg.emb_size_edge)(
-            h, bases.a2e, aeea, main, batch.id_swap, expand_idx=batch.a2ee2a.senders)
-        h_e2a = triplet("edge_atom_interaction", cfg.emb_size_atom)(m, bases.e2a, main, aeea, None, to_atoms=True)
-        h_a2a = PairInteraction(cfg, dtype=dt, name="atom_interaction")(h, bases.a2a_rad, batch.a2a,
-                                                                        batch.a2a_slots)
+        x_e2e = run(triplet("trip_interaction", cfg.emb_size_edge), m, bases.e2e, main, main, batch.id_swap)
+        x_qint = run(QuadrupletInteraction(cfg, dtype=dt, name="quad_interaction"), m, bases.qint, batch)
+        x_a2e = run(triplet("atom_edge_interaction", cfg.emb_size_edge), h, bases.a2e, aeea, main, batch.id_swap,
+                    batch.a2ee2a.senders)
+        h_e2a = run(triplet("edge_atom_interaction", cfg.emb_size_atom), m, bases.e2a, main, aeea, None,
+                    to_atoms=True)
+        h_a2a = run(PairInteraction(cfg, dtype=dt, name="atom_interaction"), h, bases.a2a_rad, batch.a2a,
+                    batch.a2a_slots)
 
         x = scaled_sum(x_skip, x_e2e, x_qint, x_a2e, scale=1.0 / math.sqrt(4.0))
         h = scaled_sum(h, h_e2a, h_a2a, scale=1.0 / math.sqrt(3.0))
