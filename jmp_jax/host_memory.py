@@ -6,12 +6,12 @@ its thread freed for that thread's next allocations: the freed memory of one are
 so the process holds several partly empty heaps. With one arena, blocks above glibc's mmap threshold (XLA's
 per-step temporaries: one block of about 2 GB for the JMP-S slab gradient) are still mapped for the step and
 unmapped after, and everything smaller shares one heap. Measured (`bench/sidebyside.py step`, JMP-S, peak
-RSS of the process, BENCHMARKS.md "Host memory"): slab step 5.37 GB with glibc's defaults, 4.62 GB with one
-arena; molecule step 3.60 and 3.05 GB; step times equal within 2%.
+RSS of the process, BENCHMARKS.md "Host memory"): slab step 5.12 GB with glibc's defaults, 4.41 GB with one
+arena; molecule step 3.43 and 2.91 GB; step times equal within 3%.
 
 An earlier setting also kept every freed block mapped (no mmap, no trimming) to save the page faults of
 re-mapping the temporaries; once the temporaries shrank it no longer made the steps faster, and its heap
-fragmented: 7.18 GB for the same slab step. Set JMP_JAX_SYSTEM_MALLOC=1 to keep glibc's defaults.
+fragmented: 6.85 GB for the same slab step. Set JMP_JAX_SYSTEM_MALLOC=1 to keep glibc's defaults.
 """
 from __future__ import annotations
 
