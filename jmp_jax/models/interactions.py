@@ -171,8 +171,8 @@ class InteractionBlock(nn.Module):
     """One GemNet-OC interaction block: (h (N, A), m (E, E_dim)) -> updated (h, m).
 
     recompute_interactions: the backward pass recomputes each message-passing interaction (triplet,
-    quadruplet, atom-edge, edge-atom, atom-atom) from its inputs instead of keeping its intermediates (the
-    bulk of a block's memory); results and parameters are the same.
+    quadruplet, atom-edge, edge-atom, atom-atom) from its inputs instead of keeping its intermediates
+    (`model.remat="nested"`); results and parameters are the same.
     """
 
     config: BackboneConfig
