@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from bench import bench_finetune, bench_inference, bench_model, common
+from bench import bench_finetune, bench_inference, bench_model, bench_profile, common
 from configs.finetune import common as finetune_configs
 from jmp_jax.data import budget_plan
 from jmp_jax.finetune import loop
@@ -60,3 +60,29 @@ def test_bench_inference_smoke(capsys, benchmarks_md_unchanged):
     assert [r[:4] for r in rows] == [["molecule", "20", "ani1x", "direct"]]
     assert float(rows[0][4]) > 0 and float(rows[0][5]) > 0 and float(rows[0][6]) > 0
     assert rows[0][9] == "0 of 4"  # the molecule's moved steps keep the first call's padded shape
+
+
+def test_bench_profile_groups_kernels_by_what_they_compute(tmp_path):
+    """A product, a gather and a sum, each timed in a real trace and put in its group."""
+    import jax
+    import jax.numpy as jnp
+
+    program = jax.jit(lambda a, idx: jnp.sum(jnp.exp(a @ a.T)[idx] * 2.0, axis=0)).lower(
+        jnp.ones((256, 256)), jnp.arange(128)).compile()
+    groups = bench_profile.kernel_groups(program.as_text())
+    assert {"matrix products", "gathers", "reductions"} <= set(groups.values()), groups
+    program(jnp.ones((256, 256)), jnp.arange(128)).block_until_ready()
+    with jax.profiler.trace(str(tmp_path)):
+        program(jnp.ones((256, 256)), jnp.arange(128)).block_until_ready()
+    seconds, unmatched = bench_profile.kernel_seconds(str(tmp_path), groups)
+    assert seconds["matrix products"] > 0 and unmatched == 0, (seconds, unmatched)
+
+
+def test_bench_profile_smoke(capsys, benchmarks_md_unchanged):
+    bench_profile.main(["--config", "demo", "--batches", "molecules", "--no-report"])
+    rows = table_rows(capsys.readouterr().out)
+    assert [r[1] for r in rows] == [*bench_profile.GROUPS, "unmatched kernels", "all kernels (step wall time)"]
+    shares = [float(r[3].rstrip("%")) for r in rows[:-1]]
+    assert sum(shares) == pytest.approx(100, abs=len(shares)) and shares[0] > 0
+    assert float(rows[-2][2]) < 0.05 * float(rows[-1][2].split()[0])  # nearly every kernel is named
+

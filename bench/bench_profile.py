@@ -1,0 +1,177 @@
+r"""Where the pre-training step's time goes on CPU: XLA's kernels of the gradient and update programs, timed
+by a `jax.profiler` trace and grouped by what they compute.
+
+  python bench/bench_profile.py --batches slabs                           # JMP-S, float32
+  python bench/bench_profile.py --batches slabs --precision bfloat16      # bf16 matrix products
+
+Each kernel (an XLA thunk: a fusion, a library call, a copy) is put in one group by the operations of its
+HLO computation: matrix products (dot or convolution), gathers, scatters, reductions, copies and transposes,
+conditionals, and elementwise work (everything else). Kernel seconds are summed over XLA's worker threads,
+so they can exceed the step's wall time when kernels run side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench import common  # noqa: E402
+from bench.bench_compile import BATCHES  # noqa: E402
+from bench.bench_model import step_programs  # noqa: E402
+from jmp_jax.models import config as config_lib  # noqa: E402
+from jmp_jax.models.gemnet import REMAT_CHOICES, BlockExecution  # noqa: E402
+from jmp_jax.models.jmp import JMPModel  # noqa: E402
+from jmp_jax.training import optim  # noqa: E402
+from jmp_jax.training.state import SplitStep, init_train_state  # noqa: E402
+
+GROUPS = ("matrix products", "gathers", "scatters", "reductions", "copies and transposes", "conditionals",
+          "elementwise")
+# The first group whose operation occurs in a kernel's computation names the kernel.
+_GROUP_OPS = (("matrix products", ("dot", "convolution")), ("gathers", ("gather", "dynamic-slice")),
+              ("scatters", ("scatter", "dynamic-update-slice")), ("reductions", ("reduce", "reduce-window")),
+              ("conditionals", ("conditional",)), ("copies and transposes", ("copy", "transpose")))
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^=]*? ([a-z\-]+)\(")
+_CALLS = re.compile(r"(?:calls|to_apply|branch_computations)=\{?%?([\w.\-, %]+)\}?")
+
+
+def kernel_groups(hlo_text: str) -> dict[str, str]:
+    """{instruction name: group} for every instruction of an optimized HLO module, by the operations in the
+    instruction itself or in the computations it calls (transitively)."""
+    computations: dict[str, list[str]] = {}
+    ops: dict[str, str] = {}
+    called: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if header and "=" not in line.split("{")[0]:
+            current = header.group(1)
+            computations[current] = []
+            continue
+        match = _INSTRUCTION.match(line)
+        if match and current is not None:
+            name, op = match.groups()
+            computations[current].append(name)
+            ops[name] = op
+            calls = _CALLS.search(line)
+            called[name] = [c.strip(" %") for c in calls.group(1).split(",")] if calls else []
+
+    def operations(name: str, seen: set) -> set[str]:
+        found = {ops[name]}
+        for computation in called.get(name, []):
+            if computation in seen:
+                continue
+            seen.add(computation)
+            for inner in computations.get(computation, []):
+                found |= operations(inner, seen)
+        return found
+
+    groups = {}
+    for name in ops:
+        found = operations(name, set())
+        groups[name] = next((g for g, names in _GROUP_OPS if found & set(names)), "elementwise")
+    return groups
+
+
+def kernel_seconds(trace_dir: str, groups: dict[str, str]) -> tuple[collections.Counter, float]:
+    """(seconds per group, seconds of kernels not in `groups`) from the trace's complete events whose name is
+    an HLO instruction."""
+    path = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))[-1]
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    per_group, unknown = collections.Counter(), 0.0
+    for event in events:
+        if event.get("ph") != "X":
+            continue
+        name = event["name"]
+        if name in groups:
+            per_group[groups[name]] += event.get("dur", 0) * 1e-6
+        elif re.match(r"^[\w\-]+(\.\d+)?$", name) and ("fusion" in name or name.startswith("wrapped_")):
+            unknown += event.get("dur", 0) * 1e-6
+    return per_group, unknown
+
+
+def traced(run, groups: dict[str, str], per_group: collections.Counter) -> tuple[object, float]:
+    """(run()'s result, its wall seconds), its kernels' seconds (under a jax.profiler trace) added to per_group
+    by `groups`; kernels not found there under "unmatched"."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            start = time.perf_counter()
+            result = jax.block_until_ready(run())
+            wall = time.perf_counter() - start
+        seconds, unknown = kernel_seconds(trace_dir, groups)
+    per_group.update(seconds)
+    per_group["unmatched"] += unknown
+    return result, wall
+
+
+def profile(name: str, backbone: config_lib.BackboneConfig, dtype: str, execution: BlockExecution,
+            steps: int) -> list[list[str]]:
+    batch = BATCHES[name]()
+    model = JMPModel(backbone, num_tasks=1, dtype=jnp.dtype(dtype), execution=execution)
+    shard = jax.tree.map(lambda x: x[0], batch.graphs)
+    variables = jax.jit(lambda k: model.init(k, shard))(jax.random.key(0))
+    tx, schedule = optim.pretrain_optimizer(variables["params"], num_blocks=backbone.num_blocks, peak_lr=3e-4,
+                                            warmup_steps=2000, total_steps=100_000)
+    state = init_train_state(variables, tx)
+    gradient, update = step_programs(model, tx, schedule)
+    common.stage(f"{name}: compiling")
+    gradient_compiled = gradient.lower(state.params, state.constants, batch).compile()
+    loss, _, grads = jax.eval_shape(gradient, state.params, state.constants, batch)
+    update_compiled = update.lower(state, loss, grads).compile()
+    state, metrics = SplitStep(gradient_compiled, update_compiled)(state, batch)  # warm-up
+    jax.block_until_ready(metrics)
+    common.stage(f"{name}: profiling {steps} step(s)")
+    # Each program in a trace of its own: instruction names repeat across programs.
+    gradient_groups = kernel_groups(gradient_compiled.as_text())
+    update_groups = kernel_groups(update_compiled.as_text())
+    per_group, wall = collections.Counter(), 0.0
+    for _ in range(steps):
+        (loss, _, grads), gradient_s = traced(lambda: gradient_compiled(state.params, state.constants, batch),
+                                              gradient_groups, per_group)
+        (state, _), update_s = traced(lambda: update_compiled(state, loss, grads), update_groups, per_group)
+        wall += (gradient_s + update_s) / steps
+    unknown = per_group.pop("unmatched")
+    total = sum(per_group.values()) + unknown
+    rows = [[name, group, f"{per_group[group] / steps:.2f}", f"{100 * per_group[group] / total:.0f}%"]
+            for group in GROUPS]
+    rows.append([name, "unmatched kernels", f"{unknown / steps:.2f}", f"{100 * unknown / total:.0f}%"])
+    rows.append([name, "all kernels (step wall time)", f"{total / steps:.2f} ({wall:.2f})", "100%"])
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="jmp_s", choices=sorted(config_lib.NAMED_CONFIGS))
+    parser.add_argument("--batches", default="slabs")
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                        help="jax.default_matmul_precision: bfloat16 products, float32 activations")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the model's compute dtype (bfloat16: bf16 activations)")
+    parser.add_argument("--remat", default="block", choices=REMAT_CHOICES, help="model.remat")
+    parser.add_argument("--steps", type=int, default=1, help="profiled steps, after one warm-up step")
+    parser.add_argument("--no-report", action="store_true", help="print the table only (BENCHMARKS.md untouched)")
+    args = parser.parse_args(argv)
+    execution = BlockExecution(remat=args.remat)
+    with jax.default_matmul_precision(args.precision):
+        rows = [row for name in args.batches.split(",")
+                for row in profile(name, config_lib.NAMED_CONFIGS[args.config](), args.dtype, execution, args.steps)]
+    table = common.table(["batch", "kernels", "kernel s per step (summed over threads)", "share"], rows)
+    title = (f"bench_profile: {args.config} training step ({args.dtype} compute, {args.precision} products, "
+             f"remat {args.remat})")
+    common.report(title, table, append=not args.no_report)
+
+
+if __name__ == "__main__":
+    main()
