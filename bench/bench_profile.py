@@ -29,12 +29,12 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.bench_compile import BATCHES  # noqa: E402
-from bench.bench_model import step_programs  # noqa: E402
+from bench.bench_model import (pretrain_state, step_programs, timed_compile,  # noqa: E402
+                               timed_update_compile)
 from jmp_jax.models import config as config_lib  # noqa: E402
 from jmp_jax.models.gemnet import REMAT_CHOICES, BlockExecution  # noqa: E402
 from jmp_jax.models.jmp import JMPModel  # noqa: E402
-from jmp_jax.training import optim  # noqa: E402
-from jmp_jax.training.state import SplitStep, init_train_state  # noqa: E402
+from jmp_jax.training.state import SplitStep  # noqa: E402
 
 GROUPS = ("matrix products", "gathers", "scatters", "reductions", "copies and transposes", "conditionals",
           "elementwise")
@@ -120,16 +120,11 @@ def profile(name: str, backbone: config_lib.BackboneConfig, dtype: str, executio
             steps: int) -> list[list[str]]:
     batch = BATCHES[name]()
     model = JMPModel(backbone, num_tasks=1, dtype=jnp.dtype(dtype), execution=execution)
-    shard = jax.tree.map(lambda x: x[0], batch.graphs)
-    variables = jax.jit(lambda k: model.init(k, shard))(jax.random.key(0))
-    tx, schedule = optim.pretrain_optimizer(variables["params"], num_blocks=backbone.num_blocks, peak_lr=3e-4,
-                                            warmup_steps=2000, total_steps=100_000)
-    state = init_train_state(variables, tx)
+    state, tx, schedule = pretrain_state(model, jax.tree.map(lambda x: x[0], batch.graphs))
     gradient, update = step_programs(model, tx, schedule)
     common.stage(f"{name}: compiling")
-    gradient_compiled = gradient.lower(state.params, state.constants, batch).compile()
-    loss, _, grads = jax.eval_shape(gradient, state.params, state.constants, batch)
-    update_compiled = update.lower(state, loss, grads).compile()
+    gradient_compiled = timed_compile(gradient, state.params, state.constants, batch)[0]
+    update_compiled = timed_update_compile(update, gradient, state, batch)[0]
     state, metrics = SplitStep(gradient_compiled, update_compiled)(state, batch)  # warm-up
     jax.block_until_ready(metrics)
     common.stage(f"{name}: profiling {steps} step(s)")
