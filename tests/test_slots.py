@@ -48,7 +48,7 @@ def lists(graphs):
 
 # Jitted: run op by op, each basis function would compile its own small programs (the tests took several times longer).
 _triplet_sph = jax.jit(triplet_sph, static_argnums=(2, 3))
-_quadruplet_geometry = jax.jit(quadruplet_geometry, static_argnums=(2,))
+_quadruplet_geometry = jax.jit(quadruplet_geometry, static_argnums=(3,))
 
 
 def _geometry(batch, name):
@@ -84,11 +84,12 @@ def test_dense_triplets_are_exactly_the_listed_ones(batch, lists):
 
 
 def test_dense_quadruplets_are_exactly_the_listed_ones(batch, lists):
-    main, qint = _geometry(batch, "main"), _geometry(batch, "qint")
-    _, _, sph_dihedral = _quadruplet_geometry(main, qint, 7)
-    a, q, j, k = np.nonzero(np.asarray(sph_dihedral[..., 0]))
-    b = np.asarray(qint.sender)[a, q]
-    dense = set(zip(np.asarray(batch.main_slots.edge)[a, j].tolist(), np.asarray(batch.qint_slots.edge)[a, q].tolist(),
+    main, qint = _geometry(batch, "main"), batch.qint
+    qint_unit = edge_geometry(jnp.asarray(batch.graph.nodes["positions"]), qint.senders, qint.receivers, qint.shift)[1]
+    _, _, sph_dihedral = _quadruplet_geometry(main, qint, qint_unit, 7)
+    q, j, k = np.nonzero(np.asarray(sph_dihedral[:, :, 0]))
+    a, b = np.asarray(qint.receivers)[q], np.asarray(qint.senders)[q]
+    dense = set(zip(np.asarray(batch.main_slots.edge)[a, j].tolist(), q.tolist(),
                     np.asarray(batch.main_slots.edge)[b, k].tolist()))
     quad = lists.quad
     listed = set(zip(quad.edge_out.tolist(), quad.triplet_out.edge_in[quad.trip_out_to_quad].tolist(),

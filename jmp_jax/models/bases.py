@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jmp_jax.graph.types import EdgeSlots, GraphBatch
+from jmp_jax.graph.types import EdgeSet, EdgeSlots, GraphBatch
 from jmp_jax.models import slot_ops
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.kernels import fusion_barrier
@@ -60,8 +60,9 @@ def radial_basis(dist: jax.Array, config: BackboneConfig) -> jax.Array:
     return envelope[:, None] * jnp.exp(-temps * (x[:, None] - offsets) ** 2)
 
 
-def legendre_basis(cos_angle: jax.Array, num_spherical: int) -> jax.Array:
-    """Real spherical harmonics with m = 0, Y_l^0 = sqrt((2l+1)/4pi) P_l(cos), l < S: (J,) -> (J, S).
+def legendre_basis(cos_angle: jax.Array, num_spherical: int, axis: int = -1) -> jax.Array:
+    """Real spherical harmonics with m = 0, Y_l^0 = sqrt((2l+1)/4pi) P_l(cos), l < S: (J,) -> (J, S),
+    the S terms along `axis` of the result.
 
     Bonnet's recursion. Equals e3nn_jax's Y_l^0 with "integral" normalisation (checked in the tests);
     e3nn_jax would compute every order m, here only the S terms with m = 0 are needed.
@@ -70,7 +71,7 @@ def legendre_basis(cos_angle: jax.Array, num_spherical: int) -> jax.Array:
     for l in range(1, num_spherical - 1):
         polys.append(((2 * l + 1) * cos_angle * polys[l] - l * polys[l - 1]) / (l + 1))
     norms = np.sqrt((2 * np.arange(num_spherical) + 1) / (4 * np.pi))
-    return jnp.stack(polys[:num_spherical], axis=-1) * jnp.asarray(norms, cos_angle.dtype)
+    return jnp.stack([p * jnp.asarray(n, cos_angle.dtype) for p, n in zip(polys, norms)], axis=axis)
 
 
 def cos_clamped(u: jax.Array, v: jax.Array) -> jax.Array:
@@ -112,11 +113,11 @@ class TripletBasis(NamedTuple):
 
 
 class QuadBasis(NamedTuple):
-    """Quadruplet bases over qint slots q (edge b->a into atom a) and main slots of a (j: c->a) and b
-    (k: d->b): rad (E, rbf); cir (N, Kq, K, cbf) per input triplet (q, k); rad_w1 (E, sbf, S*S);
-    sph_cab (N, Kq, K, S) per output triplet (q, j), zero where (q, j) is none; sph_dihedral
-    (N, Kq, K, K, S) per quadruplet (q, j, k), zero where (q, j, k) is none. The outer product of the
-    last two (cab-major) is the reference's 49-channel legendre_outer basis."""
+    """Quadruplet bases d->b->a<-c over the qint edges q (b->a) and the main slots of a (j: c->a) and of b
+    (k: d->b): rad (E, rbf); cir (Q, K, cbf) per input triplet (q, k); rad_w1 (E, sbf, S*S); sph_cab
+    (N, Kq, K, S) per output triplet, laid out on a's qint slots (q is a's slot of edge b->a); sph_dihedral
+    (Q, K_j, S, K_k) per quadruplet (q, j, k). Each is zero where its triplet or quadruplet is none. The
+    outer product of the last two (cab-major) is the reference's 49-channel legendre_outer basis."""
 
     rad: jax.Array
     cir: jax.Array
@@ -153,11 +154,12 @@ def same_image(sender_a: jax.Array, shift_a: jax.Array, sender_b: jax.Array, shi
     return (sender_a == sender_b) & (jnp.sum(net * net, axis=-1) < SAME_IMAGE_TOL)
 
 
-def masked_legendre(cos_angle: jax.Array, mask: jax.Array, num_spherical: int) -> jax.Array:
-    """legendre_basis(clip(cos)) where mask, else 0: (...) -> (..., S), each materialised once."""
+def masked_legendre(cos_angle: jax.Array, mask: jax.Array, num_spherical: int, axis: int = -1) -> jax.Array:
+    """legendre_basis(clip(cos)) where mask, else 0: (...) -> (..., S) (S along `axis`), each materialised once."""
     cos_angle = fusion_barrier(jnp.where(mask, jnp.clip(cos_angle, -1.0, 1.0), 0.0))
     # Bases feed several blocks' contractions: computed once, not re-derived inside each consumer.
-    return fusion_barrier(legendre_basis(cos_angle, num_spherical) * mask[..., None].astype(cos_angle.dtype))
+    sph = legendre_basis(cos_angle, num_spherical, axis)
+    return fusion_barrier(sph * jnp.expand_dims(mask, axis).astype(cos_angle.dtype))
 
 
 def triplet_sph(out: SlotGeometry, inp: SlotGeometry, num_spherical: int, same_graph: bool) -> jax.Array:
@@ -176,30 +178,30 @@ def triplet_sph(out: SlotGeometry, inp: SlotGeometry, num_spherical: int, same_g
     return masked_legendre(cos, mask, num_spherical)
 
 
-def quadruplet_geometry(main: SlotGeometry, qint: SlotGeometry, num_spherical: int):
-    """Angular parts of the quadruplets d->b->a<-c over qint slot q (b->a), main slots j (c->a) of a
-    and k (d->b) of b.
+def quadruplet_geometry(main: SlotGeometry, qint: EdgeSet, qint_unit: jax.Array, num_spherical: int):
+    """Angular parts of the quadruplets d->b->a<-c over the qint edges q (b->a, unit vectors (Q, 3)), the
+    main slots j (c->a) of a and k (d->b) of b.
 
-    Returns sph_abd (N, Kq, K, S) per input triplet (zero where none), sph_cab (N, Kq, K, S) per output
-    triplet and sph_dihedral (N, Kq, K, K, S) per quadruplet, each zero where the reference has none:
-    d->b returning to a's image, c->a being b->a itself, or c and d the same atom image.
+    Per qint edge rather than per qint slot of a: qint slots are the sparsest grid (a third full in a Cu
+    slab), and the quadruplet grid is the model's largest. Returns sph_abd (Q, K, S) per input triplet (q, k),
+    sph_cab (Q, K, S) per output triplet (q, j) and sph_dihedral (Q, K_j, S, K_k) per quadruplet (k last:
+    the interaction contracts over it), each zero where the reference has none: d->b returning to a's image,
+    c->a being b->a itself, or c and d the same atom image.
     """
-    num_nodes = main.mask.shape[0]
-    take_b = lambda x, fill=0: slot_ops.take_rows(x, qint.sender, fill)  # noqa: E731
-    u_db, s_d, sh_db, m_db = take_b(main.unit), take_b(main.sender, num_nodes), take_b(main.shift), take_b(main.mask)
-    u_ba, s_b, sh_ba = qint.unit[:, :, None], qint.sender[:, :, None], qint.shift[:, :, None]   # (N, Kq, 1, ...)
-    atom = jnp.arange(num_nodes)[:, None, None]
-    trip_in = qint.mask[:, :, None] & m_db & ~same_image(s_d, sh_db, atom, -sh_ba)
-    u_ca, s_c, sh_ca = main.unit[:, None], main.sender[:, None], main.shift[:, None]             # (N, 1, K, ...)
-    trip_out = qint.mask[:, :, None] & main.mask[:, None] & ~same_image(s_c, sh_ca, s_b, sh_ba)
-    c_is_d = same_image(s_c[..., None], sh_ca[:, :, :, None], s_d[:, :, None], sh_db[:, :, None] + sh_ba[..., None, :])
-    quad = trip_out[..., None] & trip_in[:, :, None] & ~c_is_d
+    a, b = qint.receivers, qint.senders
+    u_db, s_d, sh_db, m_db = jax.tree.map(lambda x: x[b], main)   # (Q, K, ...) main slots of b: d->b
+    u_ca, s_c, sh_ca, m_ca = jax.tree.map(lambda x: x[a], main)   # (Q, K, ...) main slots of a: c->a
+    u_ba, s_b, sh_ba = qint_unit[:, None], b[:, None], qint.shift[:, None].astype(sh_db.dtype)  # (Q, 1, ...)
+    trip_in = qint.mask[:, None] & m_db & ~same_image(s_d, sh_db, a[:, None], -sh_ba)                   # (Q, K)
+    trip_out = qint.mask[:, None] & m_ca & ~same_image(s_c, sh_ca, s_b, sh_ba)                         # (Q, K)
+    c_is_d = same_image(s_c[:, :, None], sh_ca[:, :, None], s_d[:, None], sh_db[:, None] + sh_ba[:, None])
+    quad = trip_out[:, :, None] & trip_in[:, None] & ~c_is_d                                           # (Q, J, K)
     sph_abd = masked_legendre(jnp.sum(u_ba * u_db, axis=-1), trip_in, num_spherical)
     sph_cab = masked_legendre(jnp.sum(u_ca * u_ba, axis=-1), trip_out, num_spherical)
-    normal_out = jnp.cross(u_ca, u_ba)   # (N, Kq, K, 3) plane c-a-b
-    normal_in = jnp.cross(u_db, u_ba)    # (N, Kq, K, 3) plane a-b-d
-    cos_dihedral = dihedral_cos(normal_out[:, :, :, None], normal_in[:, :, None])
-    return sph_abd, sph_cab, masked_legendre(cos_dihedral, quad, num_spherical)
+    normal_out = jnp.cross(u_ca, u_ba)   # (Q, J, 3) plane c-a-b
+    normal_in = jnp.cross(u_db, u_ba)    # (Q, K, 3) plane a-b-d
+    cos_dihedral = dihedral_cos(normal_out[:, :, None], normal_in[:, None])
+    return sph_abd, sph_cab, masked_legendre(cos_dihedral, quad, num_spherical, axis=-2)
 
 
 class BasesOutput(NamedTuple):
@@ -245,14 +247,12 @@ class Bases(nn.Module):
                            triplet_sph(main, main, S, same_graph=True))
 
         # Quadruplets d -> b -> a <- c.
-        sph_abd, sph_cab, sph_dihedral = quadruplet_geometry(
-            main, slot_geometry(v_qint, batch.qint.senders, batch.qint.shift, batch.qint_slots), S)
-        cbf_qint = slot_ops.edges_to_slots(cbf_embedding("mlp_cbf_qint", rbf_qint), batch.qint_slots)
+        sph_abd, sph_cab, sph_dihedral = quadruplet_geometry(main, batch.qint, v_qint, S)
         qint = QuadBasis(
             rad=rbf_dense("mlp_rbf_qint", rbf_main),
-            cir=jnp.einsum("aqcs,aqks->aqkc", cbf_qint, sph_abd),
+            cir=jnp.einsum("qcs,qks->qkc", cbf_embedding("mlp_cbf_qint", rbf_qint), sph_abd),
             rad_w1=BasisEmbedding(cfg.emb_size_sbf, S * S, name="mlp_sbf_qint")(rbf_main),
-            sph_cab=sph_cab, sph_dihedral=sph_dihedral)
+            sph_cab=slot_ops.edges_to_slots(sph_cab, batch.qint_slots), sph_dihedral=sph_dihedral)
 
         # Atom -> edge: a2ee2a edge b->a into main edge c->a; edge -> atom: main b->a into a2ee2a c->a.
         # Both pair the same slots of the two graphs, so they share one angular basis (transposed).

@@ -12,6 +12,7 @@ from jmp_jax.graph.types import EdgeSet, EdgeSlots, GraphBatch
 from jmp_jax.models import slot_ops
 from jmp_jax.models.bases import BasesOutput, QuadBasis, TripletBasis
 from jmp_jax.models.config import BackboneConfig
+from jmp_jax.models.kernels import batched_matmul
 from jmp_jax.models.recompute import recomputed_in_backward
 from jmp_jax.models.layers import (Dense, EdgeEmbedding, EfficientBilinear, ScaleFactor,
                                    dense_then_residuals, residual_stack, scaled_sum)
@@ -69,12 +70,12 @@ class TripletInteraction(nn.Module):
 
 
 class QuadrupletInteraction(nn.Module):
-    """Quadruplet message passing d->b->a<-c into the main edge c->a, dense over qint slots q (b->a)
-    of a, main slots j (c->a) of a and k (d->b) of b.
+    """Quadruplet message passing d->b->a<-c into the main edge c->a, dense over the main slots j (c->a)
+    of a and k (d->b) of b for each qint edge q (b->a).
 
     The 49-channel basis is outer(Y(cos_cab), Y(cos dihedral)); it is contracted in two steps (over the
-    input edges d->b of each output triplet, then over the qint edges of each output edge) and never
-    builds the (Q, 49, in) product.
+    input edges d->b of each qint edge and output slot, then over the qint slots of a) and never builds the
+    (Q, 49, in) product.
     """
 
     config: BackboneConfig
@@ -86,12 +87,12 @@ class QuadrupletInteraction(nn.Module):
         x = Dense(m.shape[-1], activation=True, dtype=self.dtype, name="dense_db")(m)
         x = ScaleFactor(name="scale_rbf")(x * Dense(m.shape[-1], dtype=self.dtype, name="mlp_rbf")(basis.rad))
         x = Dense(cfg.emb_size_quad_in, activation=True, dtype=self.dtype, name="down_projection")(x)
-        # Input triplet (q, k) = edge d->b in slot k of b, the source of qint slot q.
-        x = slot_ops.edges_to_slots(x, batch.main_slots)
-        source = slot_ops.slot_sources(batch.qint.senders, batch.qint_slots)
-        x = slot_ops.take_rows(x, source)                                      # (N, Kq, K, in)
+        # Input triplet (q, k) = edge d->b in slot k of b, the sender of qint edge q.
+        x = slot_ops.take_rows(slot_ops.edges_to_slots(x, batch.main_slots), batch.qint.senders)  # (Q, K, in)
         x = ScaleFactor(name="scale_cbf")(x * Dense(cfg.emb_size_quad_in, dtype=self.dtype, name="mlp_cbf")(basis.cir))
-        per_trip = contract("aqjks,aqki->aqjsi", basis.sph_dihedral.astype(x.dtype), x)   # (N, Kq, K, S, in)
+        num_qint, num_out, num_sph, num_in = basis.sph_dihedral.shape
+        per_trip = batched_matmul(basis.sph_dihedral.astype(x.dtype).reshape(num_qint, -1, num_in), x)
+        per_trip = slot_ops.edges_to_slots(per_trip.reshape(num_qint, num_out, num_sph, -1), batch.qint_slots)
         sph_m = contract("aqjt,aqjsi->ajtsi", basis.sph_cab.astype(x.dtype), per_trip)   # (N, K, S, S, in)
         sph_m = slot_ops.slots_to_edges(sph_m.reshape(sph_m.shape[:2] + (-1, sph_m.shape[-1])), batch.main_slots)
         x = EfficientBilinear(cfg.emb_size_quad_out, dtype=self.dtype, name="mlp_sbf")(basis.rad_w1, sph_m)
