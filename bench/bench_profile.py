@@ -3,11 +3,14 @@ by a `jax.profiler` trace and grouped by what they compute.
 
   python bench/bench_profile.py --batches slabs                           # JMP-S, float32
   python bench/bench_profile.py --batches slabs --precision bfloat16      # bf16 matrix products
+  python bench/bench_profile.py --batches slabs --by module               # which layer the time is spent in
 
-Each kernel (an XLA thunk: a fusion, a library call, a copy) is put in one group by the operations of its
-HLO computation: matrix products (dot or convolution), gathers, scatters, reductions, copies and transposes,
-conditionals, and elementwise work (everything else). Kernel seconds are summed over XLA's worker threads,
-so they can exceed the step's wall time when kernels run side by side.
+Each kernel (an XLA thunk: a fusion, a library call, a copy) is put in one group, by default by the
+operations of its HLO computation: matrix products (dot or convolution), gathers, scatters, reductions,
+copies and transposes, conditionals, and elementwise work (everything else). `--by module` groups by the
+model's layer instead (from the op_name jax records for each kernel: the interaction inside an interaction
+block, else the backbone's or model's submodule). Kernel seconds are summed over XLA's worker threads, so
+they can exceed the step's wall time when kernels run side by side.
 """
 from __future__ import annotations
 
@@ -84,6 +87,39 @@ def kernel_groups(hlo_text: str) -> dict[str, str]:
     return groups
 
 
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def module_of(op_name: str) -> str:
+    """The model layer an op_name belongs to, with block numbers elided: the submodule of an interaction
+    block ("int_blocks/quad_interaction"), else of the backbone ("bases", "out_blocks") or of the model
+    ("output"); "other" outside the model. jax writes transformed scopes as e.g. transpose(jvp(int_blocks_2)),
+    and a recomputed block repeats the path below its own scope, so the path after the last "backbone" counts."""
+    parts = [p.rsplit("(", 1)[-1].rstrip(")") for p in op_name.split("/")]
+    if "backbone" in parts:
+        inner = parts[len(parts) - parts[::-1].index("backbone"):]
+    elif "JMPModel" in parts:
+        inner = parts[parts.index("JMPModel") + 1:]
+    else:
+        return "other"
+    inner = [re.sub(r"_\d+$", "", p) for p in inner[:-1]]  # the last part names the operation, not a module
+    if not inner:
+        return "backbone" if "backbone" in parts else "model"
+    return "/".join(inner[:2]) if inner[0] == "int_blocks" else inner[0]
+
+
+def kernel_modules(hlo_text: str) -> dict[str, str]:
+    """{instruction name: `module_of` its op_name} for every instruction of an optimized HLO module; "no
+    op_name" where jax recorded none (e.g. copies XLA added for layouts)."""
+    modules = {}
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if match:
+            op_name = _OP_NAME.search(line)
+            modules[match.group(1)] = module_of(op_name.group(1)) if op_name else "no op_name"
+    return modules
+
+
 def kernel_seconds(trace_dir: str, groups: dict[str, str]) -> tuple[collections.Counter, float]:
     """(seconds per group, seconds of kernels not in `groups`) from the trace's complete events whose name is
     an HLO instruction."""
@@ -117,7 +153,7 @@ def traced(run, groups: dict[str, str], per_group: collections.Counter) -> tuple
 
 
 def profile(name: str, backbone: config_lib.BackboneConfig, dtype: str, execution: BlockExecution,
-            steps: int) -> list[list[str]]:
+            steps: int, by: str = "kind") -> list[list[str]]:
     batch = BATCHES[name]()
     model = JMPModel(backbone, num_tasks=1, dtype=jnp.dtype(dtype), execution=execution)
     state, tx, schedule = pretrain_state(model, jax.tree.map(lambda x: x[0], batch.graphs))
@@ -129,8 +165,9 @@ def profile(name: str, backbone: config_lib.BackboneConfig, dtype: str, executio
     jax.block_until_ready(metrics)
     common.stage(f"{name}: profiling {steps} step(s)")
     # Each program in a trace of its own: instruction names repeat across programs.
-    gradient_groups = kernel_groups(gradient_compiled.as_text())
-    update_groups = kernel_groups(update_compiled.as_text())
+    grouping = kernel_groups if by == "kind" else kernel_modules
+    gradient_groups = grouping(gradient_compiled.as_text())
+    update_groups = grouping(update_compiled.as_text())
     per_group, wall = collections.Counter(), 0.0
     for _ in range(steps):
         (loss, _, grads), gradient_s = traced(lambda: gradient_compiled(state.params, state.constants, batch),
@@ -139,8 +176,9 @@ def profile(name: str, backbone: config_lib.BackboneConfig, dtype: str, executio
         wall += (gradient_s + update_s) / steps
     unknown = per_group.pop("unmatched")
     total = sum(per_group.values()) + unknown
+    order = GROUPS if by == "kind" else [group for group, _ in per_group.most_common()]
     rows = [[name, group, f"{per_group[group] / steps:.2f}", f"{100 * per_group[group] / total:.0f}%"]
-            for group in GROUPS]
+            for group in order]
     rows.append([name, "unmatched kernels", f"{unknown / steps:.2f}", f"{100 * unknown / total:.0f}%"])
     rows.append([name, "all kernels (step wall time)", f"{total / steps:.2f} ({wall:.2f})", "100%"])
     return rows
@@ -156,15 +194,19 @@ def main(argv=None):
                         help="the model's compute dtype (bfloat16: bf16 activations)")
     parser.add_argument("--remat", default="block", choices=REMAT_CHOICES, help="model.remat")
     parser.add_argument("--steps", type=int, default=1, help="profiled steps, after one warm-up step")
+    parser.add_argument("--by", default="kind", choices=("kind", "module"),
+                        help="group kernels by what they compute, or by the model layer they belong to")
     parser.add_argument("--no-report", action="store_true", help="print the table only (BENCHMARKS.md untouched)")
     args = parser.parse_args(argv)
     execution = BlockExecution(remat=args.remat)
     with jax.default_matmul_precision(args.precision):
         rows = [row for name in args.batches.split(",")
-                for row in profile(name, config_lib.NAMED_CONFIGS[args.config](), args.dtype, execution, args.steps)]
-    table = common.table(["batch", "kernels", "kernel s per step (summed over threads)", "share"], rows)
-    title = (f"bench_profile: {args.config} training step ({args.dtype} compute, {args.precision} products, "
-             f"remat {args.remat})")
+                for row in profile(name, config_lib.NAMED_CONFIGS[args.config](), args.dtype, execution, args.steps,
+                                   args.by)]
+    table = common.table(["batch", "kernels" if args.by == "kind" else "layer",
+                          "kernel s per step (summed over threads)", "share"], rows)
+    title = (f"bench_profile: {args.config} training step by {args.by} ({args.dtype} compute, {args.precision} "
+             f"products, remat {args.remat})")
     common.report(title, table, append=not args.no_report)
 
 

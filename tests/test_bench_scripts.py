@@ -86,3 +86,28 @@ def test_bench_profile_smoke(capsys, benchmarks_md_unchanged):
     assert sum(shares) == pytest.approx(100, abs=len(shares)) and shares[0] > 0
     assert float(rows[-2][2]) < 0.05 * float(rows[-1][2].split()[0])  # nearly every kernel is named
 
+
+
+def test_bench_profile_names_the_model_layer_of_each_kernel():
+    """Layers from jax's op_names: the interaction inside a block (block numbers and recomputation wrappers
+    elided), else the backbone's or model's submodule; kernels of a real program keep their scopes."""
+    import jax
+    import jax.numpy as jnp
+
+    recomputed = ("jit(g)/transpose(jvp())/JMPModel/backbone/transpose(JMPModel)/backbone/jvp(int_blocks_2)/"
+                  "quad_interaction/mlp_sbf/dot_general")
+    assert bench_profile.module_of(recomputed) == "int_blocks/quad_interaction"
+    block = "jit(g)/jvp()/JMPModel/backbone/out_blocks_3/layers_0/dense_mlp_1/dot_general"
+    assert bench_profile.module_of(block) == "out_blocks"
+    assert bench_profile.module_of("jit(g)/jvp()/JMPModel/output/out_energy_0/dot_general") == "output"
+    assert bench_profile.module_of("jit(g)/jvp()/reduce_sum") == "other"
+
+    def scoped(a):
+        with jax.named_scope("JMPModel"), jax.named_scope("backbone"):
+            with jax.named_scope("int_blocks_1"), jax.named_scope("trip_interaction"):
+                a = a @ a.T
+            with jax.named_scope("bases"):
+                return jnp.sum(jnp.exp(a), axis=0)
+
+    modules = bench_profile.kernel_modules(jax.jit(scoped).lower(jnp.ones((64, 64))).compile().as_text())
+    assert {"int_blocks/trip_interaction", "bases"} <= set(modules.values()), modules
