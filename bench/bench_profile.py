@@ -93,15 +93,16 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 def module_of(op_name: str) -> str:
     """The model layer an op_name belongs to, with block numbers elided: the submodule of an interaction
     block ("int_blocks/quad_interaction"), else of the backbone ("bases", "out_blocks") or of the model
-    ("output"); "other" outside the model. jax writes transformed scopes as e.g. transpose(jvp(int_blocks_2)),
-    and a recomputed block repeats the path below its own scope, so the path after the last "backbone" counts."""
+    ("output"); "outside the model" for the loss and the optimiser update. jax writes transformed scopes as
+    e.g. transpose(jvp(int_blocks_2)), and a recomputed block repeats the path below its own scope, so the
+    path after the last "backbone" counts."""
     parts = [p.rsplit("(", 1)[-1].rstrip(")") for p in op_name.split("/")]
     if "backbone" in parts:
         inner = parts[len(parts) - parts[::-1].index("backbone"):]
     elif "JMPModel" in parts:
         inner = parts[parts.index("JMPModel") + 1:]
     else:
-        return "other"
+        return "outside the model"
     inner = [re.sub(r"_\d+$", "", p) for p in inner[:-1]]  # the last part names the operation, not a module
     if not inner:
         return "backbone" if "backbone" in parts else "model"

@@ -100,7 +100,7 @@ def test_bench_profile_names_the_model_layer_of_each_kernel():
     block = "jit(g)/jvp()/JMPModel/backbone/out_blocks_3/layers_0/dense_mlp_1/dot_general"
     assert bench_profile.module_of(block) == "out_blocks"
     assert bench_profile.module_of("jit(g)/jvp()/JMPModel/output/out_energy_0/dot_general") == "output"
-    assert bench_profile.module_of("jit(g)/jvp()/reduce_sum") == "other"
+    assert bench_profile.module_of("jit(g)/jvp()/reduce_sum") == "outside the model"
 
     def scoped(a):
         with jax.named_scope("JMPModel"), jax.named_scope("backbone"):
