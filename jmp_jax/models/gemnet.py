@@ -50,7 +50,9 @@ class BlockExecution:
     remat: "block" keeps only each interaction and output block's inputs for the backward pass, which
       recomputes the block (`recomputed_in_backward`); "nested" also recomputes each of an interaction
       block's five message-passing interactions within the block's backward (less memory, one more forward
-      pass of them); "none" keeps every intermediate.
+      pass of them); "none" keeps every intermediate. Unrolled, the last output block is not recomputed: its
+      backward runs first, right after the forward, so keeping its intermediates does not raise the peak.
+      (The last interaction block's would: they would be live through the output blocks' forward pass.)
     """
 
     scan: bool = False
@@ -63,9 +65,10 @@ class BlockExecution:
 
 def interaction_step(execution: BlockExecution, config: BackboneConfig, dtype: Any, int_name: str,
                      out_name: str, h: jax.Array, m: jax.Array, bases: BasesOutput, batch: GraphBatch,
-                     train: bool) -> tuple[jax.Array, ...]:
+                     train: bool, last: bool = False) -> tuple[jax.Array, ...]:
     """Interaction block `int_name` then output block `out_name`, the unit the backbone repeats:
-    -> (h (N, A), m (E, E_dim), x_E (N, A), x_F (E, E_dim) or None).
+    -> (h (N, A), m (E, E_dim), x_E (N, A), x_F (E, E_dim) or None). `last`: the backbone's last unit, whose
+    output block keeps its intermediates (see BlockExecution.remat).
 
     Called inside a parent's compact method (the blocks become its children under these names; remat
     leaves the names as they are).
@@ -73,12 +76,14 @@ def interaction_step(execution: BlockExecution, config: BackboneConfig, dtype: A
     interaction = InteractionBlock(config, dtype=dtype, recompute_interactions=execution.remat == "nested",
                                    name=int_name)
     output = OutputBlock(config, dtype=dtype, name=out_name)
-    if execution.remat != "none":
-        h, m = recomputed_in_backward(interaction, h, m, bases, batch)
-        x_e, x_f = recomputed_in_backward(output, h, m, bases.output, batch.main_slots, train=train)
-    else:
+    if execution.remat == "none":
         h, m = interaction(h, m, bases, batch)
+    else:
+        h, m = recomputed_in_backward(interaction, h, m, bases, batch)
+    if execution.remat == "none" or last:
         x_e, x_f = output(h, m, bases.output, batch.main_slots, train)
+    else:
+        x_e, x_f = recomputed_in_backward(output, h, m, bases.output, batch.main_slots, train=train)
     return h, m, x_e, x_f
 
 
@@ -126,7 +131,8 @@ class GemNetOCBackbone(nn.Module):
             blocks = []
             for k in range(cfg.num_blocks):
                 h, m, x_e, x_f = interaction_step(self.execution, cfg, self.dtype, f"int_blocks_{k}",
-                                                  f"out_blocks_{k + 1}", h, m, bases, batch, train)
+                                                  f"out_blocks_{k + 1}", h, m, bases, batch, train,
+                                                  last=k == cfg.num_blocks - 1)
                 blocks.append((h, m, x_e, x_f))
         for k, (h, m, x_e, x_f) in enumerate(blocks):
             self.sow("intermediates", f"h_block{k}", h)
