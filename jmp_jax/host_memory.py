@@ -17,7 +17,7 @@ fragmented: 6.85 GB for the same slab step.
 An XLA compile leaves the heap full of freed blocks (the compiler's own memory) that free() does not hand
 back, since they are not at the heap's top; the step that runs next then maps its temporaries on top of
 them. `trim_after_compiles` hands the free pages back after each compile of over a second (malloc_trim:
-0.1-0.2 s after a JMP-S compile of 10-40 s). Measured on the JMP-S slab step with bf16 products
+0.07-0.2 s after a JMP-S compile of 3-95 s). Measured on the JMP-S slab step with bf16 products
 (BENCHMARKS.md "Host memory after compiles"): peak RSS 3.91 -> 3.66 GB.
 
 Set JMP_JAX_SYSTEM_MALLOC=1 to keep glibc's defaults (neither setting applies).
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -64,14 +65,20 @@ def use_one_malloc_arena() -> bool:
     return applied
 
 
+@functools.cache
+def _c_library() -> ctypes.CDLL | None:
+    """The process's C library, loaded once (find_library runs ldconfig); None where it cannot be loaded."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+
+
 def _libc_function(name: str):
     """The C library's `name`, or None (not glibc, or opted out with JMP_JAX_SYSTEM_MALLOC=1)."""
     if os.environ.get(OPT_OUT_ENV, "0") not in ("", "0"):
         return None
-    try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
-    except (OSError, AttributeError, TypeError):
-        return None
+    return getattr(_c_library(), name, None)
 
 
 def release_free_pages() -> bool:
