@@ -14,7 +14,7 @@ from jmp_jax.models.bases import Bases, BasesOutput
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.interactions import InteractionBlock, OutputBlock
 from jmp_jax.models.layers import Dense, residual_stack
-from jmp_jax.models.recompute import recomputed_in_backward
+from jmp_jax.models.recompute import recomputed_call, recomputed_in_backward
 
 
 class BackboneOutput(NamedTuple):
@@ -53,6 +53,7 @@ class BlockExecution:
       pass of them); "none" keeps every intermediate. Unrolled, the last output block is not recomputed: its
       backward runs first, right after the forward, so keeping its intermediates does not raise the peak.
       (The last interaction block's would: they would be live through the output blocks' forward pass.)
+      The first output block (before the interaction blocks) is recomputed too, at the end of the backward.
     """
 
     scan: bool = False
@@ -80,11 +81,22 @@ def interaction_step(execution: BlockExecution, config: BackboneConfig, dtype: A
         h, m = interaction(h, m, bases, batch)
     else:
         h, m = recomputed_in_backward(interaction, h, m, bases, batch)
-    if execution.remat == "none" or last:
-        x_e, x_f = output(h, m, bases.output, batch.main_slots, train)
-    else:
-        x_e, x_f = recomputed_in_backward(output, h, m, bases.output, batch.main_slots, train=train)
-    return h, m, x_e, x_f
+    return output_step(execution, output, h, m, bases, batch, train, keep=last)
+
+
+def output_step(execution: BlockExecution, output: nn.Module, h: jax.Array, m: jax.Array, bases: BasesOutput,
+                batch: GraphBatch, train: bool, keep: bool) -> tuple[jax.Array, ...]:
+    """Output block `output` on (h, m): -> (h, m, x_E, x_F). `keep`: its intermediates are kept for the
+    backward pass even under remat (the last block's: its backward comes first).
+
+    Recomputed, h and m pass through the recomputed call unchanged, so that its backward waits for their
+    cotangents from the next blocks instead of running where the output block's own cotangents appear, at
+    the start of the backward pass (`recomputed_call`).
+    """
+    if execution.remat == "none" or keep:
+        return (h, m) + output(h, m, bases.output, batch.main_slots, train)
+    return recomputed_call(lambda block, h, m, *xs: (h, m) + block(h, m, *xs, train=train), output, h, m,
+                           bases.output, batch.main_slots)
 
 
 class InteractionStep(nn.Module):
@@ -122,8 +134,8 @@ class GemNetOCBackbone(nn.Module):
         bases = Bases(cfg, dtype=self.dtype, name="bases")(h, batch)
         m = bases.m
         self.sow("intermediates", "m_bases", m)
-        x_e, x_f = OutputBlock(cfg, dtype=self.dtype, name="out_blocks_0")(h, m, bases.output, batch.main_slots,
-                                                                           train)
+        h, m, x_e, x_f = output_step(self.execution, OutputBlock(cfg, dtype=self.dtype, name="out_blocks_0"), h, m,
+                                     bases, batch, train, keep=cfg.num_blocks == 0)
         per_block = [(x_e, x_f)]
         if self.execution.scan and not self.is_initializing() and cfg.num_blocks > 0:
             blocks = self._scanned_blocks(h, m, bases, batch, train)

@@ -19,13 +19,26 @@ def recomputed_in_backward(block: nn.Module, *inputs, **static) -> Any:
     in rather than closed over, so that it also works inside `jax.lax.scan`. `static` holds the call's
     Python (non-array) arguments. Called inside a parent's compact method.
     """
+    return recomputed_call(lambda bound, *xs: bound(*xs, **static), block, *inputs)
+
+
+def recomputed_call(call: Callable[..., Any], block: nn.Module, *inputs) -> Any:
+    """call(block, *inputs), recomputed in the backward pass from `inputs` and the block's variables (see
+    `recomputed_in_backward`).
+
+    The recomputation waits for the cotangent of the first output leaf. An output block's outputs go
+    straight to the heads, so their cotangents exist at the start of the backward pass, and XLA ran every
+    output block's recomputation there, keeping all their intermediates at once (measured: the JMP-S slab
+    step's peak). A call that returns some inputs unchanged ahead of the block's outputs makes the
+    recomputation wait for those inputs' cotangents from the layers after it instead.
+    """
     if block.is_initializing():
-        return block(*inputs, **static)
+        return call(block, *inputs)
     unbound = block.clone(parent=None)
     variables = {name: tree for name, tree in block.variables.items() if name != "intermediates"}
 
     def run(variables, *xs):
-        return unbound.apply(variables, *xs, **static)
+        return call(unbound.bind(variables), *xs)
 
     return _recomputing(run)(variables, *inputs)
 
