@@ -18,6 +18,7 @@ from jmp_jax.models import slot_ops
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.kernels import fusion_barrier
 from jmp_jax.models.layers import BasisEmbedding, Dense, EdgeEmbedding
+from jmp_jax.models.recompute import recomputed_in_backward
 
 
 def safe_norm(x: jax.Array) -> jax.Array:
@@ -218,10 +219,15 @@ class BasesOutput(NamedTuple):
 
 
 class Bases(nn.Module):
-    """Geometry, raw bases and the shared down-projections (`backbone/bases/...`)."""
+    """Geometry, raw bases and the shared down-projections (`backbone/bases/...`).
+
+    recompute_embedding: the backward pass recomputes the edge embedding `m` from its inputs instead of
+    keeping its intermediates for the whole backward pass (`model.remat="nested"`).
+    """
 
     config: BackboneConfig
     dtype: Any = jnp.float32
+    recompute_embedding: bool = False
 
     @nn.compact
     def __call__(self, h: jax.Array, batch: GraphBatch) -> BasesOutput:
@@ -264,6 +270,7 @@ class Bases(nn.Module):
 
         atom_update = rbf_dense("mlp_rbf_h", rbf_main)
         output = rbf_dense("mlp_rbf_out", rbf_main)
-        m = EdgeEmbedding(cfg.emb_size_edge, dtype=self.dtype, name="edge_emb")(
-            h, rbf_main, graph.senders, graph.receivers)
+        edge_emb = EdgeEmbedding(cfg.emb_size_edge, dtype=self.dtype, name="edge_emb")
+        embed_inputs = (h, rbf_main, graph.senders, graph.receivers)
+        m = recomputed_in_backward(edge_emb, *embed_inputs) if self.recompute_embedding else edge_emb(*embed_inputs)
         return BasesOutput(m, atom_update, output, e2e, qint, a2e, e2a, a2a_rad, v_main, d_main)

@@ -48,12 +48,13 @@ class BlockExecution:
       parameters, stacked at trace time from their per-block entries, so the parameter tree keeps one
       subtree per block). False unrolls the blocks, as `init` always does.
     remat: "block" keeps only each interaction and output block's inputs for the backward pass, which
-      recomputes the block (`recomputed_in_backward`); "nested" also recomputes each of an interaction
-      block's five message-passing interactions within the block's backward (less memory, one more forward
-      pass of them); "none" keeps every intermediate. Unrolled, the last output block is not recomputed: its
-      backward runs first, right after the forward, so keeping its intermediates does not raise the peak.
-      (The last interaction block's would: they would be live through the output blocks' forward pass.)
-      The first output block (before the interaction blocks) is recomputed too, at the end of the backward.
+      recomputes the block (`recomputed_in_backward`); "none" keeps every intermediate. Unrolled, "block"
+      keeps the last output block's intermediates: its backward runs first, right after the forward. (The
+      last interaction block's would raise the peak: they would be live through the output blocks' forward
+      pass.) "nested" recomputes every block, and within an interaction block's backward each of its five
+      message-passing interactions and its residual layers on edges one at a time, and the bases' edge
+      embedding: less memory for about one more forward pass of them. The first output block (before the
+      interaction blocks) is recomputed too, at the end of the backward.
     """
 
     scan: bool = False
@@ -74,7 +75,7 @@ def interaction_step(execution: BlockExecution, config: BackboneConfig, dtype: A
     Called inside a parent's compact method (the blocks become its children under these names; remat
     leaves the names as they are).
     """
-    interaction = InteractionBlock(config, dtype=dtype, recompute_interactions=execution.remat == "nested",
+    interaction = InteractionBlock(config, dtype=dtype, recompute_layers=execution.remat == "nested",
                                    name=int_name)
     output = OutputBlock(config, dtype=dtype, name=out_name)
     if execution.remat == "none":
@@ -93,7 +94,7 @@ def output_step(execution: BlockExecution, output: nn.Module, h: jax.Array, m: j
     cotangents from the next blocks instead of running where the output block's own cotangents appear, at
     the start of the backward pass (`recomputed_call`).
     """
-    if execution.remat == "none" or keep:
+    if execution.remat == "none" or (keep and execution.remat == "block"):
         return (h, m) + output(h, m, bases.output, batch.main_slots, train)
     return recomputed_call(lambda block, h, m, *xs: (h, m) + block(h, m, *xs, train=train), output, h, m,
                            bases.output, batch.main_slots)
@@ -131,7 +132,8 @@ class GemNetOCBackbone(nn.Module):
         cfg = self.config
         if cfg.num_spherical < 2:
             raise ValueError(f"num_spherical must be >= 2, got {cfg.num_spherical}")
-        bases = Bases(cfg, dtype=self.dtype, name="bases")(h, batch)
+        nested = self.execution.remat == "nested"
+        bases = Bases(cfg, dtype=self.dtype, recompute_embedding=nested, name="bases")(h, batch)
         m = bases.m
         self.sow("intermediates", "m_bases", m)
         h, m, x_e, x_f = output_step(self.execution, OutputBlock(cfg, dtype=self.dtype, name="out_blocks_0"), h, m,

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jmp_jax.models.kernels import batched_matmul, materialize, matmul, vary_alike
+from jmp_jax.models.recompute import recomputed_in_backward
 
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 
@@ -89,13 +90,16 @@ class ResidualLayer(nn.Module):
         return scaled_sum(x.astype(self.dtype), y)
 
 
-def residual_stack(x: jax.Array, count: int, prefix: str, dtype: Any, start: int = 0) -> jax.Array:
+def residual_stack(x: jax.Array, count: int, prefix: str, dtype: Any, start: int = 0,
+                   recompute: bool = False) -> jax.Array:
     """`count` ResidualLayers named `{prefix}_{start + i}` (entries of a torch ModuleList/Sequential).
+    `recompute`: each layer keeps only its input for the backward pass (`recomputed_in_backward`).
 
     Must be called inside a parent's compact method: the layers become the parent's children.
     """
     for i in range(count):
-        x = ResidualLayer(dtype=dtype, name=f"{prefix}_{start + i}")(x)
+        layer = ResidualLayer(dtype=dtype, name=f"{prefix}_{start + i}")
+        x = recomputed_in_backward(layer, x) if recompute else layer(x)
     return x
 
 

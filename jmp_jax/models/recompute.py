@@ -5,6 +5,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jmp_jax.models import kernels
 
@@ -26,11 +27,11 @@ def recomputed_call(call: Callable[..., Any], block: nn.Module, *inputs) -> Any:
     """call(block, *inputs), recomputed in the backward pass from `inputs` and the block's variables (see
     `recomputed_in_backward`).
 
-    The recomputation waits for the cotangent of the first output leaf. An output block's outputs go
-    straight to the heads, so their cotangents exist at the start of the backward pass, and XLA ran every
-    output block's recomputation there, keeping all their intermediates at once (measured: the JMP-S slab
-    step's peak). A call that returns some inputs unchanged ahead of the block's outputs makes the
-    recomputation wait for those inputs' cotangents from the layers after it instead.
+    The recomputation waits for the cotangents of all outputs. An output block's outputs go straight to
+    the heads, so their cotangents exist at the start of the backward pass, and XLA ran every output
+    block's recomputation there, keeping all their intermediates at once (measured: the JMP-S slab step's
+    peak). A call that also returns some inputs unchanged makes the recomputation wait for those inputs'
+    cotangents from the layers that read them next, which orders the recomputations.
     """
     if block.is_initializing():
         return call(block, *inputs)
@@ -54,8 +55,16 @@ def _recomputing(fn: Callable) -> Callable:
         return fn(*args), args
 
     def backward(args, cotangent):
-        args = kernels.after(args, jax.tree.leaves(cotangent)[0])
+        args = kernels.after(args, _every_leaf(cotangent))
         return jax.vjp(fn, *args)[1](cotangent)
 
     call.defvjp(forward, backward)
     return call
+
+
+def _every_leaf(tree) -> jax.Array:
+    """A float32 scalar that exists only once every non-empty floating leaf of `tree` does (their first
+    elements summed)."""
+    firsts = [x.reshape(-1)[:1].astype(jnp.float32) for x in jax.tree.leaves(tree)
+              if x.size and jnp.issubdtype(x.dtype, jnp.floating)]
+    return sum(firsts[1:], firsts[0]) if firsts else jnp.zeros((0,), jnp.float32)
