@@ -34,14 +34,13 @@ from bench import common  # noqa: E402
 from jmp_jax import program_store  # noqa: E402
 from jmp_jax.graph import batching  # noqa: E402
 from jmp_jax.graph.build import GraphSettings, build_from_atoms  # noqa: E402
-from jmp_jax.graph.types import GraphBatch  # noqa: E402
 from jmp_jax.models import config as config_lib  # noqa: E402
 from jmp_jax.models.gemnet import REMAT_CHOICES, BlockExecution  # noqa: E402
 from jmp_jax.models.jmp import JMPModel  # noqa: E402
 from jmp_jax.training import optim  # noqa: E402
 from jmp_jax.data.types import TaskNormalization  # noqa: E402
 from jmp_jax.data.types import LabeledBatch
-from jmp_jax.training.state import SplitStep, TrainState, init_train_state  # noqa: E402
+from jmp_jax.training.state import SplitStep, TrainState, init_train_state, init_variables  # noqa: E402
 from jmp_jax.training.train_step import train_loss_and_gradient, train_update  # noqa: E402
 
 
@@ -88,10 +87,10 @@ def make_batch(structures, settings: GraphSettings) -> LabeledBatch:
     return jax.tree.map(lambda x: np.asarray(x)[None], one)  # one batch shard
 
 
-def pretrain_state(model: JMPModel, example: GraphBatch) -> tuple[TrainState, optax.GradientTransformation, Any]:
+def pretrain_state(model: JMPModel) -> tuple[TrainState, optax.GradientTransformation, Any]:
     """(initialised training state, optimiser, learning-rate schedule) of `model` as JMP pre-trains it (AdamW,
-    warm-up then cosine), its variables initialised on the graphs `example`."""
-    variables = jax.jit(lambda key: model.init(key, example))(jax.random.key(0))
+    warm-up then cosine), its variables random and initialised as the training loops do."""
+    variables = init_variables(model, seed=0, scale_factors="none", backbone_name="")
     tx, schedule = optim.pretrain_optimizer(variables["params"], num_blocks=model.config.num_blocks, peak_lr=3e-4,
                                             warmup_steps=2000, total_steps=100_000)
     return jax.jit(functools.partial(init_train_state, tx=tx))(variables), tx, schedule
@@ -138,7 +137,7 @@ def bench_batch(name: str, batch: LabeledBatch, backbone: config_lib.BackboneCon
     common.stage(f"{name}: initialising")
     model = JMPModel(backbone, num_tasks=1, dtype=jnp.dtype(dtype), execution=execution)
     shard = jax.tree.map(lambda x: x[0], batch.graphs)
-    state, tx, schedule = pretrain_state(model, shard)
+    state, tx, schedule = pretrain_state(model)
     variables = {"params": state.params, "constants": state.constants}  # for the forward, before any donation
     n_atoms = int(batch.graphs.graph.nodes["mask"].sum())
 

@@ -157,7 +157,7 @@ def profile(name: str, backbone: config_lib.BackboneConfig, dtype: str, executio
             steps: int, by: str = "kind") -> list[list[str]]:
     batch = BATCHES[name]()
     model = JMPModel(backbone, num_tasks=1, dtype=jnp.dtype(dtype), execution=execution)
-    state, tx, schedule = pretrain_state(model, jax.tree.map(lambda x: x[0], batch.graphs))
+    state, tx, schedule = pretrain_state(model)
     gradient, update = step_programs(model, tx, schedule)
     common.stage(f"{name}: compiling")
     gradient_compiled = timed_compile(gradient, state.params, state.constants, batch)[0]

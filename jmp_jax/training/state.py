@@ -37,9 +37,13 @@ def init_variables(model: nn.Module, seed: int, scale_factors: str, backbone_nam
 
     Initialised op by op, not compiled (compiling the whole init is slower), and lazily: the batch is given as
     shapes only, so the forward pass is traced but not run (parameter shapes do not depend on its values).
+    Clears jax's caches afterwards (`jax.clear_caches`): the hundreds of one-off programs of the op-by-op
+    init would otherwise stay cached for the life of the process (about 0.3 GB of host memory for JMP-S,
+    BENCHMARKS.md "Host memory of the initialisation"); programs compiled before are compiled again on use.
     """
     batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), placeholder_batch())
     variables = dict(model.lazy_init(jax.random.key(seed), batch_shapes))
+    jax.clear_caches()
     if scale_factors == "fitted":
         variables["constants"] = fitted_constants(backbone_name, variables["constants"],
                                                   direct_forces=model.config.direct_forces)
