@@ -95,15 +95,18 @@ def module_of(op_name: str) -> str:
     block ("int_blocks/quad_interaction"), else of the backbone ("bases", "out_blocks") or of the model
     ("output"); "outside the model" for the loss and the optimiser update. jax writes transformed scopes as
     e.g. transpose(jvp(int_blocks_2)), and a recomputed block repeats the path below its own scope, so the
-    path after the last "backbone" counts."""
-    parts = [p.rsplit("(", 1)[-1].rstrip(")") for p in op_name.split("/")]
+    path after the last "backbone" counts. A recomputed block's path goes on through jit(_apply) and its
+    module's class name (`recompute.recomputed_in_backward`); both are dropped."""
+    # The last part names the operation, not a module.
+    parts = [p.rsplit("(", 1)[-1].rstrip(")") for p in op_name.split("/")[:-1]]
+    parts = [p for i, p in enumerate(parts) if p != "_apply" and (i == 0 or parts[i - 1] != "_apply")]
     if "backbone" in parts:
         inner = parts[len(parts) - parts[::-1].index("backbone"):]
     elif "JMPModel" in parts:
         inner = parts[parts.index("JMPModel") + 1:]
     else:
         return "outside the model"
-    inner = [re.sub(r"_\d+$", "", p) for p in inner[:-1]]  # the last part names the operation, not a module
+    inner = [re.sub(r"_\d+$", "", p) for p in inner]
     if not inner:
         return "backbone" if "backbone" in parts else "model"
     return "/".join(inner[:2]) if inner[0] == "int_blocks" else inner[0]

@@ -97,6 +97,9 @@ def test_bench_profile_names_the_model_layer_of_each_kernel():
     recomputed = ("jit(g)/transpose(jvp())/JMPModel/backbone/transpose(JMPModel)/backbone/jvp(int_blocks_2)/"
                   "quad_interaction/mlp_sbf/dot_general")
     assert bench_profile.module_of(recomputed) == "int_blocks/quad_interaction"
+    jitted = ("jit(g)/transpose(jvp())/JMPModel/backbone/int_blocks_0/transpose(jvp(jit(_apply)))/"
+              "InteractionBlock/quad_interaction/mlp_sbf/dot_general")
+    assert bench_profile.module_of(jitted) == "int_blocks/quad_interaction"
     block = "jit(g)/jvp()/JMPModel/backbone/out_blocks_3/layers_0/dense_mlp_1/dot_general"
     assert bench_profile.module_of(block) == "out_blocks"
     assert bench_profile.module_of("jit(g)/jvp()/JMPModel/output/out_energy_0/dot_general") == "output"

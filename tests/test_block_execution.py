@@ -4,6 +4,9 @@ direct forces, every sown intermediate, and the gradients w.r.t. the parameters 
 gradient-force path)."""
 from __future__ import annotations
 
+import collections
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,3 +97,19 @@ def test_rematerialised_blocks_keep_less_for_the_backward_pass():
 def test_unknown_remat_is_refused():
     with pytest.raises(ValueError, match="model.remat must be one of .* not 'sometimes'"):
         BlockExecution(remat="sometimes")
+
+
+def test_alike_blocks_are_traced_once():
+    """Recomputed blocks with equal configurations and input shapes share one trace (`recomputed_in_backward`):
+    in the gradient's StableHLO, every function of a recomputed block (its forward, and its recomputation and
+    transpose in the backward pass) is defined once and called once per block. The fixture's 2-block model
+    recomputes out_blocks_0, out_blocks_1 and both interaction blocks; the last output block keeps its
+    intermediates."""
+    config, batch = fb.load_config(), fb.load_batch()
+    variables = fb.load_variables(np.float32)
+    model = JMPModel(config, num_tasks=1, execution=BlockExecution(remat="block"))
+    gradient = jax.jit(jax.grad(lambda v: jnp.sum(model.apply(v, batch)["energy"])))
+    text = gradient.lower(variables).as_text()
+    calls = collections.Counter(re.findall(r"call @(_apply\w*)\(", text))
+    assert len(calls) >= 4, calls  # forward and backward functions of both kinds of block
+    assert set(calls.values()) == {config.num_blocks}, calls

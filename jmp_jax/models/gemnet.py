@@ -14,7 +14,7 @@ from jmp_jax.models.bases import Bases, BasesOutput
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.interactions import InteractionBlock, OutputBlock
 from jmp_jax.models.layers import Dense, residual_stack
-from jmp_jax.models.recompute import recomputed_call, recomputed_in_backward
+from jmp_jax.models.recompute import recomputed_in_backward
 
 
 class BackboneOutput(NamedTuple):
@@ -92,12 +92,13 @@ def output_step(execution: BlockExecution, output: nn.Module, h: jax.Array, m: j
 
     Recomputed, h and m pass through the recomputed call unchanged, so that its backward waits for their
     cotangents from the next blocks instead of running where the output block's own cotangents appear, at
-    the start of the backward pass (`recomputed_call`).
+    the start of the backward pass (`recomputed_in_backward`).
     """
     if execution.remat == "none" or (keep and execution.remat == "block"):
         return (h, m) + output(h, m, bases.output, batch.main_slots, train)
-    return recomputed_call(lambda block, h, m, *xs: (h, m) + block(h, m, *xs, train=train), output, h, m,
-                           bases.output, batch.main_slots)
+    (h, m), (x_e, x_f) = recomputed_in_backward(output, h, m, h, m, bases.output, batch.main_slots, passed=2,
+                                                train=train)
+    return h, m, x_e, x_f
 
 
 class InteractionStep(nn.Module):

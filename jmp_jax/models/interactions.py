@@ -13,7 +13,7 @@ from jmp_jax.models import slot_ops
 from jmp_jax.models.bases import BasesOutput, QuadBasis, TripletBasis
 from jmp_jax.models.config import BackboneConfig
 from jmp_jax.models.kernels import batched_matmul
-from jmp_jax.models.recompute import recomputed_call
+from jmp_jax.models.recompute import recomputed_in_backward
 from jmp_jax.models.layers import (Dense, EdgeEmbedding, EfficientBilinear, ScaleFactor,
                                    dense_then_residuals, residual_stack, scaled_sum)
 
@@ -192,12 +192,12 @@ class InteractionBlock(nn.Module):
         def run(interaction: nn.Module, passed: jax.Array, *inputs, **static) -> tuple[jax.Array, jax.Array]:
             """-> (passed, interaction(*inputs)). `passed`, an input the next interaction uses, goes through
             a recomputed interaction unchanged, so that its recomputation waits for the next one's backward
-            (`recomputed_call`): their outputs' cotangents arrive together, and XLA recomputed them all at
+            (`recomputed_in_backward`): their outputs' cotangents arrive together, and XLA recomputed them all at
             once (measured: the nested slab step's peak held three interactions' intermediates)."""
             if not self.recompute_layers:
                 return passed, interaction(*inputs, **static)
-            return recomputed_call(lambda block, passed, *xs: (passed, block(*xs, **static)), interaction,
-                                   passed, *inputs)
+            (passed,), out = recomputed_in_backward(interaction, passed, *inputs, passed=1, **static)
+            return passed, out
 
         main, aeea = batch.main_slots, batch.a2ee2a_slots
         # Run order e2e, quad, a2e, e2a, a2a; each passes on what the next one reads (m or h).
