@@ -17,7 +17,7 @@ from ase.build import add_adsorbate, fcc111, molecule
 
 import jmp_jax
 from jmp_jax.checkpoint import orbax_io
-from jmp_jax.graph import batching
+from jmp_jax.graph import batching, slots
 from jmp_jax.graph.build import build_from_atoms
 from jmp_jax.graph.validate import GraphInputError
 from jmp_jax.models.config import demo
@@ -149,6 +149,35 @@ def test_batching_invariance_and_compile_reuse(model, pair_prediction):
     chunked = model.predict([ethanol(), copper_slab()], head=1, batch_size=1)
     np.testing.assert_array_equal(chunked["energy"], [mol_alone["energy"][0], slab_alone["energy"][0]])
     assert model.num_compiles == compiles
+
+
+def test_moved_structures_reuse_the_widest_slot_layout(checkpoint):
+    """MD-like calls on one slab: a frame whose largest a2a in-degree rounds to a narrower slot width than an
+    earlier frame's reuses the earlier, wider layout (no new compile) and predicts what it predicts alone; a
+    wider frame grows the layout once (`padded_batches`)."""
+    def frame(seed):
+        slab = copper_slab()
+        slab.rattle(0.05, seed=seed)
+        return slab
+
+    wide, narrow = frame(0), frame(10)
+    own = [slots.widths_of(batching.collate(g, bucketed_budgets(g))) for g in map(build_graphs, ([wide], [narrow]))]
+    assert own[0]["a2a"] > own[1]["a2a"]  # the frames' own layouts differ
+    model = jmp_jax.load_pretrained(checkpoint)
+    model.predict([wide], head="catalysis")
+    compiles = model.num_compiles
+    after_wide = model.predict([narrow], head="catalysis")
+    assert model.num_compiles == compiles
+
+    alone = jmp_jax.load_pretrained(checkpoint)
+    first = alone.predict([narrow], head="catalysis")
+    alone.predict([wide], head="catalysis")  # grows the layout: one more compile
+    again = alone.predict([narrow], head="catalysis")
+    assert alone.num_compiles == 2
+    for got in (after_wide, again):
+        np.testing.assert_allclose(got["energy"], first["energy"], rtol=1e-5)
+        np.testing.assert_allclose(got["forces"][0], first["forces"][0], rtol=1e-4,
+                                   atol=1e-5 * np.abs(first["forces"][0]).max())
 
 
 def test_bucketed_budgets_bound_padding():
