@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -33,8 +33,7 @@ def recomputed_in_backward(block: nn.Module, *inputs, passed: int = 0, **static)
     forward and one backward instead of tracing each block twice (XLA inlines the calls).
     """
     if block.is_initializing():
-        out = block(*inputs[passed:], **static)
-        return (inputs[:passed], out) if passed else out
+        return _call(block, passed, tuple(static.items()), *inputs)
     variables = {name: tree for name, tree in block.variables.items() if name != "intermediates"}
     # The name is only the parent's key for the variables passed in; without it, equal blocks are equal.
     apply = functools.partial(_apply, block.clone(parent=None, name=None), passed, tuple(sorted(static.items())))
@@ -42,13 +41,17 @@ def recomputed_in_backward(block: nn.Module, *inputs, passed: int = 0, **static)
         return _recomputing(apply)(variables, *inputs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _apply(block: nn.Module, passed: int, static: tuple, variables: dict, *inputs) -> Any:
-    out = block.bind(variables)(*inputs[passed:], **dict(static))
+def _call(block: nn.Module, passed: int, static: tuple, *inputs) -> Any:
+    out = block(*inputs[passed:], **dict(static))
     return (inputs[:passed], out) if passed else out
 
 
-def _recomputing(fn) -> Any:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _apply(block: nn.Module, passed: int, static: tuple, variables: dict, *inputs) -> Any:
+    return _call(block.bind(variables), passed, static, *inputs)
+
+
+def _recomputing(fn: Callable) -> Callable:
     """fn with a VJP that keeps only fn's arguments and recomputes fn in the backward pass."""
 
     @jax.custom_vjp
