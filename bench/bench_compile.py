@@ -6,6 +6,7 @@ it (`state.SplitStep`): the gradient, compiled per batch shape, and the optimise
   python bench/bench_compile.py --scan                   # one scanned interaction block
   python bench/bench_compile.py --remat none             # every block's intermediates kept for the backward pass
   python bench/bench_compile.py --compilation-cache      # as the CLIs run: run it twice, the 2nd reads back
+  python bench/bench_compile.py --precision bfloat16     # bfloat16 matrix products, float32 activations
                                                          # (traced programs and compiled executables)
 
 Nothing is executed: the state is abstract (jax.eval_shape), so the numbers are the compile alone. CPU
@@ -69,15 +70,18 @@ def main():
     parser.add_argument("--remat", default="block", choices=REMAT_CHOICES, help="model.remat")
     parser.add_argument("--compilation-cache", action="store_true",
                         help="enable jmp_jax.compilation_cache as the CLIs do (its directory is in the notes)")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                        help="jax.default_matmul_precision: bfloat16 products, float32 activations")
     args = parser.parse_args()
     cache = compilation_cache.enable() if args.compilation_cache else None
     execution = BlockExecution(scan=args.scan, remat=args.remat)
-    rows = [compile_times(name, config_lib.NAMED_CONFIGS[args.config](), execution)
-            for name in args.batches.split(",")]
+    with jax.default_matmul_precision(args.precision):
+        rows = [compile_times(name, config_lib.NAMED_CONFIGS[args.config](), execution)
+                for name in args.batches.split(",")]
     header = ["batch", "gradient: trace + lower, or read back + lower s (CPU s)", "gradient: XLA compile s (CPU s)",
               "gradient: total s (CPU s)", "update (once per run): total s (CPU s)", "gradient StableHLO MB",
               "gradient temporaries MiB (XLA)", "gradient GFLOP (XLA)"]
-    blocks = f"{'scanned' if args.scan else 'unrolled'} blocks, remat {args.remat}"
+    blocks = f"{'scanned' if args.scan else 'unrolled'} blocks, remat {args.remat}, {args.precision} products"
     common.report(f"bench_compile: {args.config} training step ({blocks})", common.table(header, rows),
                   notes=f"Persistent compilation cache: {cache or 'off'}; traced-program store: "
                         f"{program_store.directory() or 'off'}.")

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
+import flax
+import jax
 import numpy as np
 import pytest
 
@@ -11,6 +14,7 @@ import fixture_batch as fb
 from jmp_jax.checkpoint import names
 from jmp_jax.models.config import jmp_l, jmp_s
 from jmp_jax.models.jmp import variable_shapes
+from jmp_jax.models.layers import BasisEmbedding, Dense
 
 MANIFESTS = {"jmp_s": ("params_manifest_jmp_s.json", jmp_s, 44_131_328),
              "jmp_l": ("params_manifest_jmp_l.json", jmp_l, 234_267_648)}
@@ -131,3 +135,15 @@ def test_backbone_without_direct_forces_drops_only_the_force_branch():
     actual = {(col, path): tuple(leaf.shape) for col in ("params", "constants")
               for path, leaf in names.flatten_variables(shapes[col]).items()}
     assert actual == expected
+
+
+@pytest.mark.parametrize("module, name, wrong_shape", [(Dense(4), "kernel", (3, 5)),
+                                                     (BasisEmbedding(6, num_spherical=2), "weight", (3, 2, 5))])
+def test_a_parameter_of_another_shape_is_refused_by_name(module, name, wrong_shape):
+    """The model's own shape check of existing parameters (`layers.float32_param`) names the parameter."""
+    x = np.ones((2, 3), np.float32)
+    want_shape = module.init(jax.random.key(0), x)["params"][name].shape
+    message = (f'"{name}" in "/", the given initializer is expected to generate shape {want_shape}, but the '
+               f'existing parameter it received has shape {wrong_shape}')
+    with pytest.raises(flax.errors.ScopeParamShapeError, match=re.escape(message)):
+        module.apply({"params": {name: np.zeros(wrong_shape, np.float32)}}, x)

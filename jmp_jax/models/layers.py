@@ -13,6 +13,7 @@ import functools
 import math
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,21 @@ def he_orthogonal_kernel(key: jax.Array, shape: tuple[int, int], dtype: Any = jn
     return he_orthogonal_torch_layout(key, (shape[1], shape[0]), dtype).T
 
 
+def float32_param(module: nn.Module, name: str, init: Any, shape: tuple[int, ...]) -> jax.Array:
+    """`module.param(name, init, shape, float32)`; an existing value is returned once its shape is checked.
+
+    Flax checks an existing value's shape by tracing `init` abstractly on every apply. Inside a step's
+    shard_map that trace misses the initializer's jit cache, and the orthogonal init (a QR decomposition)
+    was about a quarter of tracing a JMP-S training step.
+    """
+    if not module.has_variable("params", name):
+        return module.param(name, init, shape, jnp.float32)
+    value = module.get_variable("params", name)
+    if value.shape != tuple(shape):
+        raise flax.errors.ScopeParamShapeError(name, module.scope.path_text, value.shape, tuple(shape))
+    return value
+
+
 class Dense(nn.Module):
     """Bias-free GemNet `Dense`: y = act(x @ kernel), kernel (in, out) in float32, compute in `dtype`
     (products as `matmul` sets them)."""
@@ -72,7 +88,7 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", he_orthogonal_kernel, (x.shape[-1], self.features), jnp.float32)
+        kernel = float32_param(self, "kernel", he_orthogonal_kernel, (x.shape[-1], self.features))
         y = matmul(x, kernel, self.dtype)
         return scaled_silu(y) if self.activation else y
 
@@ -150,10 +166,10 @@ class BasisEmbedding(nn.Module):
     def __call__(self, rbf: jax.Array) -> jax.Array:
         num_radial = rbf.shape[-1]
         if self.num_spherical is None:
-            w = self.param("weight", he_orthogonal_torch_layout, (self.emb_size_interm, num_radial), jnp.float32)
+            w = float32_param(self, "weight", he_orthogonal_torch_layout, (self.emb_size_interm, num_radial))
             return rbf @ w.T
-        w = self.param("weight", he_orthogonal_torch_layout,
-                       (num_radial, self.num_spherical, self.emb_size_interm), jnp.float32)
+        w = float32_param(self, "weight", he_orthogonal_torch_layout,
+                          (num_radial, self.num_spherical, self.emb_size_interm))
         rad_w1 = rbf @ w.reshape(num_radial, -1)
         return rad_w1.reshape(rbf.shape[0], -1, self.num_spherical)
 
