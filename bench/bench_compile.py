@@ -6,8 +6,8 @@ it (`state.SplitStep`): the gradient, compiled per batch shape, and the optimise
   python bench/bench_compile.py --scan                   # one scanned interaction block
   python bench/bench_compile.py --remat none             # every block's intermediates kept for the backward pass
   python bench/bench_compile.py --compilation-cache      # as the CLIs run: run it twice, the 2nd reads back
-  python bench/bench_compile.py --precision bfloat16     # bfloat16 matrix products, float32 activations
                                                          # (traced programs and compiled executables)
+  python bench/bench_compile.py --precision bfloat16     # bfloat16 matrix products, float32 activations
 
 Nothing is executed: the state is abstract (jax.eval_shape), so the numbers are the compile alone. CPU
 seconds of this process are reported next to wall seconds, since the machine may be shared.

@@ -73,8 +73,8 @@ def float32_param(module: nn.Module, name: str, init: Any, shape: tuple[int, ...
     if not module.has_variable("params", name):
         return module.param(name, init, shape, jnp.float32)
     value = module.get_variable("params", name)
-    if value.shape != tuple(shape):
-        raise flax.errors.ScopeParamShapeError(name, module.scope.path_text, value.shape, tuple(shape))
+    if value.shape != shape:
+        raise flax.errors.ScopeParamShapeError(name, module.scope.path_text, value.shape, shape)
     return value
 
 
