@@ -75,6 +75,29 @@ def test_dense_products_follow_the_default_matmul_precision():
     np.testing.assert_allclose(y, apply(x), rtol=0, atol=0.02 * float(jnp.abs(y).max()))
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_dense_of_parts_equals_dense_of_their_concatenation(precision):
+    """A list input stands for its concatenation: one kernel of the summed width, the same output and
+    gradients (up to the order of float32 sums)."""
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    parts = [jax.random.normal(key, (11, width)) for key, width in zip(keys, (16, 8, 24))]
+    layer = Dense(12, activation=True)
+    params = layer.init(jax.random.PRNGKey(4), parts)
+    assert params["params"]["kernel"].shape == (48, 12)
+
+    def loss(params, parts, split):
+        y = layer.apply(params, parts if split else jnp.concatenate(parts, axis=-1))
+        return jnp.sum(jnp.sin(y))
+
+    with jax.default_matmul_precision(precision):
+        got = jax.grad(loss, argnums=(0, 1))(params, parts, True)
+        want = jax.grad(loss, argnums=(0, 1))(params, parts, False)
+        np.testing.assert_allclose(layer.apply(params, parts),
+                                   layer.apply(params, jnp.concatenate(parts, axis=-1)), rtol=1e-5, atol=1e-5)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_products_inside_shard_map_sum_the_kernel_gradient_over_shards():
     """A replicated kernel times per-shard rows: the kernel's cotangent is summed over the shards."""
     mesh = jax.make_mesh((jax.device_count(),), ("data",))

@@ -25,14 +25,15 @@ class BackboneOutput(NamedTuple):
 
 
 class FinalMLP(nn.Module):
-    """Dense(in -> features, act) named `out_mlp_0`, then ResidualLayers `out_mlp_{1..}`."""
+    """Dense(in -> features, act) named `out_mlp_0`, then ResidualLayers `out_mlp_{1..}`. The input may be a
+    list of arrays standing for their concatenation (see `Dense`)."""
 
     features: int
     num_layers: int
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array | list[jax.Array]) -> jax.Array:
         x = Dense(self.features, activation=True, dtype=self.dtype, name="out_mlp_0")(x)
         return residual_stack(x, self.num_layers, "out_mlp", self.dtype, start=1)
 
@@ -69,8 +70,8 @@ def interaction_step(execution: BlockExecution, config: BackboneConfig, dtype: A
                      out_name: str, h: jax.Array, m: jax.Array, bases: BasesOutput, batch: GraphBatch,
                      train: bool, last: bool = False) -> tuple[jax.Array, ...]:
     """Interaction block `int_name` then output block `out_name`, the unit the backbone repeats:
-    -> (h (N, A), m (E, E_dim), x_E (N, A), x_F (E, E_dim) or None). `last`: the backbone's last unit, whose
-    output block keeps its intermediates (see BlockExecution.remat).
+    -> (h (N, A), m (E, E_dim), x_E (N, A), x_F (E, E_dim) or None, the bases for the next unit). `last`: the
+    backbone's last unit, whose output block keeps its intermediates (see BlockExecution.remat).
 
     Called inside a parent's compact method (the blocks become its children under these names; remat
     leaves the names as they are).
@@ -80,9 +81,15 @@ def interaction_step(execution: BlockExecution, config: BackboneConfig, dtype: A
     output = OutputBlock(config, dtype=dtype, name=out_name)
     if execution.remat == "none":
         h, m = interaction(h, m, bases, batch)
-    else:
+    elif execution.scan:
         h, m = recomputed_in_backward(interaction, h, m, bases, batch)
-    return output_step(execution, output, h, m, bases, batch, train, keep=last)
+    else:
+        # The quadruplet basis rad_w1 (E, sbf, S*S), the largest basis computed from parameters, passes through
+        # the block to the next one, so that the backward pass sums its cotangents block by block: XLA kept each
+        # block's until the end (JMP-S slabs: 3 x 52 MiB at the gradient's peak).
+        (rad_w1,), (h, m) = recomputed_in_backward(interaction, bases.qint.rad_w1, h, m, bases, batch, passed=1)
+        bases = bases._replace(qint=bases.qint._replace(rad_w1=rad_w1))
+    return output_step(execution, output, h, m, bases, batch, train, keep=last) + (bases,)
 
 
 def output_step(execution: BlockExecution, output: nn.Module, h: jax.Array, m: jax.Array, bases: BasesOutput,
@@ -112,7 +119,7 @@ class InteractionStep(nn.Module):
     def __call__(self, h: jax.Array, m: jax.Array, bases: BasesOutput, batch: GraphBatch,
                  train: bool) -> tuple[jax.Array, ...]:
         return interaction_step(self.execution, self.config, self.dtype, "int_block", "out_block", h, m, bases,
-                                batch, train)
+                                batch, train)[:4]
 
 
 class GemNetOCBackbone(nn.Module):
@@ -145,9 +152,9 @@ class GemNetOCBackbone(nn.Module):
         else:
             blocks = []
             for k in range(cfg.num_blocks):
-                h, m, x_e, x_f = interaction_step(self.execution, cfg, self.dtype, f"int_blocks_{k}",
-                                                  f"out_blocks_{k + 1}", h, m, bases, batch, train,
-                                                  last=k == cfg.num_blocks - 1)
+                h, m, x_e, x_f, bases = interaction_step(self.execution, cfg, self.dtype, f"int_blocks_{k}",
+                                                         f"out_blocks_{k + 1}", h, m, bases, batch, train,
+                                                         last=k == cfg.num_blocks - 1)
                 blocks.append((h, m, x_e, x_f))
         for k, (h, m, x_e, x_f) in enumerate(blocks):
             self.sow("intermediates", f"h_block{k}", h)
@@ -164,7 +171,7 @@ class GemNetOCBackbone(nn.Module):
         forces = None
         if cfg.direct_forces:
             forces = FinalMLP(cfg.emb_size_edge, cfg.num_global_out_layers, dtype=self.dtype,
-                              name="out_mlp_F")(jnp.concatenate([x_f for _, x_f in per_block], axis=-1))
+                              name="out_mlp_F")([x_f for _, x_f in per_block])
             self.sow("intermediates", "force_features", forces)
         return BackboneOutput(energy, forces, bases.V_st, bases.D_st)
 
