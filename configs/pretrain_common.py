@@ -16,7 +16,8 @@ def pretrain_config(model: str) -> ml_collections.ConfigDict:
     c.model.scale_factors = "fitted"     # "fitted": JMP's released scale file for this size; "none": all 1
     c.model.scan_blocks = False          # True: one compiled interaction block (jax.lax.scan); slower to compile on CPU
     c.model.remat = "block"              # block: recompute each block in the backward pass (less memory) | nested
-                                         # (its interactions too: less again, slower) | none
+                                         # (its interactions too: less again, slower) | products (recompute
+                                         # all but the wide products: faster, more memory) | none
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ml_collections.FieldReference(None, field_type=str)  # None: the embedded default dataset

@@ -65,21 +65,22 @@ def test_scanned_blocks_equal_unrolled_blocks(unrolled):
     _assert_same(scanned, unrolled, rtol=2e-4)
 
 
-@pytest.mark.parametrize("remat", ["block", "nested"])
+@pytest.mark.parametrize("remat", ["block", "nested", "products"])
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 def test_rematerialised_blocks_equal_unrolled_blocks(unrolled, scan, remat):
-    # The backward pass recomputes the blocks (and with "nested", within each block's backward, each of its
-    # interactions again); only the order of float32 sums may change.
+    # The backward pass recomputes the blocks (with "nested", within each block's backward, each of its
+    # interactions again; with "products", all but the wide products); only the order of float32 sums may change.
     _assert_same(_evaluate(BlockExecution(scan=scan, remat=remat)), unrolled, rtol=2e-4)
 
 
 def test_rematerialised_blocks_keep_less_for_the_backward_pass():
-    """XLA's own count of the gradient program's temporaries: recomputed blocks must actually free what
-    the forward pass kept (jax.checkpoint did not, on XLA CPU), and recomputed interactions within them
-    less again."""
+    """XLA's own count of the gradient program's temporaries and work: recomputed blocks must actually free
+    what the forward pass kept (jax.checkpoint did not, on XLA CPU), and recomputed interactions within them
+    less again; blocks recomputed around their kept products (`model.remat="products"`; few of the fixture's
+    products are wide enough to keep) also free what "none" keeps, and recompute less than "block"."""
     config, batch, variables = fb.load_config(), fb.load_batch(), fb.load_variables(np.float32)
 
-    def temporaries(remat: str) -> int:
+    def temporaries_and_flops(remat: str) -> tuple[int, float]:
         model = JMPModel(config, num_tasks=1, execution=BlockExecution(remat=remat))
 
         def loss(params):
@@ -87,11 +88,14 @@ def test_rematerialised_blocks_keep_less_for_the_backward_pass():
             return jnp.sum(out["energy"]) + jnp.sum(out["forces"] ** 2)
 
         program = jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
-        return program.memory_analysis().temp_size_in_bytes
+        return program.memory_analysis().temp_size_in_bytes, program.cost_analysis()["flops"]
 
-    kept, recomputed, nested = temporaries("none"), temporaries("block"), temporaries("nested")
+    (kept, none_flops), (recomputed, block_flops) = temporaries_and_flops("none"), temporaries_and_flops("block")
+    (nested, _), (around_products, products_flops) = temporaries_and_flops("nested"), temporaries_and_flops("products")
     assert recomputed < RECOMPUTED_SHARE * kept, (recomputed, kept)
     assert nested < recomputed, (nested, recomputed)
+    assert around_products < RECOMPUTED_SHARE * kept, (around_products, kept)
+    assert none_flops < products_flops < block_flops, (none_flops, products_flops, block_flops)
 
 
 def test_unknown_remat_is_refused():

@@ -18,11 +18,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jmp_jax.models.kernels import batched_matmul, materialize, matmul, vary_alike
-from jmp_jax.models.recompute import recomputed_in_backward
+from jmp_jax.models.recompute import KEPT_PRODUCT, recomputed_in_backward
 
 INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+# A Dense output that `model.remat="products"` keeps for the backward pass: recomputing it costs 2 x width flops
+# per float kept, and the narrower products (GemNet's radial and up-projections, 16-64 wide, each as large as
+# a wide one's output) cost more memory than they save work (JMP-S slabs: 40% of the kept bytes, 4% of the work).
+KEPT_PRODUCT_MIN_WIDTH = 128
 
 
 def scaled_sum(*terms: jax.Array, scale: float = INV_SQRT_2) -> jax.Array:
@@ -102,6 +107,8 @@ class Dense(nn.Module):
         products = [matmul(part, kernel[start:start + width], self.dtype)
                     for part, start, width in zip(parts, starts, widths)]
         y = sum(products[1:], products[0])
+        if sum(widths) >= KEPT_PRODUCT_MIN_WIDTH:
+            y = checkpoint_name(y, KEPT_PRODUCT)
         return scaled_silu(y) if self.activation else y
 
 
