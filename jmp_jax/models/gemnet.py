@@ -68,6 +68,11 @@ class BlockExecution:
         if self.remat not in REMAT_CHOICES:
             raise ValueError(f"model.remat must be one of {REMAT_CHOICES}, not {self.remat!r}")
 
+    @property
+    def keeps_products(self) -> bool:
+        """Recomputed blocks keep their wide products' outputs (`recomputed_in_backward`'s keep_products)."""
+        return self.remat == "products"
+
 
 def interaction_step(execution: BlockExecution, config: BackboneConfig, dtype: Any, int_name: str,
                      out_name: str, h: jax.Array, m: jax.Array, bases: BasesOutput, batch: GraphBatch,
@@ -85,13 +90,13 @@ def interaction_step(execution: BlockExecution, config: BackboneConfig, dtype: A
     if execution.remat == "none":
         h, m = interaction(h, m, bases, batch)
     elif execution.scan:
-        h, m = recomputed_in_backward(interaction, h, m, bases, batch, keep_products=execution.remat == "products")
+        h, m = recomputed_in_backward(interaction, h, m, bases, batch, keep_products=execution.keeps_products)
     else:
         # The quadruplet basis rad_w1 (E, sbf, S*S), the largest basis computed from parameters, passes through
         # the block to the next one, so that the backward pass sums its cotangents block by block: XLA kept each
         # block's until the end (JMP-S slabs: 3 x 52 MiB at the gradient's peak).
         (rad_w1,), (h, m) = recomputed_in_backward(interaction, bases.qint.rad_w1, h, m, bases, batch, passed=1,
-                                                   keep_products=execution.remat == "products")
+                                                   keep_products=execution.keeps_products)
         bases = bases._replace(qint=bases.qint._replace(rad_w1=rad_w1))
     return output_step(execution, output, h, m, bases, batch, train, keep=last) + (bases,)
 
@@ -108,7 +113,7 @@ def output_step(execution: BlockExecution, output: nn.Module, h: jax.Array, m: j
     if execution.remat == "none" or (keep and execution.remat != "nested"):
         return (h, m) + output(h, m, bases.output, batch.main_slots, train)
     (h, m), (x_e, x_f) = recomputed_in_backward(output, h, m, h, m, bases.output, batch.main_slots, passed=2,
-                                                train=train, keep_products=execution.remat == "products")
+                                                train=train, keep_products=execution.keeps_products)
     return h, m, x_e, x_f
 
 

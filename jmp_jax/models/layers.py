@@ -108,7 +108,7 @@ class Dense(nn.Module):
         products = [matmul(part, kernel[start:start + width], self.dtype)
                     for part, start, width in zip(parts, starts, widths)]
         y = sum(products[1:], products[0])
-        if sum(widths) >= KEPT_PRODUCT_MIN_WIDTH:
+        if kernel.shape[0] >= KEPT_PRODUCT_MIN_WIDTH:
             y = checkpoint_name(y, KEPT_PRODUCT)
         return scaled_silu(y) if self.activation else y
 
